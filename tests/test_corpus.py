@@ -1,0 +1,151 @@
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from vidrep.data.corpus import (
+    CorpusError, PairIndex, PairRecord, read_manifest, select_pairs, video_id_for, write_shard,
+)
+from vidrep.data.datamodule import PairDataModule, PairDataset
+from vidrep.data.transforms import PatchTransform
+
+
+def record(video, frame, payload=b"x"):
+    return PairRecord(video=video, query_frame=frame, tracked_frame=frame + 30, query_box=(1, 2, 227, 227),
+                      tracked_box=(3, 4, 227, 227), num_points=100, num_moving=40,
+                      query_jpeg=payload * 10 + b"q", tracked_jpeg=payload * 20 + b"t")
+
+
+def test_round_trip_and_manifest_columns(tmp_path):
+    write_shard(tmp_path, "a", [record("v1.mp4", 0), record("v1.mp4", 40)])
+    write_shard(tmp_path, "b", [record("v2.mp4", 5, b"y")])
+    table = read_manifest(tmp_path)
+    for col in ("pair_id", "video", "video_id", "query_frame", "tracked_frame", "query_box", "tracked_box", "num_points", "num_moving"):
+        assert col in table.column_names
+    assert table.column("video_id").type.bit_width == 64
+    rows = table.to_pylist()
+    assert [r["video"] for r in rows] == ["v1.mp4", "v1.mp4", "v2.mp4"]
+    assert rows[0]["query_box"] == [1, 2, 227, 227] and rows[0]["video_id"] == video_id_for("v1.mp4")
+    index = PairIndex(tmp_path)
+    assert index.read_pair(2) == (b"y" * 10 + b"q", b"y" * 20 + b"t")
+    # the shard is a plain tar readable by WebDataset tools
+    with tarfile.open(tmp_path / "shards" / "a.tar") as tar:
+        assert sorted(tar.getnames()) == sorted(f"{r['pair_id']}.{k}.jpg" for r in rows[:2] for k in ("query", "tracked"))
+
+
+def test_uncommitted_shards_are_invisible_and_rewrites_replace(tmp_path):
+    write_shard(tmp_path, "a", [record("v1.mp4", 0)])
+    # a writer killed between the tar and the manifest leaves a tar without a manifest: ignored
+    (tmp_path / "shards" / "b.tar").write_bytes(b"partial")
+    (tmp_path / "manifest" / ".b.parquet.123.tmp").write_bytes(b"partial")
+    assert read_manifest(tmp_path).num_rows == 1
+    write_shard(tmp_path, "a", [record("v1.mp4", 0), record("v1.mp4", 31)])
+    assert read_manifest(tmp_path).num_rows == 2
+
+
+def test_independent_writers_and_duplicates(tmp_path):
+    for job in range(3):  # three jobs, no coordination, distinct shard names
+        write_shard(tmp_path, f"job{job}", [record(f"v{job}.mp4", f) for f in (0, 31)])
+    write_shard(tmp_path, "again", [record("v0.mp4", 0)])  # the same pair mined twice
+    with pytest.warns(UserWarning, match="duplicate"):
+        table = read_manifest(tmp_path)
+    assert table.num_rows == 6
+
+
+def test_missing_corpus_errors_name_the_fix(tmp_path):
+    with pytest.raises(CorpusError, match="mine.py"):
+        read_manifest(tmp_path / "nope")
+    (tmp_path / "manifest").mkdir()
+    with pytest.raises(CorpusError, match="no committed shards"):
+        read_manifest(tmp_path)
+
+
+def test_selection_is_deterministic_nested_and_split_by_video():
+    rng = np.random.default_rng(0)
+    videos = np.repeat(rng.integers(0, 2**62, 400), 10)
+    frames = np.tile(np.arange(10) * 31, 400)
+    big = select_pairs(videos, frames, 3000, 0.1, seed=0)
+    small = select_pairs(videos, frames, 1000, 0.1, seed=0)
+    again = select_pairs(videos, frames, 1000, 0.1, seed=0)
+    np.testing.assert_array_equal(small.train, again.train)
+    assert len(small.train) + len(small.val) == 1000
+    assert set(small.train) <= set(big.train) and set(small.val) <= set(big.val)
+    assert not set(videos[small.train]) & set(videos[small.val])
+    assert 0.05 < len(set(videos[big.val])) / len(set(videos[np.concatenate([big.train, big.val])])) < 0.15
+    other = select_pairs(videos, frames, 1000, 0.1, seed=1)
+    assert set(other.train) != set(small.train)
+    with pytest.raises(CorpusError, match="holds only"):
+        select_pairs(videos, frames, 5000, 0.1, seed=0)
+
+
+def test_dataset_items_and_flip(tiny_corpus):
+    index = PairIndex(tiny_corpus)
+    ds = PairDataset(index, np.arange(4), PatchTransform(input_size=99, flip_p=0.0))
+    item = ds[1]
+    assert item["anchor"].shape == (3, 99, 99) and item["anchor"].dtype == torch.uint8
+    assert item["video_id"].item() == index.video_id[1]
+    flipped = PairDataset(index, np.arange(4), PatchTransform(input_size=99, flip_p=1.0))[1]
+    torch.testing.assert_close(flipped["anchor"], item["anchor"].flip(-1))
+
+
+def test_demo_pairs_show_the_same_object(tiny_corpus):
+    """Anchor and positive (same object, 30 frames apart) are closer in colour than other videos' patches."""
+    index = PairIndex(tiny_corpus)
+    ds = PairDataset(index, np.arange(len(index)), PatchTransform(input_size=227, flip_p=0.0))
+    items = [ds[i] for i in range(len(ds))]
+    hist = lambda x: torch.histc(x.float(), bins=32, min=0, max=255) / x.numel()  # noqa: E731
+    closer = 0
+    for i, it in enumerate(items):
+        d_pos = (hist(it["anchor"]) - hist(it["positive"])).abs().sum()
+        others = [(hist(it["anchor"]) - hist(o["positive"])).abs().sum() for o in items if o["video_id"] != it["video_id"]]
+        closer += d_pos < min(others)
+    assert closer / len(items) > 0.9
+
+
+def _shares(dm, world, epoch):
+    from torch.utils.data import DistributedSampler
+
+    shares = []
+    for rank in range(world):
+        s = DistributedSampler(dm.train_set, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
+        s.set_epoch(epoch)
+        shares.append(list(s))
+    return shares
+
+
+def test_ddp_shares_are_disjoint_and_equal(tiny_corpus):
+    dm = PairDataModule(str(tiny_corpus), batch_size=4, num_workers=0, input_size=67, val_fraction=0.25)
+    dm.setup()
+    for world in (2, 3, 5):
+        shares = _shares(dm, world, epoch=1)
+        assert len({len(s) for s in shares}) == 1
+        flat = [i for s in shares for i in s]
+        assert len(flat) == len(set(flat)) and len(flat) > len(dm.train_set) - world
+
+
+def test_batches_mix_many_videos(tmp_path):
+    """Shards hold consecutive pairs of few videos; shuffled batches still span many videos."""
+    rng = np.random.default_rng(0)
+    videos = np.repeat(np.arange(2000), 20)  # 40K pairs, 20 per video, in shard order
+    sel = select_pairs(videos, np.tile(np.arange(20), 2000), None, 0.05, seed=0)
+    order = rng.permutation(sel.train)
+    per_batch = [len(np.unique(videos[order[i : i + 50]])) for i in range(0, len(order) - 50, 50)]
+    assert np.mean(per_batch) > 49  # of 50 pairs
+
+
+def test_datamodule_errors(tmp_path):
+    with pytest.raises(CorpusError, match="data.root"):
+        PairDataModule(None)
+    dm = PairDataModule(str(tmp_path / "missing"))
+    with pytest.raises(CorpusError, match="does not exist"):
+        dm.setup()
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    write_shard(tmp_path, "a", [record("v1.mp4", 0)])
+    tar = tmp_path / "shards" / "a.tar"
+    os.truncate(tar, 600)
+    with pytest.raises(CorpusError, match="truncated"):
+        PairIndex(tmp_path).read_pair(0)

@@ -1,0 +1,122 @@
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+from test_configs import compose_train
+from vidrep.training.loggers import resolve_wandb_mode
+from vidrep.training.run import train
+
+
+def tiny_cfg(tmp_path, corpus, *extra):
+    return compose_train([*TINY, f"data.root={corpus}", "~data.demo", "logger=csv", *extra], tmp_path)
+
+
+def run_cli(args, cwd, timeout=300, env=None):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return list(csv.DictReader(open(path)))
+
+
+def test_fast_dev_run(tmp_path, tiny_corpus):
+    metrics = train(tiny_cfg(tmp_path, tiny_corpus, "+trainer.fast_dev_run=2"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+    assert 0.0 <= metrics["train/triplet_acc_step"] <= 1.0
+    assert metrics["train/videos_per_batch_step"] >= 6  # 8 pairs of a 12-video corpus
+
+
+def test_resume_continues_step_scheduler_and_negative_phase(tmp_path, tiny_corpus):
+    common = ["model.loss.hard_after_epochs=1", "model.scheduler.step_size=3", "callbacks.periodic_checkpoint.every_n_train_steps=1000"]
+    first = tmp_path / "first"
+    train(tiny_cfg(first, tiny_corpus, *common, "trainer.max_epochs=2"))
+    last = first / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    steps_per_epoch = ckpt["global_step"] // 2
+    assert steps_per_epoch == 36 // 8  # 36 training pairs in batches of 8, last partial batch dropped
+    assert ckpt["negative_phase"] == "hard"
+    second = tmp_path / "second"
+    train(tiny_cfg(second, tiny_corpus, *common, "trainer.max_epochs=3", f"ckpt_path={last}"))
+    resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 3 * steps_per_epoch and resumed["epoch"] == ckpt["epoch"] + 1
+    assert resumed["negative_phase"] == "hard"
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 3 * steps_per_epoch
+    weights, biases = resumed["optimizer_states"][0]["param_groups"]
+    assert weights["lr"] == pytest.approx(weights["initial_lr"] * 0.1 ** (3 * steps_per_epoch // 3))
+    assert biases["initial_lr"] == pytest.approx(2 * weights["initial_lr"]) and biases["weight_decay"] == 0
+    assert resumed["optimizer_states"][0]["state"], "momentum buffers restored and kept"
+    # the CSV log of the resumed run starts at the checkpoint's step
+    steps = [int(r["step"]) for r in read_metrics(second / "metrics.csv") if r.get("train/loss_step")]
+    assert min(steps) >= 2 * steps_per_epoch
+
+
+def test_wandb_offline_without_credentials_or_network(tmp_path, tiny_corpus, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    assert resolve_wandb_mode(timeout=1.0) == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_BASE_URL")
+    cfg = compose_train([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=wandb", "trainer.max_steps=2"], tmp_path)
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_train_cli_writes_run_dir(tmp_path, tiny_corpus):
+    out = run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=2",
+                   f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / ".hydra" / "config.yaml").exists()
+    rows = read_metrics(run / "metrics.csv")
+    assert any(r.get("val/loss") for r in rows) and any(r.get("lr-SGD/pg1") for r in rows)
+    assert "last checkpoint" in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, tiny_corpus):
+    run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu",
+             "trainer.devices=2", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # ranks made no folders of their own
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    # 36 training pairs split into 2 equal shares of 18 -> 2 batches of 8 per rank and epoch
+    assert ckpt["global_step"] == 2 * 2
+
+
+@pytest.mark.slow
+def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_corpus):
+    env = {"HOME": str(tmp_path / "home"), "WANDB_MODE": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"data.root={tiny_corpus}", "~data.demo",
+                          "logger=wandb", "trainer.max_steps=2", "model.optimizer.lr=-1,0.001,0.002", f"hydra.sweep.dir={tmp_path}/sweep"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0 and "Invalid learning rate" in out.stderr  # the failed job is reported
+    sweep = tmp_path / "sweep"
+    runs = {job: list((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1", "2")}
+    assert all(len(r) == 1 for r in runs.values())
+    assert len({r[0].name for r in runs.values()}) == 3  # one run per job, not merged
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").exists() and (sweep / "2" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_demo_loss_goes_down(tmp_path):
+    """The Quickstart's `python train.py`, as shipped, with its own demo corpus."""
+    run_cli(["logger=csv", "~callbacks.progress", f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
+            cwd=tmp_path, timeout=900)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    by_epoch = {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
+    random_phase = [by_epoch[e] for e in range(6)]
+    assert min(random_phase[1:]) < 0.7 * random_phase[0], by_epoch
+    assert all(torch.isfinite(torch.tensor(list(by_epoch.values()))))

@@ -1,0 +1,15 @@
+"""Train the siamese-triplet network: python train.py [data=8M data.root=...] [trainer.devices=4]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vidrep.training.run import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The corpus format: the one place where mine.py (writer) and train.py (reader) meet.
+
+    <root>/corpus.json            format name and version
+    <root>/shards/<name>.tar      WebDataset-layout tar: <pair_id>.query.jpg, <pair_id>.tracked.jpg
+    <root>/manifest/<name>.parquet one row per pair of that shard (MANIFEST_COLUMNS + where its
+                                   two JPEGs lie in the tar, STORAGE_COLUMNS)
+
+A shard is committed when its manifest appears: the tar is renamed into place first, then the
+manifest, each written under a dot-prefixed temporary name. Readers only see shards that have a
+manifest, so an interrupted writer leaves nothing half-visible, and independent jobs add shards
+to one corpus without coordination as long as their shard names differ (mine.py names shards
+after the videos they hold). Identifiers are derived from the data (a hash of the video path and
+the query frame), never from a counter, so they agree across jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT = {"format": "vidrep-corpus", "version": 1}
+MANIFEST_COLUMNS = (
+    "pair_id", "video", "video_id", "query_frame", "tracked_frame",
+    "query_box", "tracked_box", "num_points", "num_moving",
+)
+STORAGE_COLUMNS = ("shard", "query_offset", "query_size", "tracked_offset", "tracked_size")
+SCHEMA = pa.schema([
+    ("pair_id", pa.string()),
+    ("video", pa.string()),
+    ("video_id", pa.int64()),
+    ("query_frame", pa.int32()),
+    ("tracked_frame", pa.int32()),
+    ("query_box", pa.list_(pa.int32(), 4)),
+    ("tracked_box", pa.list_(pa.int32(), 4)),
+    ("num_points", pa.int32()),
+    ("num_moving", pa.int32()),
+    ("shard", pa.string()),
+    ("query_offset", pa.int64()),
+    ("query_size", pa.int32()),
+    ("tracked_offset", pa.int64()),
+    ("tracked_size", pa.int32()),
+])
+
+
+class CorpusError(RuntimeError):
+    """A corpus is missing, empty or inconsistent; the message names the path and the fix."""
+
+
+def video_id_for(video: str) -> int:
+    """A stable non-negative int64 id for a video path, the same in every job and process."""
+    digest = hashlib.blake2b(video.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def pair_id_for(video_id: int, query_frame: int) -> str:
+    # No dots: WebDataset splits a member's key from its extension at the first dot.
+    return f"{video_id:016x}_{query_frame:07d}"
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """One mined pair: provenance (boxes are x, y, w, h in the resized frame) and its two JPEGs."""
+
+    video: str
+    query_frame: int
+    tracked_frame: int
+    query_box: Sequence[int]
+    tracked_box: Sequence[int]
+    num_points: int
+    num_moving: int
+    query_jpeg: bytes
+    tracked_jpeg: bytes
+
+    @property
+    def video_id(self) -> int:
+        return video_id_for(self.video)
+
+    @property
+    def pair_id(self) -> str:
+        return pair_id_for(self.video_id, self.query_frame)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def init_corpus(root: str | Path) -> Path:
+    root = Path(root)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    (root / "manifest").mkdir(parents=True, exist_ok=True)
+    info = root / "corpus.json"
+    if not info.exists():
+        _atomic_write(info, lambda f: f.write(json.dumps(FORMAT, indent=2).encode()))
+    return root
+
+
+def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> Path:
+    """Write one shard and its manifest atomically; rewriting a name replaces it. Returns the tar."""
+    if not name or name.startswith(".") or "/" in name:
+        raise ValueError(f"shard name {name!r} must be a plain file name not starting with '.'")
+    root = init_corpus(root)
+    records = list(records)
+    tar_path = root / "shards" / f"{name}.tar"
+
+    def write_tar(f) -> None:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for r in records:
+                for kind, data in (("query", r.query_jpeg), ("tracked", r.tracked_jpeg)):
+                    info = tarfile.TarInfo(f"{r.pair_id}.{kind}.jpg")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    _atomic_write(tar_path, write_tar)
+    with tarfile.open(tar_path) as tar:
+        where = {m.name: (m.offset_data, m.size) for m in tar}
+    columns = {c: [] for c in SCHEMA.names}
+    for r in records:
+        q_off, q_size = where[f"{r.pair_id}.query.jpg"]
+        t_off, t_size = where[f"{r.pair_id}.tracked.jpg"]
+        row = dict(
+            pair_id=r.pair_id, video=r.video, video_id=r.video_id, query_frame=r.query_frame,
+            tracked_frame=r.tracked_frame, query_box=list(r.query_box), tracked_box=list(r.tracked_box),
+            num_points=r.num_points, num_moving=r.num_moving, shard=tar_path.name,
+            query_offset=q_off, query_size=q_size, tracked_offset=t_off, tracked_size=t_size,
+        )
+        for c in SCHEMA.names:
+            columns[c].append(row[c])
+    table = pa.table(columns, schema=SCHEMA)
+    _atomic_write(root / "manifest" / f"{name}.parquet", lambda f: pq.write_table(table, f))
+    return tar_path
+
+
+def read_manifest(root: str | Path) -> pa.Table:
+    """All committed pairs of a corpus, duplicates (the same pair in two shards) dropped."""
+    root = Path(root)
+    if not (root / "manifest").is_dir():
+        raise CorpusError(
+            f"{root} is not a vidrep corpus (no manifest/ folder); mine one with "
+            f"`python mine.py videos=... out={root}` or point data.root at an existing corpus"
+        )
+    files = sorted(p for p in (root / "manifest").glob("*.parquet") if not p.name.startswith("."))
+    if not files:
+        raise CorpusError(f"corpus {root} has no committed shards (manifest/*.parquet is empty)")
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in files])
+    ids = table.column("pair_id").to_numpy(zero_copy_only=False)
+    _, first = np.unique(ids, return_index=True)
+    if len(first) < len(ids):
+        warnings.warn(f"corpus {root}: {len(ids) - len(first)} duplicate pairs (same pair_id in two shards) ignored")
+        table = table.take(np.sort(first))
+    return table
+
+
+def _spread(rank: np.ndarray) -> np.ndarray:
+    """A low-discrepancy value in [0, 1) per rank: any prefix of ranks spreads evenly over [0, 1)."""
+    return np.mod(rank * 0.6180339887498949, 1.0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    train: np.ndarray  # row indices into the manifest
+    val: np.ndarray
+
+
+def select_pairs(video_ids: np.ndarray, query_frames: np.ndarray, num_pairs: int | None, val_fraction: float, seed: int) -> Selection:
+    """Deterministically choose `num_pairs` pairs and split them by video into train and validation.
+
+    Videos are ordered by a seeded permutation and taken whole in that order (the last one cut
+    short), so for one corpus and seed a smaller selection is a subset of a larger one. A video
+    goes to validation when its place in that order falls in a `val_fraction` share (spread
+    evenly), so the validation videos of a small selection are also in every larger one.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1); got {val_fraction}")
+    videos, inverse = np.unique(video_ids, return_inverse=True)
+    rank = np.random.default_rng(seed).permutation(len(videos))
+    order = np.lexsort((query_frames, rank[inverse]))
+    if num_pairs is not None:
+        if num_pairs > len(order):
+            raise CorpusError(
+                f"asked for {num_pairs:,} pairs ({2 * num_pairs:,} patches) but the corpus holds only "
+                f"{len(order):,}; mine more videos or lower data.num_patches"
+            )
+        order = order[:num_pairs]
+    is_val = _spread(rank[inverse[order]]) < val_fraction
+    return Selection(train=order[~is_val], val=order[is_val])
+
+
+class ShardReader:
+    """Reads JPEG bytes by (shard, offset, size) with positional reads, keeping a few files open.
+
+    Safe across fork: each process opens its own descriptors.
+    """
+
+    def __init__(self, shard_dir: str | Path, max_open: int = 64) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.max_open = max_open
+        self._files: OrderedDict[str, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def _fd(self, shard: str) -> int:
+        if self._pid != os.getpid():
+            self._files, self._pid = OrderedDict(), os.getpid()
+        fd = self._files.get(shard)
+        if fd is None:
+            path = self.shard_dir / shard
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorpusError(f"shard {path} is listed in the manifest but missing; restore it or remove manifest/{Path(shard).stem}.parquet") from None
+            self._files[shard] = fd
+            if len(self._files) > self.max_open:
+                os.close(self._files.popitem(last=False)[1])
+        else:
+            self._files.move_to_end(shard)
+        return fd
+
+    def read(self, shard: str, offset: int, size: int) -> bytes:
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise CorpusError(f"shard {self.shard_dir / shard} is truncated at byte {offset + len(data)}")
+        return data
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __getstate__(self) -> dict:
+        return {"shard_dir": self.shard_dir, "max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+class PairIndex:
+    """Compact numpy view of a manifest: what a data-loader worker needs to fetch pair i."""
+
+    def __init__(self, root: str | Path, table: pa.Table | None = None) -> None:
+        self.root = Path(root)
+        table = read_manifest(root) if table is None else table
+        shard = table.column("shard").to_numpy(zero_copy_only=False)
+        self.shards, self.shard_index = np.unique(shard, return_inverse=True)
+        self.shard_index = self.shard_index.astype(np.int32)
+        col = lambda name: table.column(name).to_numpy()  # noqa: E731
+        self.video_id = col("video_id")
+        self.query_frame = col("query_frame")
+        self.query_offset, self.query_size = col("query_offset"), col("query_size")
+        self.tracked_offset, self.tracked_size = col("tracked_offset"), col("tracked_size")
+        self.reader = ShardReader(self.root / "shards")
+
+    def __len__(self) -> int:
+        return len(self.video_id)
+
+    def read_pair(self, i: int) -> tuple[bytes, bytes]:
+        shard = self.shards[self.shard_index[i]]
+        return (
+            self.reader.read(shard, int(self.query_offset[i]), int(self.query_size[i])),
+            self.reader.read(shard, int(self.tracked_offset[i]), int(self.tracked_size[i])),
+        )

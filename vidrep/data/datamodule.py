@@ -1,0 +1,126 @@
+"""Serving tracked pairs to training: the dataset over a corpus and the LightningDataModule."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
+from vidrep.data.demo import build_demo_corpus
+from vidrep.data.transforms import PatchTransform
+
+log = logging.getLogger(__name__)
+
+
+class PairDataset(Dataset):
+    """Map-style view of chosen manifest rows: item i -> {"anchor", "positive", "video_id"}.
+
+    Random access into the tar shards (offsets from the manifest) lets one sampler shuffle over the
+    whole corpus, so a batch draws pairs from many videos even though each shard holds the
+    consecutive pairs of a few.
+    """
+
+    def __init__(self, index: PairIndex, rows: np.ndarray, transform: PatchTransform) -> None:
+        self.index, self.rows, self.transform = index, np.asarray(rows, np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def video_ids(self) -> np.ndarray:
+        return self.index.video_id[self.rows]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        query, tracked = self.index.read_pair(row)
+        return {
+            "anchor": self.transform(query),
+            "positive": self.transform(tracked),
+            "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
+        }
+
+
+def _distributed() -> tuple[int, int] | None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_world_size(), dist.get_rank()
+    return None
+
+
+class PairDataModule(L.LightningDataModule):
+    """Batches of `batch_size` pairs (2 x batch_size patches) with their video ids.
+
+    `num_patches` counts patches as the paper does (2 per pair); None takes the whole corpus. Under
+    DDP every rank gets a disjoint, equal share of the training pairs each epoch (the remainder
+    that does not divide evenly is left out of that epoch), so no rank waits on another.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_patches: int | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 50,
+        num_workers: int = 4,
+        input_size: int = 227,
+        flip_p: float = 0.5,
+        seed: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        demo: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if root is None or str(root) in ("", "???"):
+            raise CorpusError("data.root is not set: point it at a mined corpus, e.g. `python train.py data=8M data.root=/data/corpus`")
+        if num_patches is not None and num_patches < 2:
+            raise ValueError(f"data.num_patches must be >= 2 (2 patches per pair); got {num_patches}")
+        self.root = Path(root).expanduser()
+        self.num_patches, self.val_fraction, self.seed = num_patches, val_fraction, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.input_size, self.flip_p = input_size, flip_p
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.demo = dict(demo) if demo else None
+        self.train_set: PairDataset | None = None
+        self.val_set: PairDataset | None = None
+
+    def prepare_data(self) -> None:
+        if self.demo is not None and not (self.root / "demo.json").exists():
+            log.info("building the demo corpus at %s (once; cached afterwards)", self.root)
+            build_demo_corpus(self.root, **self.demo)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if not self.root.exists():
+            raise CorpusError(f"data.root {self.root} does not exist; mine a corpus there with mine.py or fix the path")
+        index = PairIndex(self.root)
+        num_pairs = None if self.num_patches is None else self.num_patches // 2
+        sel = select_pairs(index.video_id, index.query_frame, num_pairs, self.val_fraction, self.seed)
+        if len(sel.train) < self.batch_size:
+            raise CorpusError(f"corpus {self.root} gives {len(sel.train)} training pairs, fewer than one batch of {self.batch_size}")
+        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p))
+        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0))
+        log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", self.root, len(sel.train), len(sel.val),
+                 len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
+
+    def _loader(self, dataset: PairDataset, train: bool) -> DataLoader:
+        world = _distributed()
+        if world is not None:
+            sampler = DistributedSampler(dataset, num_replicas=world[0], rank=world[1], shuffle=train, seed=self.seed, drop_last=train)
+        else:
+            sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

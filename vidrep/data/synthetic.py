@@ -1,0 +1,156 @@
+"""Procedural videos with known ground truth: textured objects moving over a panning background.
+
+Deterministic by seed. Frames are BGR uint8 (as OpenCV decodes video), 448x600 (h x w) by default.
+`boxes(t)` gives each object's true box, so tests and the demo corpus know what moved where.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "ellipse", "diamond")
+
+
+def _smooth_texture(rng: np.random.Generator, height: int, width: int, cell: int, contrast: float) -> np.ndarray:
+    """Coloured value noise: coarse random colours upsampled, plus fine grain (float32 BGR)."""
+    coarse = rng.uniform(0, 255, size=(max(2, height // cell), max(2, width // cell), 3)).astype(np.float32)
+    base = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    grain = rng.normal(0, 255 * contrast, size=(height, width, 1)).astype(np.float32)
+    return np.clip(base + grain, 0, 255)
+
+
+def _scene_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A background: two colours of the video's own palette mixed by smooth noise at two scales."""
+    colours = rng.uniform(20, 235, size=(2, 3)).astype(np.float32)
+    coarse = _smooth_texture(rng, height, width, int(rng.integers(24, 64)), 0.0)[..., :1] / 255.0
+    fine = _smooth_texture(rng, height, width, int(rng.integers(4, 10)), 0.03)[..., :1] / 255.0
+    mix = np.clip(0.65 * coarse + 0.35 * fine, 0, 1)
+    return colours[0] * mix + colours[1] * (1 - mix)
+
+
+def _shape_mask(shape: str, size: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    c, r = size // 2, size // 2 - 1
+    if shape == "circle":
+        cv2.circle(mask, (c, c), r, 255, -1)
+    elif shape == "square":
+        mask[size // 8 : size - size // 8, size // 8 : size - size // 8] = 255
+    elif shape == "triangle":
+        cv2.fillPoly(mask, [np.array([[c, 0], [size - 1, size - 1], [0, size - 1]], np.int32)], 255)
+    elif shape == "ellipse":
+        cv2.ellipse(mask, (c, c), (r, r // 2 + 2), 30, 0, 360, 255, -1)
+    elif shape == "diamond":
+        cv2.fillPoly(mask, [np.array([[c, 0], [size - 1, c], [c, size - 1], [0, c]], np.int32)], 255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+    return mask
+
+
+def _object_texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    colour_a = rng.uniform(0, 255, 3)
+    colour_b = rng.uniform(0, 255, 3)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    kind = rng.integers(3)
+    period = rng.uniform(6, 18)
+    if kind == 0:  # stripes at a random angle
+        angle = rng.uniform(0, np.pi)
+        t = (np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period) > 0).astype(np.float32)
+    elif kind == 1:  # checkerboard
+        t = (((xx // period) + (yy // period)) % 2).astype(np.float32)
+    else:  # blobs
+        t = _smooth_texture(rng, size, size, 8, 0.0)[..., 0] / 255.0
+    tex = colour_a * t[..., None] + colour_b * (1 - t[..., None])
+    return np.clip(tex + rng.normal(0, 6, tex.shape), 0, 255).astype(np.float32)
+
+
+def _bounce(start: np.ndarray, velocity: np.ndarray, t: float, limit: np.ndarray) -> np.ndarray:
+    """Position of a point moving at constant velocity, reflected off the walls [0, limit]."""
+    x = start + velocity * t
+    period = 2 * np.maximum(limit, 1e-6)
+    m = np.mod(x, period)
+    return np.where(m <= limit, m, period - m)
+
+
+class SyntheticVideo:
+    """A procedural video. `pan` is the camera's motion in px/frame; `object_speed` the objects'."""
+
+    def __init__(
+        self,
+        seed: int,
+        num_frames: int = 120,
+        height: int = 448,
+        width: int = 600,
+        num_objects: int = 2,
+        object_size: tuple[int, int] = (70, 130),
+        object_speed: tuple[float, float] = (1.5, 4.0),
+        pan: tuple[float, float] | None = None,
+    ) -> None:
+        if num_frames < 1 or num_objects < 0:
+            raise ValueError(f"need num_frames >= 1 and num_objects >= 0; got {num_frames}, {num_objects}")
+        rng = np.random.default_rng(seed)
+        self.seed, self.num_frames, self.height, self.width = seed, num_frames, height, width
+        if pan is None:
+            angle = rng.uniform(0, 2 * np.pi)
+            speed = rng.uniform(0.5, 2.0)
+            pan = (speed * np.cos(angle), speed * np.sin(angle))
+        self.pan = np.asarray(pan, np.float64)
+        margin = np.ceil(np.abs(self.pan) * num_frames).astype(int) + 2
+        self._bg = _scene_texture(rng, height + margin[1], width + margin[0])
+        self._bg_origin = np.where(self.pan < 0, margin - 1, 1).astype(np.float64)
+        self.shapes, self._masks, self._textures = [], [], []
+        starts, velocities, sizes = [], [], []
+        for _ in range(num_objects):
+            size = int(rng.integers(object_size[0], object_size[1] + 1))
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            self.shapes.append(shape)
+            self._masks.append(_shape_mask(shape, size).astype(np.float32)[..., None] / 255.0)
+            self._textures.append(_object_texture(rng, size))
+            sizes.append(size)
+            starts.append(rng.uniform([0, 0], [width - size, height - size]))
+            angle = rng.uniform(0, 2 * np.pi)
+            speed = rng.uniform(*object_speed)
+            velocities.append([speed * np.cos(angle), speed * np.sin(angle)])
+        self.sizes = np.asarray(sizes, np.int64)
+        self._starts = np.asarray(starts, np.float64).reshape(-1, 2)
+        self._velocities = np.asarray(velocities, np.float64).reshape(-1, 2)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def boxes(self, t: int) -> np.ndarray:
+        """[num_objects, 4] int boxes (x, y, w, h) of each object in frame t."""
+        limit = np.stack([self.width - self.sizes, self.height - self.sizes], axis=1).astype(np.float64)
+        pos = np.rint(_bounce(self._starts, self._velocities, t, limit)).astype(np.int64)
+        return np.concatenate([pos, self.sizes[:, None], self.sizes[:, None]], axis=1)
+
+    def frame(self, t: int) -> np.ndarray:
+        if not 0 <= t < self.num_frames:
+            raise IndexError(f"frame {t} outside 0..{self.num_frames - 1}")
+        ox, oy = self._bg_origin + self.pan * t
+        shift = np.float32([[1, 0, -ox], [0, 1, -oy]])
+        img = cv2.warpAffine(self._bg, shift, (self.width, self.height), flags=cv2.INTER_LINEAR)
+        for (x, y, s, _), mask, tex in zip(self.boxes(t), self._masks, self._textures):
+            region = img[y : y + s, x : x + s]
+            region[:] = mask * tex + (1 - mask) * region
+        return img.astype(np.uint8)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        for t in range(self.num_frames):
+            yield self.frame(t)
+
+    def write(self, path: str | Path, fps: float = 25.0, fourcc: str = "MJPG") -> Path:
+        """Encode to a video file (MJPG in .avi works with the PyPI OpenCV wheels)."""
+        path = Path(path)
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (self.width, self.height))
+        if not writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot write {path} with codec {fourcc}; try fourcc='MJPG' and a .avi name")
+        try:
+            for img in self.frames():
+                writer.write(img)
+        finally:
+            writer.release()
+        return path

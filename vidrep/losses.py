@@ -1,0 +1,153 @@
+"""The ranking loss of Wang & Gupta (ICCV 2015) and its negative selection, as pure functions.
+
+Embeddings are L2-normalised, so s(x, y) = x . y is a cosine. Pair i has an anchor a_i (the query
+patch) and a positive p_i (the patch tracked 30 frames later). Its candidate negatives are the 2N
+patches of the batch (every anchor, then every positive) whose video id differs from its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _check_inputs(anchor: Tensor, positive: Tensor, video_ids: Tensor, num_negatives: int, hard_ratio: float) -> None:
+    if anchor.ndim != 2 or anchor.shape != positive.shape:
+        raise ValueError(f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+    if video_ids.shape != (anchor.shape[0],):
+        raise ValueError(f"video_ids must be [N] = [{anchor.shape[0]}]; got {tuple(video_ids.shape)}")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be >= 1; got {num_negatives}")
+    if not 0.0 <= hard_ratio <= 1.0:
+        raise ValueError(f"hard_ratio must lie in [0, 1]; got {hard_ratio}")
+
+
+def _hinges(anchor: Tensor, positive: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Similarities of each anchor and positive to all 2N patches, and their hinges."""
+    patches = torch.cat([anchor, positive], dim=0)
+    s_ap = (anchor * positive).sum(dim=1, keepdim=True)
+    s_an = anchor @ patches.T
+    s_pn = positive @ patches.T
+    return s_an, (margin - s_ap + s_an).clamp_min(0), (margin - s_ap + s_pn).clamp_min(0)
+
+
+@torch.no_grad()
+def select_negatives(
+    anchor: Tensor,
+    positive: Tensor,
+    video_ids: Tensor,
+    *,
+    margin: float,
+    num_negatives: int,
+    hard_ratio: float,
+    violators_only: bool,
+) -> Tensor:
+    """Boolean mask [N, 2N]: which of the 2N batch patches serve as negatives of each pair.
+
+    With at most K candidates all are taken. Otherwise `int(K * hard_ratio)` come from the K
+    candidates most similar to the anchor (all K when hard_ratio is 1; a random subset of them
+    otherwise) and the rest are drawn at random among the candidates not already taken, the
+    unchosen top-K included, as the released RankHardLoss layer does. Randomness comes from
+    torch's global generator, so `seed_everything` makes it reproducible.
+    """
+    _check_inputs(anchor, positive, video_ids, num_negatives, hard_ratio)
+    n = anchor.shape[0]
+    k = num_negatives
+    s_an, hinge_a, _ = _hinges(anchor, positive, margin)
+    patch_ids = torch.cat([video_ids, video_ids])
+    candidate = video_ids[:, None] != patch_ids[None, :]
+    if violators_only:
+        candidate &= hinge_a > 0
+    num_candidates = candidate.sum(dim=1, keepdim=True)
+    if 2 * n <= k:
+        return candidate
+
+    hard = int(k * hard_ratio)
+    chosen = torch.zeros_like(candidate)
+    if hard > 0:
+        similarity = s_an.masked_fill(~candidate, float("-inf"))
+        top_k = similarity.topk(k, dim=1).indices
+        if hard < k:
+            # A random `hard` of the K most similar: order them by random keys and keep the first.
+            keys = torch.rand(top_k.shape, device=anchor.device)
+            top_k = top_k.gather(1, keys.argsort(dim=1)[:, :hard])
+        chosen.scatter_(1, top_k, True)
+        chosen &= candidate
+    if hard < k:
+        remaining = candidate & ~chosen
+        keys = torch.rand(candidate.shape, device=anchor.device).masked_fill(~remaining, -1.0)
+        picks = keys.topk(k - hard, dim=1)
+        drawn = torch.zeros_like(candidate).scatter_(1, picks.indices, picks.values >= 0)
+        chosen |= drawn & remaining
+    return torch.where(num_candidates <= k, candidate, chosen)
+
+
+def ranking_loss_from_mask(
+    anchor: Tensor, positive: Tensor, mask: Tensor, *, margin: float, num_negatives: int, symmetric: bool
+) -> Tensor:
+    """The hinge sum over the selected negatives, over the fixed denominator N * K * (2 if symmetric)."""
+    _, hinge_a, hinge_p = _hinges(anchor, positive, margin)
+    mask = mask.to(hinge_a.dtype)
+    total = (hinge_a * mask).sum()
+    if symmetric:
+        total = total + (hinge_p * mask).sum()
+    return total / (anchor.shape[0] * num_negatives * (2 if symmetric else 1))
+
+
+def ranking_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    video_ids: Tensor,
+    *,
+    margin: float,
+    num_negatives: int,
+    hard_ratio: float,
+    symmetric: bool,
+    violators_only: bool,
+) -> Tensor:
+    """Triplet ranking loss over in-batch negatives; a 0-dim tensor.
+
+    Each selected negative j of pair i adds max(0, margin - s(a_i, p_i) + s(a_i, j)) and, when
+    `symmetric`, also max(0, margin - s(a_i, p_i) + s(p_i, j)). The selection carries no gradient.
+
+    >>> a = torch.nn.functional.normalize(torch.randn(50, 1024), dim=1)
+    >>> p = torch.nn.functional.normalize(a + 0.1 * torch.randn(50, 1024), dim=1)
+    >>> loss = ranking_loss(a, p, torch.arange(50), margin=0.5, num_negatives=4, hard_ratio=1.0,
+    ...                     symmetric=False, violators_only=False)
+    >>> loss.ndim
+    0
+    """
+    mask = select_negatives(
+        anchor, positive, video_ids,
+        margin=margin, num_negatives=num_negatives, hard_ratio=hard_ratio, violators_only=violators_only,
+    )
+    return ranking_loss_from_mask(anchor, positive, mask, margin=margin, num_negatives=num_negatives, symmetric=symmetric)
+
+
+@dataclass(frozen=True)
+class TripletStats:
+    """Cheap health signals of one batch, all detached."""
+
+    triplet_acc: Tensor  # share of selected triplets with s(a, p) > s(a, n)
+    sim_pos: Tensor  # mean s(a, p)
+    sim_neg: Tensor  # mean s(a, n) over selected negatives
+    embed_std: Tensor  # mean per-dimension std of the embeddings: 0 = collapsed, ~1/sqrt(D) healthy
+    negatives_per_pair: Tensor
+
+
+@torch.no_grad()
+def triplet_stats(anchor: Tensor, positive: Tensor, mask: Tensor) -> TripletStats:
+    patches = torch.cat([anchor, positive], dim=0)
+    s_ap = (anchor * positive).sum(dim=1)
+    s_an = anchor @ patches.T
+    selected = mask.sum().clamp_min(1)
+    correct = ((s_ap[:, None] > s_an) & mask).sum()
+    return TripletStats(
+        triplet_acc=correct / selected,
+        sim_pos=s_ap.mean(),
+        sim_neg=(s_an * mask).sum() / selected,
+        embed_std=patches.float().std(dim=0).mean(),
+        negatives_per_pair=mask.sum(dim=1).float().mean(),
+    )

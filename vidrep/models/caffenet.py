@@ -1,0 +1,174 @@
+"""CaffeNet-ordered AlexNet (the trunk of the released video-triplet model) with named features.
+
+Layer names match the Caffe model so checkpoints move between the triplet module, fine-tuning and
+feature extraction without key juggling. conv1..conv5 features are the post-ReLU activations of
+each convolution (before pooling and LRN); pool5 is the flattened 256x6x6 map at 227 input; fc6
+and fc7 are post-ReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+FEATURE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
+
+
+def _conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def pool5_size(input_size: int) -> int:
+    """Spatial side of pool5 for a square input (227 -> 55 -> 27 -> 13 -> 6)."""
+    s = _conv_out(input_size, 11, 4)
+    s = _conv_out(s, 3, 2)
+    s = _conv_out(s, 3, 2)
+    s = _conv_out(s, 3, 2)
+    if s < 1:
+        raise ValueError(f"input_size {input_size} is too small for the CaffeNet trunk; use >= 67")
+    return s
+
+
+def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one: bool) -> None:
+    """The released initialisation of conv1..conv5, fc6, fc7: Gaussian weights (std `conv_std` for
+    convolutions, `fc_std` for fc layers); bias 0 for conv1 and conv3, 1 elsewhere (0 everywhere
+    when `bias_one` is false)."""
+    for i, layer in enumerate(layers, start=1):
+        nn.init.normal_(layer.weight, std=conv_std if isinstance(layer, nn.Conv2d) else fc_std)
+        nn.init.constant_(layer.bias, 1.0 if bias_one and i not in (1, 3) else 0.0)
+
+
+class CaffeNet(nn.Module):
+    """96-256-384-384-256 convolutions with LRN and 2 groups, then fc6 and fc7 (ReLU, no dropout)."""
+
+    def __init__(
+        self,
+        input_size: int = 227,
+        fc6_dim: int = 4096,
+        fc7_dim: int = 1024,
+        conv_std: float = 0.01,
+        fc_std: float = 0.005,
+        bias_one: bool = True,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)
+        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
+        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
+        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        # Caffe's LRN divides alpha by the window size, as PyTorch's LocalResponseNorm does.
+        self.norm = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.relu = nn.ReLU(inplace=False)
+        side = pool5_size(input_size)
+        self.fc6 = nn.Linear(256 * side * side, fc6_dim)
+        self.fc7 = nn.Linear(fc6_dim, fc7_dim)
+        self.reset_parameters(conv_std, fc_std, bias_one)
+
+    def reset_parameters(self, conv_std: float, fc_std: float, bias_one: bool) -> None:
+        layers = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7]
+        caffe_init(layers, conv_std, fc_std, bias_one)
+
+    @property
+    def out_dim(self) -> int:
+        return self.fc7.out_features
+
+    def forward_features(self, x: Tensor, layers: Iterable[str] = FEATURE_LAYERS) -> dict[str, Tensor]:
+        """Named intermediate features; stops after the deepest layer asked for."""
+        wanted = set(layers)
+        unknown = wanted - set(FEATURE_LAYERS)
+        if unknown:
+            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+        last = max(FEATURE_LAYERS.index(name) for name in wanted)
+        out: dict[str, Tensor] = {}
+
+        def keep(name: str, value: Tensor) -> bool:
+            if name in wanted:
+                out[name] = value
+            return FEATURE_LAYERS.index(name) < last
+
+        x = self.relu(self.conv1(x))
+        if not keep("conv1", x):
+            return out
+        x = self.relu(self.conv2(self.norm(self.pool(x))))
+        if not keep("conv2", x):
+            return out
+        x = self.relu(self.conv3(self.norm(self.pool(x))))
+        if not keep("conv3", x):
+            return out
+        x = self.relu(self.conv4(x))
+        if not keep("conv4", x):
+            return out
+        x = self.relu(self.conv5(x))
+        if not keep("conv5", x):
+            return out
+        x = torch.flatten(self.pool(x), 1)
+        if not keep("pool5", x):
+            return out
+        x = self.relu(self.fc6(x))
+        if not keep("fc6", x):
+            return out
+        keep("fc7", self.relu(self.fc7(x)))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x, ("fc7",))["fc7"]
+
+
+class TorchvisionAlexNet(nn.Module):
+    """torchvision's AlexNet variant (64-192-384-256-256, no LRN, no groups) with the same named
+    features and fc6/fc7 head; offered for comparison, not the paper's trunk."""
+
+    def __init__(
+        self,
+        input_size: int = 227,
+        fc6_dim: int = 4096,
+        fc7_dim: int = 1024,
+        conv_std: float = 0.01,
+        fc_std: float = 0.005,
+        bias_one: bool = True,
+    ) -> None:
+        super().__init__()
+        from torchvision.models import alexnet
+
+        features = alexnet(weights=None).features
+        self.input_size = input_size
+        self.convs = nn.ModuleList([features[i] for i in (0, 3, 6, 8, 10)])
+        self.pool = nn.MaxPool2d(3, stride=2)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            side = self._trunk(torch.zeros(1, 3, input_size, input_size))["pool5"].shape[1]
+        self.fc6 = nn.Linear(side, fc6_dim)
+        self.fc7 = nn.Linear(fc6_dim, fc7_dim)
+        caffe_init([*self.convs, self.fc6, self.fc7], conv_std, fc_std, bias_one)
+
+    @property
+    def out_dim(self) -> int:
+        return self.fc7.out_features
+
+    def _trunk(self, x: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for i, conv in enumerate(self.convs, start=1):
+            x = self.relu(conv(x))
+            out[f"conv{i}"] = x
+            if i in (1, 2, 5):
+                x = self.pool(x)
+        out["pool5"] = torch.flatten(x, 1)
+        return out
+
+    def forward_features(self, x: Tensor, layers: Iterable[str] = FEATURE_LAYERS) -> dict[str, Tensor]:
+        wanted = set(layers)
+        unknown = wanted - set(FEATURE_LAYERS)
+        if unknown:
+            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+        feats = self._trunk(x)
+        if wanted & {"fc6", "fc7"}:
+            feats["fc6"] = self.relu(self.fc6(feats["pool5"]))
+            feats["fc7"] = self.relu(self.fc7(feats["fc6"]))
+        return {name: feats[name] for name in FEATURE_LAYERS if name in wanted}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_features(x, ("fc7",))["fc7"]

@@ -1,0 +1,138 @@
+"""The siamese-triplet LightningModule: one forward over all 2N patches, the ranking loss with its
+negative schedule, and the released optimiser."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from vidrep.losses import ranking_loss_from_mask, select_negatives, triplet_stats
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Settings of `vidrep.losses.ranking_loss` plus the schedule of the negatives.
+
+    Negatives are chosen with `initial_hard_ratio` until epoch `hard_after_epochs` or optimiser
+    step `hard_after_steps` (whichever comes first; None disables a bound), with `hard_ratio` from
+    then on: the paper takes random negatives (ratio 0) for 10 epochs of 1.5M patches (150K
+    steps), then the top K (ratio 1); the released code uses 0.5 from the start.
+    """
+
+    margin: float = 0.5
+    num_negatives: int = 4
+    hard_ratio: float = 1.0
+    initial_hard_ratio: float = 0.0
+    hard_after_epochs: int | None = 10
+    hard_after_steps: int | None = None
+    symmetric: bool = False
+    violators_only: bool = False
+
+    def phase(self, epoch: int, step: int) -> str:
+        by_epoch = self.hard_after_epochs is not None and epoch >= self.hard_after_epochs
+        by_step = self.hard_after_steps is not None and step >= self.hard_after_steps
+        return "hard" if by_epoch or by_step else "random"
+
+    def ratio(self, epoch: int, step: int) -> float:
+        return self.hard_ratio if self.phase(epoch, step) == "hard" else self.initial_hard_ratio
+
+
+class TripletModule(L.LightningModule):
+    """Trains an `EmbeddingNet` with in-batch triplets (negatives are patches of other videos)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: dict | LossConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        bias_lr_mult: float = 2.0,
+        bias_weight_decay: float = 0.0,
+        pixel_mean: Sequence[float] = (107.99, 102.75, 96.64),
+        input_size: int = 227,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        # Plain types only, so checkpoints load with torch.load(weights_only=True); the full
+        # config is in the run directory (.hydra/config.yaml) and in the loggers.
+        self.save_hyperparameters({"loss": asdict(self.loss_cfg), "bias_lr_mult": bias_lr_mult,
+                                   "bias_weight_decay": bias_weight_decay, "input_size": input_size,
+                                   "pixel_mean": [float(v) for v in pixel_mean]})
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
+        self.input_size = input_size
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def negative_phase(self) -> str:
+        return self.loss_cfg.phase(self.current_epoch, self.global_step)
+
+    def preprocess(self, patches: Tensor) -> Tensor:
+        """uint8 RGB 0-255 -> float minus the channel means (no scaling), as the released model."""
+        return patches.float() - self.pixel_mean
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.net(self.preprocess(patches))
+
+    def _shared_step(self, batch: dict[str, Tensor], hard_ratio: float, stage: str) -> Tensor:
+        n = batch["anchor"].shape[0]
+        if batch["anchor"].shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set data.input_size to match")
+        embeddings = self(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
+        anchor, positive = embeddings[:n], embeddings[n:]
+        cfg = self.loss_cfg
+        mask = select_negatives(anchor, positive, batch["video_id"], margin=cfg.margin, num_negatives=cfg.num_negatives,
+                                hard_ratio=hard_ratio, violators_only=cfg.violators_only)
+        loss = ranking_loss_from_mask(anchor, positive, mask, margin=cfg.margin, num_negatives=cfg.num_negatives, symmetric=cfg.symmetric)
+        stats = triplet_stats(anchor, positive, mask)
+        on_step = stage == "train"
+        log = dict(on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
+        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
+        self.log(f"{stage}/triplet_acc", stats.triplet_acc, prog_bar=True, **log)
+        self.log(f"{stage}/sim_pos", stats.sim_pos, **log)
+        self.log(f"{stage}/sim_neg", stats.sim_neg, **log)
+        self.log(f"{stage}/embed_std", stats.embed_std, **log)
+        if stage == "train":
+            self.log("train/negatives_per_pair", stats.negatives_per_pair, **log)
+            self.log("train/videos_per_batch", batch["video_id"].unique().numel(), **log)
+            self.log("train/hard_phase", float(self.negative_phase == "hard"), **log)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, self.loss_cfg.ratio(self.current_epoch, self.global_step), "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        # Always the top-K: deterministic, and comparable across the switch of the negative phase.
+        return self._shared_step(batch, 1.0, "val")
+
+    def configure_optimizers(self):
+        """Weights get the weight decay; biases lr x bias_lr_mult and no decay (the released solver)."""
+        weights = [p for name, p in self.net.named_parameters() if p.requires_grad and not name.endswith("bias")]
+        biases = [p for name, p in self.net.named_parameters() if p.requires_grad and name.endswith("bias")]
+        optimizer = self.optimizer_factory([{"params": weights}, {"params": biases}])
+        base = optimizer.param_groups[0]
+        optimizer.param_groups[1]["lr"] = base["lr"] * self.bias_lr_mult
+        optimizer.param_groups[1]["initial_lr"] = base["lr"] * self.bias_lr_mult
+        optimizer.param_groups[1]["weight_decay"] = self.bias_weight_decay
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["negative_phase"] = self.negative_phase
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("negative_phase")
+        expected = self.loss_cfg.phase(checkpoint.get("epoch", 0), checkpoint.get("global_step", 0))
+        if saved is not None and saved != expected:
+            raise ValueError(
+                f"checkpoint was in the {saved!r} negative phase at epoch {checkpoint.get('epoch')}, but "
+                f"model.loss (hard_after_epochs={self.loss_cfg.hard_after_epochs}, hard_after_steps={self.loss_cfg.hard_after_steps}) puts it in {expected!r}; "
+                "resume with the loss settings the run started with"
+            )

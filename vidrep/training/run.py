@@ -1,0 +1,64 @@
+"""The training task behind train.py: instantiate what the config names, fit, always clean up."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from vidrep.training.loggers import finish_wandb
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_list(cfg: DictConfig | None) -> list:
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Errors that Hydra cannot see, named with the override that fixes them."""
+    missing = OmegaConf.missing_keys(cfg)
+    if "data.root" in missing:
+        raise ValueError(
+            f"data.num_patches={cfg.data.get('num_patches')} needs a mined corpus: add data.root=/path/to/corpus "
+            "(made by `python mine.py videos=... out=/path/to/corpus`)"
+        )
+    if missing:
+        raise ValueError(f"config values still unset (set them on the command line, key=value): {sorted(missing)}")
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the model; returns the final logged metrics (for sweepers)."""
+    try:
+        check_config(cfg)
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        datamodule = hydra.utils.instantiate(cfg.data)
+        model = hydra.utils.instantiate(cfg.model)
+        loggers = _instantiate_list(cfg.get("logger"))
+        callbacks = _instantiate_list(cfg.get("callbacks"))
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        if trainer.is_global_zero:
+            for lg in loggers:
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if trainer.is_global_zero:
+            out = Path(cfg.paths.output_dir)
+            log.info("run directory: %s", out)
+            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
+                log.info("last checkpoint: %s", trainer.checkpoint_callback.last_model_path)
+            for lg in loggers:
+                log_dir = getattr(lg, "log_dir", None) or getattr(lg, "save_dir", None)
+                if log_dir:
+                    log.info("%s logs: %s", type(lg).__name__, log_dir)
+            summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss_epoch", "train/triplet_acc_epoch", "val/loss", "val/triplet_acc") if k in metrics)
+            log.info("final metrics: %s", summary)
+        return metrics
+    finally:
+        finish_wandb()
