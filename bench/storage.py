@@ -3,7 +3,7 @@
     source /work/venv/bin/activate && cd /work/main && python bench/storage.py
     python bench/storage.py --pairs 1000 --rounds 1        # a quick look
 
-The same synthetic pairs (vidrep.data.demo.demo_video_pairs: 227x227 JPEGs of ~11 KB, the
+The same synthetic pairs (vidrep.data.demo.demo_video_pairs: 227x227 JPEGs of ~10 KB at quality 90, the
 consecutive pairs of one video together, a few videos per shard as mining writes them) go
 (a) through vidrep's `write_shard` and (b) through `litdata.optimize` with one chunk per shard.
 Then, in interleaved rounds so that a neighbour's load hits both formats alike, each is read in a

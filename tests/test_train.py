@@ -112,11 +112,12 @@ def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_co
 
 @pytest.mark.slow
 def test_demo_loss_goes_down(tmp_path):
-    """The Quickstart's `python train.py`, as shipped, with its own demo corpus."""
-    run_cli(["logger=csv", "~callbacks.progress", f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
-            cwd=tmp_path, timeout=900)
+    """The Quickstart's `python train.py` as shipped, with its own demo corpus, cut to the first
+    4 epochs (random negatives) to keep the suite short."""
+    run_cli(["logger=csv", "~callbacks.progress", "trainer.max_epochs=4", f"hydra.run.dir={tmp_path}/run",
+             f"paths.cache_dir={tmp_path}/cache"], cwd=tmp_path, timeout=900)
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     by_epoch = {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
-    random_phase = [by_epoch[e] for e in range(6)]
-    assert min(random_phase[1:]) < 0.7 * random_phase[0], by_epoch
+    assert sorted(by_epoch) == [0, 1, 2, 3]
+    assert min(by_epoch[e] for e in (1, 2, 3)) < 0.7 * by_epoch[0], by_epoch
     assert all(torch.isfinite(torch.tensor(list(by_epoch.values()))))

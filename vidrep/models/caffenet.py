@@ -31,6 +31,14 @@ def pool5_size(input_size: int) -> int:
     return s
 
 
+def _check_layers(layers: Iterable[str]) -> set[str]:
+    wanted = set(layers)
+    unknown = wanted - set(FEATURE_LAYERS)
+    if unknown:
+        raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+    return wanted
+
+
 def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one: bool) -> None:
     """The released initialisation of conv1..conv5, fc6, fc7: Gaussian weights (std `conv_std` for
     convolutions, `fc_std` for fc layers); bias 0 for conv1 and conv3, 1 elsewhere (0 everywhere
@@ -78,10 +86,7 @@ class CaffeNet(nn.Module):
 
     def forward_features(self, x: Tensor, layers: Iterable[str] = FEATURE_LAYERS) -> dict[str, Tensor]:
         """Named intermediate features; stops after the deepest layer asked for."""
-        wanted = set(layers)
-        unknown = wanted - set(FEATURE_LAYERS)
-        if unknown:
-            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+        wanted = _check_layers(layers)
         last = max(FEATURE_LAYERS.index(name) for name in wanted)
         out: dict[str, Tensor] = {}
 
@@ -160,10 +165,7 @@ class TorchvisionAlexNet(nn.Module):
         return out
 
     def forward_features(self, x: Tensor, layers: Iterable[str] = FEATURE_LAYERS) -> dict[str, Tensor]:
-        wanted = set(layers)
-        unknown = wanted - set(FEATURE_LAYERS)
-        if unknown:
-            raise ValueError(f"unknown feature layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+        wanted = _check_layers(layers)
         feats = self._trunk(x)
         if wanted & {"fc6", "fc7"}:
             feats["fc6"] = self.relu(self.fc6(feats["pool5"]))
