@@ -48,7 +48,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to measure")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; median (min-max) is reported")
-    p.add_argument("--warmup-batches", type=int, default=20, help="untimed batches per format before round 1")
     p.add_argument("--input-size", type=int, default=227)
     p.add_argument("--subset", type=int, default=1000, help="pairs in the subset-by-video check")
     return p.parse_args()
@@ -128,14 +127,6 @@ def litdata_loader(out: Path, cache: Path, args: argparse.Namespace, workers: in
     ds = litdata.StreamingDataset(str(out), cache_dir=str(cache), shuffle=True, seed=seed,
                                   transform=LitDataDecode(args.input_size))
     return litdata.StreamingDataLoader(ds, batch_size=args.batch_size, num_workers=workers, drop_last=True)
-
-
-def warm_up(loaders: list, batches: int) -> None:
-    """Untimed batches in this process first: in this VM a process's first few hundred MB of fresh
-    tensors are several times slower to touch, which would otherwise land on whichever goes first."""
-    for loader in loaders:
-        for _, _ in zip(range(batches), loader):
-            pass
 
 
 def read_raw(root: Path, seed: int) -> float:
@@ -232,12 +223,12 @@ def main() -> None:
             ours, lit = tmp / f"ours-{rnd}", tmp / f"litdata-{rnd}"
             record("write ours", timed(lambda: write_ours(ours, records, args.pairs_per_shard))[0])
             record("write litdata", timed(lambda: write_litdata(lit, records, args.pairs_per_shard))[0])
-            if rnd == 0:
-                warm_up([ours_loader(ours, args, 0), litdata_loader(lit, cache, args, 0, seed=0)], args.warmup_batches)
             raw.append(read_raw(ours, rnd))
             for workers in args.workers:
-                for fmt, make in (("ours", lambda: ours_loader(ours, args, workers)),
-                                  ("litdata", lambda: litdata_loader(lit, cache, args, workers, rnd))):
+                variants = [("ours", lambda: ours_loader(ours, args, workers)),
+                            ("litdata", lambda: litdata_loader(lit, cache, args, workers, rnd))]
+                # Alternate which goes first, so that neither always follows the other's cache effects.
+                for fmt, make in variants[:: 1 if rnd % 2 == 0 else -1]:
                     seconds, per_batch = full_pass(make())
                     key = f"{fmt} w{workers}"
                     record(key, len(per_batch) * args.batch_size / seconds)

@@ -6,10 +6,9 @@ subtraction of method.md section 4 happens there (see `vidrep.training.module`).
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.io import decode_jpeg
 
 
 class PatchTransform:
@@ -20,12 +19,13 @@ class PatchTransform:
         self.flip_p = flip_p
 
     def __call__(self, jpeg: bytes) -> torch.Tensor:
-        img = decode_jpeg(torch.from_numpy(np.frombuffer(jpeg, np.uint8).copy()))
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
-        if img.shape[-2:] != (self.input_size, self.input_size):
-            resized = F.interpolate(img[None].float(), size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-            img = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        # OpenCV rather than torchvision.io.decode_jpeg, which torchvision deprecates for TorchCodec.
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError("a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)")
+        if img.shape[:2] != (self.input_size, self.input_size):
+            img = cv2.resize(img, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if self.flip_p > 0 and torch.rand(()) < self.flip_p:
-            img = img.flip(-1)
-        return img.contiguous()
+            img = img[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))

@@ -99,7 +99,9 @@ class TripletModule(L.LightningModule):
         self.log(f"{stage}/embed_std", stats.embed_std, **log)
         if stage == "train":
             self.log("train/negatives_per_pair", stats.negatives_per_pair, **log)
-            self.log("train/videos_per_batch", batch["video_id"].unique().numel(), **log)
+            if self.global_step % self.trainer.log_every_n_steps == 0:
+                # unique() waits for the device; only on the steps that are logged anyway
+                self.log("train/videos_per_batch", float(batch["video_id"].unique().numel()), **log)
             self.log("train/hard_phase", float(self.negative_phase == "hard"), **log)
         return loss
 
