@@ -7,8 +7,8 @@
 (a) The model of conf/model/caffenet.yaml (composed and instantiated by Hydra, as train.py does;
 only model.input_size is overridden) trains on one fixed random batch in interleaved blocks:
 `lightning.Trainer.fit` with a callback timing on_train_batch_start -> on_train_batch_end, against
-a bare loop doing the same work: forward, `select_negatives` + `ranking_loss_from_mask`,
-backward, optimiser and scheduler step, zero_grad. The batch is already on the device in both
+a bare loop doing the same work: forward, the loss (`LossConfig.loss`: `select_negatives` +
+`ranking_loss_from_mask`), backward, optimiser and scheduler step, zero_grad. The batch is already on the device in both
 (Lightning moves it before on_train_batch_start). The first `--warmup` steps of every block are
 dropped; the target is a median ratio <= 1.05.
 (b) Negative selection + loss (forward and backward on given embeddings) against the network's
@@ -31,7 +31,6 @@ from hydra import compose, initialize_config_dir
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vidrep.losses import ranking_loss_from_mask, select_negatives
 from vidrep.training.module import TripletModule
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -134,11 +133,7 @@ def bare_block(module: TripletModule, batch: dict[str, Tensor], steps: int, devi
 
     def step() -> None:
         embeddings = module(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
-        anchor, positive = embeddings[:n], embeddings[n:]
-        mask = select_negatives(anchor, positive, batch["video_id"], margin=cfg.margin, num_negatives=cfg.num_negatives,
-                                hard_ratio=hard_ratio, violators_only=cfg.violators_only)
-        loss = ranking_loss_from_mask(anchor, positive, mask, margin=cfg.margin, num_negatives=cfg.num_negatives,
-                                      symmetric=cfg.symmetric)
+        loss, _ = cfg.loss(embeddings[:n], embeddings[n:], batch["video_id"], hard_ratio)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -163,10 +158,7 @@ def compare_steps(module: TripletModule, batch: dict[str, Tensor], args: argpars
 # --- (b) the loss next to the network ------------------------------------------------------------
 
 def loss_pass(anchor: Tensor, positive: Tensor, video_ids: Tensor, module: TripletModule, hard_ratio: float) -> None:
-    cfg = module.loss_cfg
-    mask = select_negatives(anchor, positive, video_ids, margin=cfg.margin, num_negatives=cfg.num_negatives,
-                            hard_ratio=hard_ratio, violators_only=cfg.violators_only)
-    loss = ranking_loss_from_mask(anchor, positive, mask, margin=cfg.margin, num_negatives=cfg.num_negatives, symmetric=cfg.symmetric)
+    loss, _ = module.loss_cfg.loss(anchor, positive, video_ids, hard_ratio)
     loss.backward()
 
 

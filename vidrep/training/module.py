@@ -40,6 +40,14 @@ class LossConfig:
     def ratio(self, epoch: int, step: int) -> float:
         return self.hard_ratio if self.phase(epoch, step) == "hard" else self.initial_hard_ratio
 
+    def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, Tensor]:
+        """`ranking_loss` with these settings at `hard_ratio`, and the negatives it selected."""
+        mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
+                                hard_ratio=hard_ratio, violators_only=self.violators_only)
+        loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
+                                      symmetric=self.symmetric)
+        return loss, mask
+
 
 class TripletModule(L.LightningModule):
     """Trains an `EmbeddingNet` with in-batch triplets (negatives are patches of other videos)."""
@@ -85,10 +93,7 @@ class TripletModule(L.LightningModule):
             raise ValueError(f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set data.input_size to match")
         embeddings = self(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
         anchor, positive = embeddings[:n], embeddings[n:]
-        cfg = self.loss_cfg
-        mask = select_negatives(anchor, positive, batch["video_id"], margin=cfg.margin, num_negatives=cfg.num_negatives,
-                                hard_ratio=hard_ratio, violators_only=cfg.violators_only)
-        loss = ranking_loss_from_mask(anchor, positive, mask, margin=cfg.margin, num_negatives=cfg.num_negatives, symmetric=cfg.symmetric)
+        loss, mask = self.loss_cfg.loss(anchor, positive, batch["video_id"], hard_ratio)
         stats = triplet_stats(anchor, positive, mask)
         on_step = stage == "train"
         log = dict(on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
