@@ -38,6 +38,7 @@ from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pair
 from vidrep.data.datamodule import PairDataModule, PairDataset  # noqa: E402
 from vidrep.data.demo import demo_video_pairs  # noqa: E402
 from vidrep.data.transforms import PatchTransform  # noqa: E402
+from _table import markdown_table  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,8 +50,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to measure")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; median (min-max) is reported")
     p.add_argument("--input-size", type=int, default=227)
-    p.add_argument("--subset", type=int, default=1000, help="pairs in the subset-by-video check")
-    return p.parse_args()
+    p.add_argument("--subset", type=int, default=1000, help="pairs in the subset-by-video check (<= --pairs)")
+    args = p.parse_args()
+    if args.subset > args.pairs:
+        p.error(f"--subset {args.subset} exceeds --pairs {args.pairs}; lower --subset or raise --pairs")
+    return args
 
 
 def make_pairs(num_pairs: int, pairs_per_video: int) -> list[PairRecord]:
@@ -272,10 +276,7 @@ def main() -> None:
     ]
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min); LitData stream-cache files written: "
           f"{len(stray)} (a local input_dir is read in place)\n")
-    print("| measure | ours (tar + parquet) | LitData | note |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(("measure", "ours (tar + parquet)", "LitData", "note"), rows))
 
 
 if __name__ == "__main__":

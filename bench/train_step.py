@@ -8,7 +8,8 @@
 only model.input_size is overridden) trains on one fixed random batch in interleaved blocks:
 `lightning.Trainer.fit` with a callback timing on_train_batch_start -> on_train_batch_end, against
 a bare loop doing the same work: forward, the loss (`LossConfig.loss`: `select_negatives` +
-`ranking_loss_from_mask`), backward, optimiser and scheduler step, zero_grad. The batch is already on the device in both
+`ranking_loss_from_mask`), backward, optimiser and scheduler step, zero_grad. The batch is already
+on the device in both
 (Lightning moves it before on_train_batch_start). The first `--warmup` steps of every block are
 dropped; the target is a median ratio <= 1.05.
 (b) Negative selection + loss (forward and backward on given embeddings) against the network's
@@ -30,6 +31,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from _table import markdown_table
 
 from vidrep.training.module import TripletModule
 
@@ -248,10 +251,7 @@ def main() -> None:
         rows.append((f"(b) selection + loss fwd + bwd, {args.big_pairs} pairs, D=1024, {phase} negatives (ms)", ms(seconds),
                      f"median of {args.loss_reps}"))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}\n")
-    print("| measure | value | note |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(("measure", "value", "note"), rows))
 
 
 if __name__ == "__main__":
