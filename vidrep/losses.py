@@ -24,12 +24,12 @@ def _check_inputs(anchor: Tensor, positive: Tensor, video_ids: Tensor, num_negat
         raise ValueError(f"hard_ratio must lie in [0, 1]; got {hard_ratio}")
 
 
-def _anchor_hinges(anchor: Tensor, positive: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor]:
-    """s(a_i, p_i) [N, 1], s(a_i, j) over the 2N batch patches [N, 2N], and their hinges."""
+def _anchor_hinges(anchor: Tensor, positive: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 2N batch patches [2N, D], s(a_i, p_i) [N, 1], s(a_i, j) [N, 2N] and its hinges [N, 2N]."""
     patches = torch.cat([anchor, positive], dim=0)
     s_ap = (anchor * positive).sum(dim=1, keepdim=True)
     s_an = anchor @ patches.T
-    return s_ap, s_an, (margin - s_ap + s_an).clamp_min(0)
+    return patches, s_ap, s_an, (margin - s_ap + s_an).clamp_min(0)
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def select_negatives(
     _check_inputs(anchor, positive, video_ids, num_negatives, hard_ratio)
     n = anchor.shape[0]
     k = num_negatives
-    _, s_an, hinge_a = _anchor_hinges(anchor, positive, margin)
+    _, _, s_an, hinge_a = _anchor_hinges(anchor, positive, margin)
     patch_ids = torch.cat([video_ids, video_ids])
     candidate = video_ids[:, None] != patch_ids[None, :]
     if violators_only:
@@ -87,11 +87,11 @@ def ranking_loss_from_mask(
     anchor: Tensor, positive: Tensor, mask: Tensor, *, margin: float, num_negatives: int, symmetric: bool
 ) -> Tensor:
     """The hinge sum over the selected negatives, over the fixed denominator N * K * (2 if symmetric)."""
-    s_ap, _, hinge_a = _anchor_hinges(anchor, positive, margin)
+    patches, s_ap, _, hinge_a = _anchor_hinges(anchor, positive, margin)
     mask = mask.to(hinge_a.dtype)
     total = (hinge_a * mask).sum()
     if symmetric:
-        s_pn = positive @ torch.cat([anchor, positive], dim=0).T
+        s_pn = positive @ patches.T
         total = total + ((margin - s_ap + s_pn).clamp_min(0) * mask).sum()
     return total / (anchor.shape[0] * num_negatives * (2 if symmetric else 1))
 
