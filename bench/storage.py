@@ -3,7 +3,7 @@
     source /work/venv/bin/activate && cd /work/main && python bench/storage.py
     python bench/storage.py --pairs 1000 --rounds 1        # a quick look
 
-The same synthetic pairs (vidrep.data.demo.demo_video_pairs: 227x227 JPEGs of ~10 KB at quality 90, the
+The same synthetic pairs (`ground_truth_pairs` below: 227x227 JPEGs of ~10 KB at quality 90, the
 consecutive pairs of one video together, a few videos per shard as mining writes them) go
 (a) through vidrep's `write_shard` and (b) through `litdata.optimize` with one chunk per shard.
 Then, in interleaved rounds so that a neighbour's load hits both formats alike, each is read in a
@@ -29,6 +29,7 @@ from pathlib import Path
 # Before litdata is imported: its import-time version check would otherwise query PyPI.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
+import cv2  # noqa: E402
 import litdata  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +37,7 @@ from torch.utils.data import DistributedSampler  # noqa: E402
 
 from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pairs, write_shard  # noqa: E402
 from vidrep.data.datamodule import PairDataModule, PairDataset  # noqa: E402
-from vidrep.data.demo import demo_video_pairs  # noqa: E402
+from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
 from vidrep.data.transforms import PatchTransform  # noqa: E402
 from _table import markdown_table  # noqa: E402
 
@@ -57,11 +58,35 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _jpeg(img: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def ground_truth_pairs(seed: int, num_pairs: int) -> list[PairRecord]:
+    """Pairs of one synthetic video cut along its true object tracks (a perfect miner): pair m
+    follows object m mod (objects) from frame 31m to 31m + 30. Quicker to make than mining."""
+    video = SyntheticVideo(seed, num_frames=num_pairs * 31)
+    records = []
+    for m in range(num_pairs):
+        boxes = []
+        for t in (31 * m, 31 * m + 30):
+            x, y, w, h = video.boxes(t)[m % len(video.sizes)]
+            boxes.append((min(max(x + w // 2 - 113, 0), video.width - 227), min(max(y + h // 2 - 113, 0), video.height - 227), 227, 227))
+        (qx, qy, _, _), (tx, ty, _, _) = boxes
+        records.append(PairRecord(
+            video=f"synthetic://bench/{seed:05d}", query_frame=31 * m, tracked_frame=31 * m + 30,
+            query_box=boxes[0], tracked_box=boxes[1], num_points=0, num_moving=0,
+            query_jpeg=_jpeg(video.frame(31 * m)[qy : qy + 227, qx : qx + 227]),
+            tracked_jpeg=_jpeg(video.frame(31 * m + 30)[ty : ty + 227, tx : tx + 227]),
+        ))
+    return records
+
+
 def make_pairs(num_pairs: int, pairs_per_video: int) -> list[PairRecord]:
     records: list[PairRecord] = []
     seed = 0
     while len(records) < num_pairs:
-        records += demo_video_pairs(seed, min(pairs_per_video, num_pairs - len(records)))
+        records += ground_truth_pairs(seed, min(pairs_per_video, num_pairs - len(records)))
         seed += 1
     return records
 

@@ -92,3 +92,26 @@ def test_paper_size_without_root_names_the_fix(tmp_path):
     cfg = compose_train(["data=8M"], tmp_path)
     with pytest.raises(ValueError, match=r"data.root=/path/to/corpus"):
         check_config(cfg)
+
+
+def _compose_mine(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("mine", overrides=overrides, return_hydra_config=True)
+
+
+def test_mine_config_states_the_miner_defaults():
+    """conf/mine.yaml documents every miner setting; it must agree with MinerConfig's defaults."""
+    from vidrep.mining.miner import MinerConfig
+
+    cfg = _compose_mine(["videos=/v", "out=/c"])
+    assert hydra.utils.instantiate(cfg.miner) == MinerConfig()
+    assert set(cfg.miner) - {"_target_"} == set(MinerConfig().to_dict())
+    assert "joblib" in cfg.hydra.launcher._target_.lower()
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose_mine(["videos=/v", "out=/c", "hydra/launcher=slurm"])
+    assert "SlurmLauncher" in cfg.hydra.launcher._target_
+    assert cfg.hydra.launcher.cpus_per_task == 32

@@ -1,6 +1,5 @@
 import numpy as np
 
-from vidrep.data.demo import centred_window
 from vidrep.data.synthetic import SyntheticVideo
 
 
@@ -35,12 +34,6 @@ def test_pan_shifts_background():
     f0, f5 = v.frame(0).astype(int), v.frame(5).astype(int)
     # the camera moves right by 15 px: frame 5's content is frame 0's shifted left by 15
     assert np.abs(f5[:, :-15] - f0[:, 15:]).mean() < 2.0
-
-
-def test_centred_window_is_clamped():
-    assert centred_window(np.array([0, 0, 50, 50]), 227, 448, 600) == (0, 0, 227, 227)
-    assert centred_window(np.array([580, 430, 20, 18]), 227, 448, 600) == (373, 221, 227, 227)
-    assert centred_window(np.array([300, 200, 40, 40]), 227, 448, 600) == (207, 107, 227, 227)
 
 
 def test_write_video(tmp_path):

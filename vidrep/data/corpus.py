@@ -4,6 +4,13 @@
     <root>/shards/<name>.tar      WebDataset-layout tar: <pair_id>.query.jpg, <pair_id>.tracked.jpg
     <root>/manifest/<name>.parquet one row per pair of that shard (MANIFEST_COLUMNS + where its
                                    two JPEGs lie in the tar, STORAGE_COLUMNS)
+    <root>/videos/<name>.parquet   one row per mined video: its counters (written last: the video
+                                   is done when this appears)
+    <root>/failures/<name>.parquet one row per video that could not be mined: video, reason, detail
+    <root>/mining.json             the miner's settings; summary.json the totals of the last run
+
+num_points counts the points of the query frame that could be followed, num_moving the moving
+points inside the query window.
 
 A shard is committed when its manifest appears: the tar is renamed into place first, then the
 manifest, each written under a dot-prefixed temporary name. Readers only see shards that have a
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 FORMAT = {"format": "vidrep-corpus", "version": 1}
@@ -104,13 +112,17 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path: str | Path, data: dict) -> None:
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
 def init_corpus(root: str | Path) -> Path:
     root = Path(root)
     (root / "shards").mkdir(parents=True, exist_ok=True)
     (root / "manifest").mkdir(parents=True, exist_ok=True)
     info = root / "corpus.json"
     if not info.exists():
-        _atomic_write(info, lambda f: f.write(json.dumps(FORMAT, indent=2).encode()))
+        write_json(info, FORMAT)
     return root
 
 
@@ -150,6 +162,47 @@ def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> P
     return tar_path
 
 
+def check_settings(root: str | Path, settings: dict, filename: str = "mining.json") -> None:
+    """Record the settings a corpus is mined with, or fail when it was mined with others: pairs
+    mined under different settings must not mix silently."""
+    path = init_corpus(root) / filename
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise CorpusError(
+                f"corpus {root} was mined with other settings ({', '.join(f'{k}: {stored.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
+                f"mine into a new out= folder, or rerun with the stored settings from {path}"
+            )
+    else:
+        write_json(path, settings)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    _atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def write_video_record(root: str | Path, name: str, row: dict) -> None:
+    """Mark one video done, with its counters; the last write of a video's commit."""
+    _write_rows(Path(root) / "videos" / f"{name}.parquet", [row])
+    (Path(root) / "failures" / f"{name}.parquet").unlink(missing_ok=True)
+
+
+def write_failure(root: str | Path, name: str, row: dict) -> None:
+    _write_rows(Path(root) / "failures" / f"{name}.parquet", [row])
+
+
+def read_records(root: str | Path, kind: str) -> pa.Table | None:
+    """All rows of videos/ or failures/ (None when there are none)."""
+    folder = Path(root) / kind
+    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+    if not files:
+        return None
+    return ds.dataset(files, format="parquet").to_table()
+
+
 def read_manifest(root: str | Path) -> pa.Table:
     """All committed pairs of a corpus, duplicates (the same pair in two shards) dropped."""
     root = Path(root)
@@ -161,7 +214,8 @@ def read_manifest(root: str | Path) -> pa.Table:
     files = sorted(p for p in (root / "manifest").glob("*.parquet") if not p.name.startswith("."))
     if not files:
         raise CorpusError(f"corpus {root} has no committed shards (manifest/*.parquet is empty)")
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in files])
+    # A dataset reads the files on several threads: a corpus mined per video has ~100K of them.
+    table = ds.dataset([str(p) for p in files], schema=SCHEMA, format="parquet").to_table()
     ids = table.column("pair_id").to_numpy(zero_copy_only=False)
     _, first = np.unique(ids, return_index=True)
     if len(first) < len(ids):

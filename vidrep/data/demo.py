@@ -1,71 +1,69 @@
-"""The demo corpus: pairs cut from synthetic videos along their ground-truth object tracks.
+"""The demo corpus: synthetic videos (textured objects over panning, cluttered backgrounds), written
+as real video files and mined with mine.py's pipeline, as a user's videos would be.
 
-Until mine.py exists this stands in for mining: for each object, a 227x227 window centred on it in
-frame t and on the same object in frame t + 30, exactly what a perfect tracker would give.
+Both the videos (`<root>-videos/`) and the corpus are built once, each in a temporary folder renamed
+into place, so an interrupted build leaves nothing half-made and the next run starts over.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing as mp
 import os
 import shutil
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from vidrep.data.corpus import PairRecord, write_shard
 from vidrep.data.synthetic import SyntheticVideo
 
-DEMO_VERSION = 1
+log = logging.getLogger(__name__)
+DEMO_VERSION = 2
 
 
-def centred_window(box: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """A size x size window centred on a box, shifted to lie inside the frame."""
-    x, y, w, h = (int(v) for v in box)
-    cx, cy = x + w // 2, y + h // 2
-    wx = min(max(cx - size // 2, 0), width - size)
-    wy = min(max(cy - size // 2, 0), height - size)
-    return wx, wy, size, size
+def _write_video(args: tuple[Path, int, int]) -> None:
+    path, seed, num_frames = args
+    SyntheticVideo(seed, num_frames=num_frames).write(path)
 
 
-def _jpeg(img: np.ndarray, quality: int) -> bytes:
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("OpenCV failed to encode a JPEG")
-    return buf.tobytes()
+def _build_into(final: Path, build) -> Path:
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
-def demo_video_pairs(seed: int, pairs_per_video: int, track_length: int = 30, patch_size: int = 227, quality: int = 90) -> list[PairRecord]:
-    """Pairs of one synthetic video: pair m follows object m mod (objects) over frames 31m..31m+30,
-    so no two pairs share a track, as mining guarantees."""
-    video = SyntheticVideo(seed, num_frames=pairs_per_video * (track_length + 1))
-    name = f"synthetic://demo/{seed:05d}"
-    records = []
-    for m in range(pairs_per_video):
-        t0 = m * (track_length + 1)
-        t1 = t0 + track_length
-        obj = m % len(video.sizes)
-        q = centred_window(video.boxes(t0)[obj], patch_size, video.height, video.width)
-        p = centred_window(video.boxes(t1)[obj], patch_size, video.height, video.width)
-        f0, f1 = video.frame(t0), video.frame(t1)
-        records.append(PairRecord(
-            video=name, query_frame=t0, tracked_frame=t1, query_box=q, tracked_box=p,
-            num_points=0, num_moving=0,
-            query_jpeg=_jpeg(f0[q[1] : q[1] + q[3], q[0] : q[0] + q[2]], quality),
-            tracked_jpeg=_jpeg(f1[p[1] : p[1] + p[3], p[0] : p[0] + p[2]], quality),
-        ))
-    return records
+def write_demo_videos(folder: str | Path, num_videos: int, num_frames: int, seed: int = 0, workers: int | None = None) -> Path:
+    """`num_videos` synthetic MJPG .avi files named 00000.avi, ... (seeds seed, seed + 1, ...)."""
+    folder = Path(folder)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        jobs = [(tmp / f"{seed + i:05d}.avi", seed + i, num_frames) for i in range(num_videos)]
+        n = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+        if n == 1:
+            for job in jobs:
+                _write_video(job)
+        else:
+            with mp.get_context("spawn").Pool(n) as pool:
+                pool.map(_write_video, jobs, chunksize=1)
+
+    return _build_into(folder, build)
 
 
-def build_demo_corpus(root: str | Path, num_videos: int = 64, pairs_per_video: int = 6, videos_per_shard: int = 8, seed: int = 0) -> Path:
-    """Build the demo corpus at `root` unless it is already there (built once, then cached).
+def build_demo_corpus(root: str | Path, num_videos: int = 64, num_frames: int = 220, seed: int = 0,
+                      workers: int | None = None, progress: bool = True) -> Path:
+    """Build the demo corpus at `root` unless it is already there. With the miner's defaults (a
+    query every 5th frame, 30-frame tracks), 220 frames give up to 6 pairs per video."""
+    from vidrep.mining.miner import MinerConfig
+    from vidrep.mining.run import mine_corpus
 
-    Built in a temporary folder and renamed into place, so an interrupted build leaves nothing.
-    """
     root = Path(root)
-    params = {"version": DEMO_VERSION, "num_videos": num_videos, "pairs_per_video": pairs_per_video,
-              "videos_per_shard": videos_per_shard, "seed": seed}
+    params = {"version": DEMO_VERSION, "num_videos": num_videos, "num_frames": num_frames, "seed": seed}
     stamp = root / "demo.json"
     if stamp.exists():
         if json.loads(stamp.read_text()) == params:
@@ -73,18 +71,21 @@ def build_demo_corpus(root: str | Path, num_videos: int = 64, pairs_per_video: i
         raise FileExistsError(f"{root} holds a demo corpus built with other settings; delete it to rebuild")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not a demo corpus; choose another data.root")
-    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for start in range(0, num_videos, videos_per_shard):
-            seeds = range(seed + start, seed + min(start + videos_per_shard, num_videos))
-            records = [r for s in seeds for r in demo_video_pairs(s, pairs_per_video)]
-            write_shard(tmp, f"demo-{start:05d}", records)
+    videos = root.with_name(f"{root.name}-videos")
+    if not (videos / "demo.json").exists():
+        log.info("writing %d synthetic demo videos to %s", num_videos, videos)
+        shutil.rmtree(videos, ignore_errors=True)
+        write_demo_videos(videos, num_videos, num_frames, seed, workers)
+        (videos / "demo.json").write_text(json.dumps(params, indent=2))
+    elif json.loads((videos / "demo.json").read_text()) != params:
+        raise FileExistsError(f"{videos} holds demo videos made with other settings; delete it to rebuild")
+
+    def build(tmp: Path) -> None:
+        summary = mine_corpus(videos, tmp, MinerConfig(), workers=workers, progress=progress)
+        if summary.run["videos_failed"]:
+            raise RuntimeError(f"mining the demo videos in {videos} failed for {summary.run['videos_failed']} of them: see {tmp}/failures")
         (tmp / "demo.json").write_text(json.dumps(params, indent=2))
-        if root.exists():
-            root.rmdir()
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    if root.exists():
+        root.rmdir()
+    return _build_into(root, build)

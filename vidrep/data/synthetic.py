@@ -29,7 +29,18 @@ def _scene_texture(rng: np.random.Generator, height: int, width: int) -> np.ndar
     coarse = _smooth_texture(rng, height, width, int(rng.integers(24, 64)), 0.0)[..., :1] / 255.0
     fine = _smooth_texture(rng, height, width, int(rng.integers(4, 10)), 0.03)[..., :1] / 255.0
     mix = np.clip(0.65 * coarse + 0.35 * fine, 0, 1)
-    return colours[0] * mix + colours[1] * (1 - mix)
+    scene = colours[0] * mix + colours[1] * (1 - mix)
+    # Static clutter with sharp corners: real scenes have corners off the moving objects too, and
+    # without them every interest point lands on an object and the frame reads as camera motion.
+    for _ in range(int(height * width / 5000)):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = (int(v) for v in rng.integers(6, 28, size=2))
+        colour = tuple(float(v) for v in rng.uniform(0, 255, 3))
+        if rng.random() < 0.5:
+            cv2.rectangle(scene, (x, y), (x + w, y + h), colour, -1)
+        else:
+            cv2.ellipse(scene, (x, y), (w // 2, h // 2), float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return scene
 
 
 def _shape_mask(shape: str, size: int) -> np.ndarray:

@@ -1,0 +1,151 @@
+"""Mining speed: decoding alone vs the whole pipeline, by stage, 1 vs 2 workers, and the detectors.
+
+    source /work/venv/bin/activate && cd /work/main && python bench/mine.py
+    python bench/mine.py --videos /data/some/videos --synthetic 0     # your own footage
+    python bench/mine.py --detectors                                  # + the SURF-substitute table
+
+Videos: the opencv-doc samples (vtest.avi, Megamind.avi, Megamind_bugy.avi, cached by the tests in
+~/.cache/vidrep/opencv-sample-videos) plus --synthetic demo-like synthetic videos of 220 frames.
+Everything runs in this one process, one thread per library, so "per core" figures are per
+process; the 2-worker run uses `mine_corpus` exactly as mine.py does.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _table import markdown_table  # noqa: E402
+from vidrep.data.demo import write_demo_videos  # noqa: E402
+from vidrep.mining.decode import read_frames  # noqa: E402
+from vidrep.mining.inputs import list_videos  # noqa: E402
+from vidrep.mining.miner import MinerConfig, VideoMiner  # noqa: E402
+from vidrep.mining.motion import point_motion  # noqa: E402
+from vidrep.mining.points import make_detector  # noqa: E402
+from vidrep.mining.run import mine_corpus  # noqa: E402
+
+SAMPLES = Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "opencv-sample-videos"
+STAGES = ("decode", "cuts", "detect", "motion", "window", "track", "encode")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=Path, default=SAMPLES if SAMPLES.is_dir() else None, help="folder of real videos")
+    p.add_argument("--synthetic", type=int, default=12, help="synthetic videos to add (220 frames each)")
+    p.add_argument("--detectors", action="store_true", help="also compare the interest point detectors")
+    p.add_argument("--video-minutes", type=float, default=4.0, help="mean video length assumed for the 100K projection")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate assumed for the 100K projection")
+    return p.parse_args()
+
+
+def decode_seconds(paths: list[Path], decoder: str) -> tuple[float, int]:
+    start, frames = time.perf_counter(), 0
+    for path in paths:
+        for _ in read_frames(path, decoder=decoder):
+            frames += 1
+    return time.perf_counter() - start, frames
+
+
+def pipeline(paths: list[Path], config: MinerConfig) -> tuple[float, Counter, Counter]:
+    miner, stats, seconds = VideoMiner(config), Counter(), Counter()
+    start = time.perf_counter()
+    for path in paths:
+        result = miner.mine(path)
+        stats.update(result.stats)
+        seconds.update(result.clock.seconds)
+    return time.perf_counter() - start, stats, seconds
+
+
+def detector_rows(paths: list[Path]) -> list[list[str]]:
+    """Per detector, on every 5th frame of each video: cost, points, moving share, frames kept."""
+    rows = []
+    for name in ("gftt", "fast", "orb", "sift"):
+        detect = make_detector(name, 1000)
+        for path in paths:
+            frames = list(read_frames(path))
+            cost, points, fractions = 0.0, [], []
+            for t in range(5, len(frames), 5):
+                prev, cur = (cv2.cvtColor(frames[i], cv2.COLOR_BGR2GRAY) for i in (t - 1, t))
+                start = time.perf_counter()
+                pts = detect(cur)
+                cost += time.perf_counter() - start
+                motion = point_motion(prev, cur, pts)
+                if motion.homography is not None and len(motion.points):
+                    points.append(len(motion.points))
+                    fractions.append(float((motion.residual > 0.5).mean()))
+            fractions = np.array(fractions)
+            kept = np.mean((fractions >= 0.25) & (fractions <= 0.75)) if len(fractions) else 0.0
+            pairs = VideoMiner(MinerConfig(detector=name)).mine(path).stats["pairs"]
+            n = max(1, len(range(5, len(frames), 5)))
+            rows.append([name, path.name, f"{1000 * cost / n:.1f}", f"{np.mean(points):.0f}",
+                         f"{np.median(fractions):.2f}", f"{100 * kept:.0f} %", str(pairs)])
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    cv2.setNumThreads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths: list[Path] = []
+        if args.videos is not None:
+            paths += [v.path for v in list_videos(args.videos)]
+        if args.synthetic:
+            paths += sorted(write_demo_videos(tmp / "synthetic", args.synthetic, 220, seed=1000).glob("*.avi"))
+        if not paths:
+            raise SystemExit("no videos: pass --videos or --synthetic N (the opencv-doc samples are fetched by the tests)")
+        print(f"{len(paths)} videos: {', '.join(p.name for p in paths[:6])}{' ...' if len(paths) > 6 else ''}")
+
+        dec = {d: decode_seconds(paths, d) for d in ("pyav", "opencv")}
+        full_s, stats, seconds = pipeline(paths, MinerConfig())
+        frames = stats["frames"]
+        folder = tmp / "all"
+        folder.mkdir()
+        for i, p in enumerate(paths):
+            (folder / f"{i:03d}_{p.name}").symlink_to(p.resolve())
+        wall = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            mine_corpus(folder, tmp / f"corpus{workers}", MinerConfig(), workers=workers, progress=False)
+            wall[workers] = time.perf_counter() - start
+
+        pyav_s = dec["pyav"][0]
+        per_pair = full_s / max(stats["pairs"], 1)
+        video_frames = args.video_minutes * 60 * args.fps
+        rows = [
+            ["decode alone, PyAV (frames/s per core)", f"{frames / pyav_s:.0f}", "resize to 600x448 inside libswscale"],
+            ["decode alone, OpenCV (frames/s per core)", f"{dec['opencv'][1] / dec['opencv'][0]:.0f}", "cv2.VideoCapture + cv2.resize(INTER_AREA)"],
+            ["full pipeline (frames/s per core)", f"{frames / full_s:.0f}", f"{stats['pairs']} pairs from {frames} frames"],
+            ["full pipeline / decode alone (time)", f"{full_s / pyav_s:.2f}x", "target <= 2x"],
+            ["2 workers vs 1 (speed-up)", f"{wall[1] / wall[2]:.2f}x", f"mine_corpus wall time {wall[1]:.1f} s vs {wall[2]:.1f} s; target >= 1.8x"],
+            ["pairs per core-hour", f"{3600 / per_pair:,.0f}", "at this footage's yield"],
+            [f"core-hours for 100K videos of {args.video_minutes:g} min", f"{1e5 * video_frames / (frames / full_s) / 3600:,.0f}", f"{args.fps:g} fps, at this footage's frames/s"],
+            ["core-hours for 8M pairs", f"{8e6 * per_pair / 3600:,.0f}", "at this footage's yield"],
+        ]
+        print(markdown_table(["measure", "value", "notes"], rows))
+        total = sum(seconds.values())
+        print()
+        print(markdown_table(["stage", "share of time", "ms per frame"],
+                             [[s, f"{100 * seconds[s] / total:.0f} %", f"{1000 * seconds[s] / frames:.2f}"] for s in STAGES]))
+        print()
+        print(markdown_table(["counter", "value"], [[k, f"{v:,}"] for k, v in stats.items()]))
+        if args.detectors:
+            print()
+            real = [p for p in paths if not p.name[:5].isdigit()][:3] or paths[:3]
+            print(markdown_table(["detector", "video", "ms/frame", "points followed", "median moving share",
+                                  "frames within 25-75 %", "pairs"], detector_rows(real)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Mine tracked patch pairs from videos: python mine.py videos=<folder or list> out=<corpus>."""
+
+import os
+
+# Before numpy/OpenCV load: their BLAS would otherwise spin extra threads in every mining process.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from vidrep.mining.cli import mine  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="mine")
+def main(cfg: DictConfig) -> None:
+    mine(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""Mining: the pure pieces against brute force, the per-video miner on synthetic videos with known
+motion, and the corpus-level run (resume, bad input, shards, the CLI)."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from vidrep.data.corpus import CorpusError, PairIndex, read_manifest, read_records
+from vidrep.data.synthetic import SyntheticVideo
+from vidrep.mining.decode import VideoError, read_frames
+from vidrep.mining.inputs import InputError, list_videos, select_shard
+from vidrep.mining.miner import MinerConfig, VideoMiner, frame_verdict
+from vidrep.mining.points import surf_available
+from vidrep.mining.motion import PointMotion, balanced_subset, point_motion, residual_flow
+from vidrep.mining.run import mine_corpus
+from vidrep.mining.window import best_window, window_counts
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def test_window_counts_match_brute_force():
+    rng = np.random.default_rng(0)
+    height, width, size = 23, 31, 7
+    points = rng.uniform(0, [width, height], size=(60, 2)).astype(np.float32)
+    counts = window_counts(points, height, width, size)
+    assert counts.shape == (height - size + 1, width - size + 1)
+    for y, x in itertools.product(range(counts.shape[0]), range(counts.shape[1])):
+        inside = (points[:, 0] >= x) & (points[:, 0] < x + size) & (points[:, 1] >= y) & (points[:, 1] < y + size)
+        assert counts[y, x] == inside.sum()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_window_holds_the_most_points(seed):
+    rng = np.random.default_rng(seed)
+    height, width, size = 40, 50, 12
+    cluster = rng.normal(rng.uniform(10, 40, 2), 3, size=(30, 2))
+    points = np.concatenate([cluster, rng.uniform(0, [width, height], size=(30, 2))]).astype(np.float32)
+    points = np.clip(points, 0, [width - 1, height - 1])
+    x, y, count = best_window(points, height, width, size)
+    brute = max(
+        int(((points[:, 0] >= bx) & (points[:, 0] < bx + size) & (points[:, 1] >= by) & (points[:, 1] < by + size)).sum())
+        for by in range(height - size + 1) for bx in range(width - size + 1)
+    )
+    assert count == brute
+    inside = (points[:, 0] >= x) & (points[:, 0] < x + size) & (points[:, 1] >= y) & (points[:, 1] < y + size)
+    assert inside.sum() == brute
+
+
+def test_best_window_centres_a_lone_cluster():
+    """All positions holding a small cluster tie; the chosen one puts it mid-window."""
+    points = np.array([[50, 40], [52, 41], [51, 43]], np.float32)
+    x, y, count = best_window(points, 100, 120, 21)
+    assert count == 3
+    assert abs(x + 10.5 - 51) <= 1.5 and abs(y + 10.5 - 41.5) <= 1.5
+
+
+def test_window_larger_than_frame_is_an_error():
+    with pytest.raises(ValueError, match="does not fit"):
+        window_counts(np.zeros((0, 2), np.float32), 100, 300, 227)
+
+
+def test_balanced_subset_matches_brute_force():
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, [600, 448], size=(500, 2)).astype(np.float32)
+    points[:200] = rng.uniform(0, [75, 75], size=(200, 2))  # a crowded corner
+    picked = balanced_subset(points, 448, 600, (8, 6), 3)
+    expected = []
+    per_cell = {}
+    for i, (px, py) in enumerate(points):
+        cell = (min(int(px * 8 / 600), 7), min(int(py * 6 / 448), 5))
+        if per_cell.get(cell, 0) < 3:
+            expected.append(i)
+            per_cell[cell] = per_cell.get(cell, 0) + 1
+    np.testing.assert_array_equal(picked, expected)
+
+
+def test_residual_flow_is_what_the_homography_leaves():
+    rng = np.random.default_rng(2)
+    h = np.array([[1.01, 0.02, 3.0], [-0.01, 0.99, -2.0], [1e-5, 2e-5, 1.0]])
+    points = rng.uniform(0, 400, size=(50, 2))
+    pts = np.c_[points, np.ones(50)] @ h.T
+    moved = pts[:, :2] / pts[:, 2:]
+    np.testing.assert_allclose(residual_flow(points, moved, h), 0, atol=1e-9)
+    shifted = moved + np.array([3.0, 4.0])
+    np.testing.assert_allclose(residual_flow(points, shifted, h), 5.0, atol=1e-9)
+
+
+def _motion(fraction_moving: float, n: int = 100, homography=True) -> PointMotion:
+    residual = np.where(np.arange(n) < round(fraction_moving * n), 2.0, 0.1).astype(np.float32)
+    return PointMotion(np.zeros((n, 2), np.float32), residual, np.eye(3) if homography else None)
+
+
+@pytest.mark.parametrize("motion, verdict", [
+    (_motion(0.5, n=10), "rejected_few_points"),
+    (_motion(0.5, homography=False), "rejected_no_camera_model"),
+    (_motion(0.24), "rejected_static"),
+    (_motion(0.25), None),
+    (_motion(0.75), None),
+    (_motion(0.76), "rejected_camera_motion"),
+])
+def test_frame_rejection_rules(motion, verdict):
+    assert frame_verdict(motion, MinerConfig()) == verdict
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="min_moving"):
+        MinerConfig(min_moving=0.8, max_moving=0.5)
+    if not surf_available():
+        with pytest.raises(ValueError, match="OPENCV_ENABLE_NONFREE"):
+            VideoMiner(MinerConfig(detector="surf"))
+
+
+# ---------------------------------------------------------------- synthetic videos with known motion
+
+def _grey(img):
+    return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+
+
+def test_pure_camera_pan_moves_almost_no_point():
+    video = SyntheticVideo(11, num_frames=30, num_objects=0, pan=(1.7, -0.9))
+    detect = VideoMiner(MinerConfig()).detect
+    for t in (5, 15, 25):
+        prev, cur = _grey(video.frame(t - 1)), _grey(video.frame(t))
+        motion = point_motion(prev, cur, detect(cur))
+        assert len(motion.points) > 100
+        assert (motion.residual > 0.5).mean() < 0.05
+        # The camera model recovered the pan: frame t -> t-1 shifts by +pan.
+        np.testing.assert_allclose(motion.homography[:2, 2], [1.7, -0.9], atol=0.15)
+
+
+def _cover(box, window) -> float:
+    """Share of `box` (x, y, w, h) inside `window`."""
+    x, y, w, h = box
+    wx, wy, ww, wh = window
+    iw = max(0, min(x + w, wx + ww) - max(x, wx))
+    ih = max(0, min(y + h, wy + wh) - max(y, wy))
+    return iw * ih / (w * h)
+
+
+def test_query_window_covers_the_moving_object_and_the_track_follows_it(tmp_path):
+    """KCF follows the whole 227 window, mostly static background, so it drifts off the object
+    now and then (the paper's method does the same; tracking at 224 instead of 112 px does no
+    better). Every query holds over half an object (most hold a whole one; two objects can share
+    the window); at least 65 % of tracked boxes (~90 % over the demo corpus) still hold over half of
+    that object 30 frames later."""
+    miner, query_cover, tracked_cover, unmoved_cover = VideoMiner(MinerConfig()), [], [], []
+    for seed in (1, 2, 3, 4, 5):
+        video = SyntheticVideo(seed, num_frames=160, object_speed=(3.0, 4.0))
+        result = miner.mine(video.write(tmp_path / f"{seed}.avi"))
+        assert result.stats["pairs"] >= 1, dict(result.stats)
+        for r in result.records:
+            assert r.tracked_frame - r.query_frame == 30
+            covers = [_cover(box, r.query_box) for box in video.boxes(r.query_frame)]
+            obj = int(np.argmax(covers))
+            query_cover.append(covers[obj])
+            tracked_cover.append(_cover(video.boxes(r.tracked_frame)[obj], r.tracked_box))
+            unmoved_cover.append(_cover(video.boxes(r.tracked_frame)[obj], r.query_box))
+            assert cv2.imdecode(np.frombuffer(r.query_jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (227, 227, 3)
+        starts = [r.query_frame for r in result.records]
+        assert all(b > a + 30 for a, b in zip(starts, starts[1:])), "tracks overlap"
+    assert len(query_cover) >= 12
+    assert min(query_cover) > 0.5 and np.mean(query_cover) > 0.9, query_cover
+    assert np.mean(np.array(tracked_cover) >= 0.5) >= 0.65, tracked_cover
+    # and the tracker does follow: a box left where the query was holds far less of the object
+    assert np.mean(tracked_cover) > np.mean(unmoved_cover) + 0.15, (tracked_cover, unmoved_cover)
+
+
+def test_static_camera_without_motion_gives_no_pair(tmp_path):
+    path = SyntheticVideo(5, num_frames=60, num_objects=0, pan=(0.0, 0.0)).write(tmp_path / "still.avi")
+    result = VideoMiner(MinerConfig()).mine(path)
+    assert result.stats["pairs"] == 0
+    assert result.stats["rejected_static"] == result.stats["candidates"] > 0
+
+
+def test_a_track_never_crosses_a_shot_cut(tmp_path):
+    a, b = SyntheticVideo(6, num_frames=50, num_objects=1), SyntheticVideo(7, num_frames=50, num_objects=1)
+    path = tmp_path / "cut.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (600, 448))
+    for img in [*a.frames(), *b.frames()]:
+        writer.write(img)
+    writer.release()
+    result = VideoMiner(MinerConfig()).mine(path)
+    assert result.stats["tracks_cut"] + result.stats["rejected_cut"] >= 1
+    assert all(not (r.query_frame < 50 <= r.tracked_frame) for r in result.records)
+
+
+def test_decoders_agree(tmp_path):
+    path = SyntheticVideo(8, num_frames=10).write(tmp_path / "v.avi")
+    pyav = list(read_frames(path, decoder="pyav"))
+    ocv = list(read_frames(path, decoder="opencv"))
+    assert len(pyav) == len(ocv) == 10
+    assert pyav[0].shape == (448, 600, 3)
+    assert np.abs(pyav[5].astype(int) - ocv[5].astype(int)).mean() < 3
+
+
+# ---------------------------------------------------------------- the corpus-level run
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    for seed in range(4):
+        SyntheticVideo(100 + seed, num_frames=100).write(folder / f"v{seed}.avi")
+    return folder
+
+
+def _pairs(root):
+    table = read_manifest(root)
+    index = PairIndex(root, table)
+    rows = table.select(["pair_id", "video", "query_frame", "tracked_frame", "query_box", "tracked_box"]).to_pylist()
+    return sorted((r["pair_id"], str(r), index.read_pair(i)) for i, r in enumerate(rows))
+
+
+@pytest.fixture(scope="module")
+def reference_corpus(video_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref") / "corpus"
+    summary = mine_corpus(video_dir, root, MinerConfig(), workers=1, progress=False)
+    assert summary.run["videos_mined"] == 4 and summary.run["pairs"] > 0
+    return root
+
+
+def test_sharded_runs_give_the_pairs_of_one_run(video_dir, reference_corpus, tmp_path):
+    root = tmp_path / "sharded"
+    for shard in range(3):
+        mine_corpus(video_dir, root, MinerConfig(), shard=shard, num_shards=3, workers=2, progress=False)
+    assert _pairs(root) == _pairs(reference_corpus)
+
+
+def test_rerun_skips_done_videos(video_dir, reference_corpus):
+    before = _pairs(reference_corpus)
+    summary = mine_corpus(video_dir, reference_corpus, MinerConfig(), workers=1, progress=False)
+    assert summary.run["videos_skipped_done"] == 4 and summary.run["videos_mined"] == 0
+    assert _pairs(reference_corpus) == before
+    assert summary.corpus["videos_mined"] == 4
+
+
+def test_other_settings_cannot_extend_a_corpus(video_dir, reference_corpus):
+    with pytest.raises(CorpusError, match="detector"):
+        mine_corpus(video_dir, reference_corpus, MinerConfig(detector="fast"), workers=1, progress=False)
+
+
+def test_shards_split_videos_disjointly(video_dir):
+    videos = list_videos(video_dir)
+    shards = [select_shard(videos, i, 3) for i in range(3)]
+    names = sorted(v.name for s in shards for v in s)
+    assert names == sorted(v.name for v in videos)
+
+
+def test_bad_inputs_are_recorded_and_skipped(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    good = SyntheticVideo(9, num_frames=80).write(folder / "good.avi")
+    (folder / "empty.avi").write_bytes(b"")
+    (folder / "text.mp4").write_text("this is not a video\n" * 100)
+    data = good.read_bytes()
+    (folder / "truncated.avi").write_bytes(data[: len(data) // 8])  # decodes, but too few frames
+    (folder / "garbage.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    SyntheticVideo(10, num_frames=20).write(folder / "short.avi")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*(p.name for p in sorted(folder.iterdir())), "# a comment", "", "missing.avi"]))
+    for p in folder.iterdir():
+        (tmp_path / p.name).symlink_to(p)
+    summary = mine_corpus(listing, tmp_path / "corpus", MinerConfig(), workers=2, progress=False)
+    failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert failures == {
+        "empty.avi": "empty_file", "text.mp4": "unreadable", "truncated.avi": "too_short",
+        "garbage.avi": "unreadable", "short.avi": "too_short", "missing.avi": "missing",
+    }
+    assert summary.run["videos_mined"] == 1 and summary.run["videos_failed"] == 6
+    # failures count as done: a rerun does not try them again unless asked to
+    again = mine_corpus(listing, tmp_path / "corpus", MinerConfig(), workers=1, progress=False)
+    assert again.run["videos_skipped_done"] == 7
+    retry = mine_corpus(listing, tmp_path / "corpus", MinerConfig(), workers=1, retry_failures=True, progress=False)
+    assert retry.run["videos_failed"] == 6 and retry.run["videos_skipped_done"] == 1
+
+
+def test_missing_or_empty_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        list_videos(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no file ending in"):
+        list_videos(tmp_path / "empty")
+    (tmp_path / "list.txt").write_text("# nothing\n\n")
+    with pytest.raises(InputError, match="names no video"):
+        list_videos(tmp_path / "list.txt")
+
+
+def test_video_errors_name_the_file(tmp_path):
+    (tmp_path / "x.avi").write_bytes(b"")
+    with pytest.raises(VideoError, match="x.avi has zero bytes"):
+        next(iter(read_frames(tmp_path / "x.avi")))
+
+
+def _mine_cli(*args, **kw):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "mine.py"), *args], cwd=kw.pop("cwd"), env=env,
+                          capture_output=True, text=True, **kw)
+
+
+def test_cli_mines_and_reports(video_dir, reference_corpus, tmp_path):
+    out = _mine_cli(f"videos={video_dir}", f"out={tmp_path / 'c'}", "progress=false", "workers=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "pairs" in out.stdout and "videos_mined" in out.stdout
+    assert _pairs(tmp_path / "c") == _pairs(reference_corpus)
+    missing = _mine_cli(f"out={tmp_path / 'c'}", cwd=tmp_path)
+    assert missing.returncode != 0 and "videos" in missing.stderr
+
+
+@pytest.mark.slow
+def test_multirun_shards_through_the_joblib_launcher(video_dir, reference_corpus, tmp_path):
+    out = _mine_cli("-m", "shard=range(0,2)", "num_shards=2", f"videos={video_dir}", f"out={tmp_path / 'c'}",
+                    "progress=false", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert _pairs(tmp_path / "c") == _pairs(reference_corpus)
+    assert sorted(p.name for p in (tmp_path / "outputs/mine/multirun").glob("*/shard*")) == ["shard0", "shard1"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(video_dir, reference_corpus, tmp_path):
+    root = tmp_path / "c"
+    for delay in (1.5, 3.0):  # two interruptions at different moments, then a clean finish
+        proc = subprocess.Popen([sys.executable, str(ROOT / "mine.py"), f"videos={video_dir}", f"out={root}",
+                                 "progress=false", "workers=2"], cwd=tmp_path, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if (root / "manifest").is_dir() and any((root / "manifest").glob("*.parquet")):
+            visible = read_manifest(root)  # whatever is visible is whole: every listed JPEG reads back
+            index = PairIndex(root, visible)
+            for i in range(len(index)):
+                q, t = index.read_pair(i)
+                assert q[:2] == t[:2] == b"\xff\xd8"
+    out = _mine_cli(f"videos={video_dir}", f"out={root}", "progress=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _pairs(root) == _pairs(reference_corpus)
+
+
+# ---------------------------------------------------------------- real footage
+
+def _hist(jpeg: bytes) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    h = cv2.calcHist([img], [0, 1, 2], None, [8, 8, 8], [0, 256] * 3).ravel()
+    return h / h.sum()
+
+
+def test_real_videos_give_pairs_of_the_same_thing_and_damage_never_stops_the_run(sample_videos, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for name in ("Megamind.avi", "Megamind_bugy.avi", "vtest.avi"):
+        (folder / name).symlink_to(sample_videos / name)
+    data = bytearray((sample_videos / "Megamind.avi").read_bytes())
+    third = len(data) // 3
+    data[third : 2 * third] = np.random.default_rng(0).integers(0, 256, third, dtype=np.uint8).tobytes()
+    (folder / "scrambled_middle.avi").write_bytes(bytes(data))
+    (folder / "cut_short.avi").write_bytes((sample_videos / "Megamind.avi").read_bytes()[:40_000])
+    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(), workers=2, progress=False)
+    assert summary.run["videos_mined"] + summary.run["videos_failed"] == 5
+    failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert failures == {"cut_short.avi": "too_short"}
+    done = {r["video"]: r for r in read_records(tmp_path / "corpus", "videos").to_pylist()}
+    assert done["vtest.avi"]["frames"] == 795 and done["Megamind.avi"]["frames"] == 270
+    assert done["Megamind.avi"]["pairs"] >= 3 and done["Megamind_bugy.avi"]["pairs"] >= 3
+    # vtest: a static camera on small pedestrians; with GFTT only ~14 % of the points move, under
+    # the paper's 25 % floor (see the README's detector table), so nearly every frame is rejected.
+    assert done["vtest.avi"]["rejected_static"] >= 0.9 * done["vtest.avi"]["candidates"]
+    # Same thing in both patches: each tracked patch is nearer (colour histogram) to its own
+    # query than to the queries of the other pairs of its video.
+    table = read_manifest(tmp_path / "corpus")
+    index = PairIndex(tmp_path / "corpus", table)
+    videos = table.column("video").to_pylist()
+    hits = total = 0
+    for name in ("Megamind.avi", "Megamind_bugy.avi"):
+        rows = [i for i, v in enumerate(videos) if v == name]
+        q = [_hist(index.read_pair(i)[0]) for i in rows]
+        t = [_hist(index.read_pair(i)[1]) for i in rows]
+        for a in range(len(rows)):
+            d = [np.abs(t[a] - q[b]).sum() for b in range(len(rows))]
+            hits += int(np.argmin(d) == a)
+            total += 1
+    assert hits / total >= 0.8, (hits, total)
+
+
+def test_orb_finds_the_pedestrians_of_a_static_camera(sample_videos):
+    result = VideoMiner(MinerConfig(detector="orb")).mine(sample_videos / "vtest.avi", "vtest.avi")
+    assert result.stats["pairs"] >= 10, dict(result.stats)

@@ -1,0 +1,50 @@
+"""The task behind mine.py: resolve the config, mine, print and store the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from vidrep.mining.run import RunSummary, default_workers, mine_corpus
+
+log = logging.getLogger(__name__)
+
+
+def resolve_workers(workers: int | None) -> int:
+    """An explicit count, else one per core, shared among the shards that the joblib launcher
+    runs at the same time (each of them is a mining run with its own worker pool)."""
+    if workers:
+        return int(workers)
+    cores = default_workers()
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        launcher = hc.launcher.get("_target_", "") if hc.launcher else ""
+        if str(hc.mode) == "RunMode.MULTIRUN" and "joblib" in launcher.lower():
+            n_jobs = hc.launcher.get("n_jobs") or -1
+            parallel = cores if n_jobs < 0 else min(n_jobs, cores)
+            return max(1, cores // parallel)
+    return cores
+
+
+def mine(cfg: DictConfig) -> RunSummary:
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ValueError(f"set {' and '.join(sorted(missing))} on the command line, e.g. "
+                         "`python mine.py videos=/data/videos out=/data/corpus`")
+    miner = hydra.utils.instantiate(cfg.miner)
+    summary = mine_corpus(
+        cfg.videos, cfg.out, miner, shard=cfg.shard, num_shards=cfg.num_shards,
+        workers=resolve_workers(cfg.workers), retry_failures=cfg.retry_failures,
+        extensions=tuple(cfg.extensions), progress=cfg.progress,
+    )
+    print(summary.table())
+    print(f"corpus: {Path(cfg.out).resolve()} (summary.json, failures/ for skipped videos)")
+    if HydraConfig.initialized():
+        out = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
+        out.write_text(json.dumps({"run": dict(summary.run), "corpus": summary.corpus}, indent=2))
+    return summary

@@ -1,0 +1,220 @@
+"""Mining one video: frames -> (query patch, tracked patch) pairs, with counts of what was rejected.
+
+Streaming: frames are decoded once, in order, and never held beyond the previous one; a track in
+progress is advanced as frames arrive, so memory does not grow with the video's length.
+
+Per candidate frame t (every `candidate_every` frames, never inside a track already taken):
+  interest points on t -> their motion against t-1 after camera-motion compensation -> reject the
+  frame when too few points, no camera model, < min_moving or > max_moving of the points move ->
+  the window with the most moving points -> track it with KCF over `track_length` frames -> the
+  window in frame t + track_length is the positive. A shot cut, a lost track or the end of the
+  video before the track completes yields no pair.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from vidrep.data.corpus import PairRecord
+from vidrep.mining.decode import VideoError, read_frames
+from vidrep.mining.motion import PointMotion, point_motion
+from vidrep.mining.points import make_detector
+from vidrep.mining.shots import is_cut, thumbnail_histogram
+from vidrep.mining.tracking import WindowTracker
+from vidrep.mining.window import best_window
+
+# Every counter a video's mining reports, in the order the summary prints them.
+STAT_KEYS = (
+    "frames", "candidates", "rejected_cut", "rejected_few_points", "rejected_no_camera_model",
+    "rejected_static", "rejected_camera_motion", "tracks", "tracks_lost", "tracks_cut",
+    "tracks_unfinished", "pairs",
+)
+
+
+@dataclass(frozen=True)
+class MinerConfig:
+    """Every setting of the per-video miner; stored in the corpus (mining.json) so a corpus is
+    never extended with pairs mined under other settings."""
+
+    height: int = 448
+    width: int = 600
+    decoder: str = "pyav"
+    detector: str = "gftt"
+    max_points: int = 1000
+    moving_px: float = 0.5
+    min_moving: float = 0.25
+    max_moving: float = 0.75
+    min_points: int = 20
+    window: int = 227
+    track_length: int = 30
+    track_size: int = 112
+    candidate_every: int = 5
+    min_gap: int = 0
+    max_pairs_per_video: int | None = None
+    grid: tuple[int, int] = (8, 6)
+    per_cell: int = 4
+    ransac_px: float = 0.5
+    cut_threshold: float = 0.7
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", tuple(self.grid))
+        if not 0 <= self.min_moving <= self.max_moving <= 1:
+            raise ValueError(f"need 0 <= min_moving <= max_moving <= 1; got {self.min_moving}, {self.max_moving}")
+        if self.window > min(self.height, self.width):
+            raise ValueError(f"window {self.window} does not fit frames of {self.height}x{self.width}")
+        if self.track_length < 1 or self.candidate_every < 1 or self.min_gap < 0:
+            raise ValueError("need track_length >= 1, candidate_every >= 1 and min_gap >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid)
+        return d
+
+
+class StageClock:
+    """Seconds per pipeline stage: `lap(stage)` charges the time since the previous lap to it."""
+
+    def __init__(self) -> None:
+        self.seconds: Counter = Counter()
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] += now - self._last
+        self._last = now
+
+
+@dataclass
+class VideoResult:
+    records: list[PairRecord]
+    stats: Counter = field(default_factory=Counter)
+    clock: StageClock = field(default_factory=StageClock)  # decode, cuts, detect, motion, window, track, encode
+
+
+@dataclass
+class _Track:
+    tracker: WindowTracker
+    start: int
+    window: tuple[int, int]
+    query_jpeg: bytes
+    num_points: int
+    num_moving: int
+
+
+def _jpeg(img: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a JPEG")
+    return buf.tobytes()
+
+
+def _crop(frame: np.ndarray, x: int, y: int, size: int) -> np.ndarray:
+    return frame[y : y + size, x : x + size]
+
+
+def frame_verdict(motion: PointMotion, config: MinerConfig) -> str | None:
+    """Why a candidate query frame is rejected (the counter's name), or None to keep it."""
+    if len(motion.points) < config.min_points:
+        return "rejected_few_points"
+    if motion.homography is None:
+        return "rejected_no_camera_model"
+    fraction = float((motion.residual > config.moving_px).mean())
+    if fraction < config.min_moving:
+        return "rejected_static"
+    if fraction > config.max_moving:
+        return "rejected_camera_motion"
+    return None
+
+
+class VideoMiner:
+    """Mines videos one at a time with fixed settings (the detector is built once)."""
+
+    def __init__(self, config: MinerConfig) -> None:
+        self.config = config
+        self.detect = make_detector(config.detector, config.max_points)
+
+    def _start_track(self, stats: Counter, clock: StageClock, prev_gray, gray, frame, t) -> _Track | None:
+        c = self.config
+        stats["candidates"] += 1
+        points = self.detect(gray)
+        clock.lap("detect")
+        motion = point_motion(prev_gray, gray, points, grid=c.grid, per_cell=c.per_cell, ransac_px=c.ransac_px)
+        clock.lap("motion")
+        verdict = frame_verdict(motion, c)
+        if verdict is not None:
+            stats[verdict] += 1
+            return None
+        moving = motion.residual > c.moving_px
+        x, y, count = best_window(motion.points[moving], c.height, c.width, c.window)
+        clock.lap("window")
+        stats["tracks"] += 1
+        tracker = WindowTracker(frame, x, y, c.window, c.track_size)
+        clock.lap("track")
+        query_jpeg = _jpeg(_crop(frame, x, y, c.window), c.jpeg_quality)
+        clock.lap("encode")
+        return _Track(tracker=tracker, start=t, window=(x, y), query_jpeg=query_jpeg,
+                      num_points=len(motion.points), num_moving=count)
+
+    def mine(self, path: str | Path, name: str | None = None) -> VideoResult:
+        """Pairs of one video. `name` is the video's identity in the corpus (default: the path).
+        Raises VideoError for input that is not a usable video."""
+        c = self.config
+        name = str(path) if name is None else name
+        result = VideoResult(records=[])
+        stats, clock = result.stats, result.clock
+        prev_gray = prev_hist = None
+        track: _Track | None = None
+        next_start = 1  # the first frame has no predecessor to measure motion against
+        for t, frame in enumerate(read_frames(path, c.height, c.width, c.decoder)):
+            if frame.shape != (c.height, c.width, 3):
+                raise VideoError("bad_frame", f"{path}: frame {t} has shape {frame.shape}")
+            clock.lap("decode")
+            stats["frames"] += 1
+            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            hist = thumbnail_histogram(gray)
+            cut = prev_hist is not None and is_cut(prev_hist, hist, c.cut_threshold)
+            clock.lap("cuts")
+            if track is not None:
+                if cut:
+                    stats["tracks_cut"] += 1
+                    track = None
+                else:
+                    pos = track.tracker.update(frame)
+                    clock.lap("track")
+                    if pos is None:
+                        stats["tracks_lost"] += 1
+                        track = None
+                    elif t == track.start + c.track_length:
+                        result.records.append(PairRecord(
+                            video=name, query_frame=track.start, tracked_frame=t,
+                            query_box=(*track.window, c.window, c.window), tracked_box=(*pos, c.window, c.window),
+                            num_points=track.num_points, num_moving=track.num_moving,
+                            query_jpeg=track.query_jpeg, tracked_jpeg=_jpeg(_crop(frame, *pos, c.window), c.jpeg_quality),
+                        ))
+                        clock.lap("encode")
+                        stats["pairs"] += 1
+                        track = None
+                        next_start = t + 1 + c.min_gap
+                        if c.max_pairs_per_video is not None and stats["pairs"] >= c.max_pairs_per_video:
+                            break
+            elif t >= next_start and t % c.candidate_every == 0:
+                if cut:
+                    stats["candidates"] += 1
+                    stats["rejected_cut"] += 1
+                else:
+                    track = self._start_track(stats, clock, prev_gray, gray, frame, t)
+            prev_gray, prev_hist = gray, hist
+        if track is not None:
+            stats["tracks_unfinished"] += 1
+        if stats["frames"] == 0:
+            raise VideoError("no_frames", f"{path}: no frame could be decoded")
+        if stats["frames"] <= c.track_length:
+            raise VideoError("too_short", f"{path}: {stats['frames']} frames, a track needs {c.track_length + 1}")
+        return result

@@ -1,0 +1,175 @@
+"""Mining many videos into one corpus: worker processes, resume, failures, the summary.
+
+The unit of work and of commit is a video. Its pairs go to shards/<key>.tar and manifest/<key>.parquet
+and then videos/<key>.parquet marks it done (failures/<key>.parquet for a video that cannot be
+mined), each written atomically. A rerun skips every video with either mark; a video killed before
+its mark is mined again and rewrites the same shard name with the same pairs, so nothing is
+duplicated, and independent jobs (shards of one video list) never write the same names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import multiprocessing as mp
+
+from vidrep.data.corpus import (
+    check_settings, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
+)
+from vidrep.mining.decode import VideoError
+from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
+from vidrep.mining.miner import STAT_KEYS, MinerConfig, VideoMiner
+
+log = logging.getLogger(__name__)
+# KCF's PCA runs on OpenBLAS, which otherwise spins a second core per process for no gain.
+SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass(frozen=True)
+class VideoOutcome:
+    key: str
+    video: str
+    ok: bool
+    stats: dict
+    reason: str = ""
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
+    """Mine one video and commit it (pairs, then the done mark), or record why it failed.
+    Any error a video causes is caught here: one bad file must not end a run of 100K."""
+    start = time.perf_counter()
+    try:
+        result = miner.mine(video.path, video.name)
+    except VideoError as e:
+        reason, detail, stats = e.reason, e.detail, {}
+    except Exception as e:  # noqa: BLE001 - decoders and OpenCV raise anything on odd input
+        reason, detail, stats = "error", f"{type(e).__name__}: {e}", {}
+    else:
+        if result.records:
+            write_shard(root, video.key, result.records)
+        seconds = time.perf_counter() - start
+        stats = {k: int(result.stats.get(k, 0)) for k in STAT_KEYS}
+        write_video_record(root, video.key, {"video": video.name, "video_id": video.video_id, **stats, "seconds": seconds})
+        return VideoOutcome(video.key, video.name, True, stats, seconds=seconds)
+    seconds = time.perf_counter() - start
+    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail})
+    return VideoOutcome(video.key, video.name, False, stats, reason, detail, seconds)
+
+
+_worker: tuple[VideoMiner, Path] | None = None
+
+
+def _init_worker(config: MinerConfig, root: Path) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    global _worker
+    _worker = (VideoMiner(config), root)
+
+
+def _work(video: VideoInput) -> VideoOutcome:
+    return mine_one(_worker[0], _worker[1], video)
+
+
+def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers: int) -> Iterable[VideoOutcome]:
+    if workers <= 1 or len(videos) <= 1:
+        _init_worker(config, root)
+        for v in videos:
+            yield _work(v)
+        return
+    os.environ.update(SINGLE_THREAD_ENV)  # inherited by the workers before they load OpenCV
+    # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
+    with mp.get_context("spawn").Pool(workers, _init_worker, (config, root)) as pool:
+        yield from pool.imap_unordered(_work, videos, chunksize=1)
+
+
+@dataclass
+class RunSummary:
+    """This run's counts (`run`) and the whole corpus's (`corpus`: every run and shard so far)."""
+
+    run: Counter = field(default_factory=Counter)
+    corpus: dict = field(default_factory=dict)
+    failures: Counter = field(default_factory=Counter)
+
+    def table(self) -> str:
+        keys = ["videos_listed", "videos_skipped_done", "videos_mined", "videos_failed", *STAT_KEYS]
+        width = max(map(len, keys))
+        lines = [f"{'':{width}}  {'this run':>12}  {'corpus':>12}"]
+        for k in keys:
+            corpus = self.corpus.get(k, "")
+            lines.append(f"{k:{width}}  {self.run.get(k, 0):>12,}  {corpus if corpus == '' else format(corpus, ','):>12}")
+        if self.failures:
+            lines.append("failures by reason (this run): " + ", ".join(f"{r} {n}" for r, n in self.failures.most_common()))
+        return "\n".join(lines)
+
+
+def corpus_totals(root: Path) -> dict:
+    done, failed = read_records(root, "videos"), read_records(root, "failures")
+    totals = {"videos_mined": 0 if done is None else done.num_rows, "videos_failed": 0 if failed is None else failed.num_rows}
+    for k in STAT_KEYS:
+        totals[k] = 0 if done is None else int(sum(done.column(k).to_pylist()))
+    if failed is not None:
+        totals["failures_by_reason"] = dict(Counter(failed.column("reason").to_pylist()).most_common())
+    return totals
+
+
+def _done_keys(root: Path, retry_failures: bool) -> set[str]:
+    done = {p.stem for p in (root / "videos").glob("*.parquet")} if (root / "videos").is_dir() else set()
+    if not retry_failures and (root / "failures").is_dir():
+        done |= {p.stem for p in (root / "failures").glob("*.parquet")}
+    return done
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def mine_corpus(
+    videos: str | Path,
+    out: str | Path,
+    miner: MinerConfig,
+    *,
+    shard: int = 0,
+    num_shards: int = 1,
+    workers: int | None = None,
+    retry_failures: bool = False,
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
+    progress: bool = True,
+) -> RunSummary:
+    """Mine the videos of shard `shard`/`num_shards` of `videos` into the corpus `out`, skipping
+    those already done. Never raises for a bad video; raises InputError for a bad `videos=`."""
+    listed = select_shard(list_videos(videos, extensions), shard, num_shards)
+    root = init_corpus(out)
+    check_settings(root, miner.to_dict())
+    done = _done_keys(root, retry_failures)
+    todo = [v for v in listed if v.key not in done]
+    summary = RunSummary()
+    summary.run.update(videos_listed=len(listed), videos_skipped_done=len(listed) - len(todo))
+    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    log.info("mining %d videos (%d already done) into %s with %d workers", len(todo), len(listed) - len(todo), root, workers)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="video", desc="mining", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    with bar:
+        for outcome in _outcomes(todo, miner, root, workers):
+            summary.run["videos_mined" if outcome.ok else "videos_failed"] += 1
+            summary.run.update(outcome.stats)
+            if not outcome.ok:
+                summary.failures[outcome.reason] += 1
+                log.warning("skipped %s: %s", outcome.video, outcome.detail)
+            bar.update(1)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(pairs=summary.run["pairs"], failed=summary.run["videos_failed"],
+                            pairs_per_s=f"{summary.run['pairs'] / max(elapsed, 1e-9):.1f}", refresh=False)
+    summary.corpus = corpus_totals(root)
+    write_json(root / "summary.json", {**summary.corpus, "last_run": dict(summary.run), "last_run_seconds": time.perf_counter() - start})
+    return summary
