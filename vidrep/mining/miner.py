@@ -24,7 +24,7 @@ import numpy as np
 from vidrep.data.corpus import PairRecord
 from vidrep.mining.decode import VideoError, read_frames
 from vidrep.mining.motion import PointMotion, point_motion
-from vidrep.mining.points import make_detector
+from vidrep.mining.points import gftt_with_weak_corners, make_detector
 from vidrep.mining.shots import is_cut, thumbnail_histogram
 from vidrep.mining.tracking import WindowTracker
 from vidrep.mining.window import best_window
@@ -53,7 +53,8 @@ class MinerConfig:
     min_points: int = 20
     window: int = 227
     track_length: int = 30
-    track_size: int = 112
+    track_size: int = 64
+    track_patch: int = 48
     candidate_every: int = 5
     min_gap: int = 0
     max_pairs_per_video: int | None = None
@@ -143,9 +144,12 @@ class VideoMiner:
     def _start_track(self, stats: Counter, clock: StageClock, prev_gray, gray, frame, t) -> _Track | None:
         c = self.config
         stats["candidates"] += 1
-        points = self.detect(gray)
+        if c.detector == "gftt":
+            points, weak = gftt_with_weak_corners(gray, c.max_points)
+        else:
+            points, weak = self.detect(gray), None
         clock.lap("detect")
-        motion = point_motion(prev_gray, gray, points, grid=c.grid, per_cell=c.per_cell, ransac_px=c.ransac_px)
+        motion = point_motion(prev_gray, gray, points, grid=c.grid, per_cell=c.per_cell, ransac_px=c.ransac_px, weak_corners=weak)
         clock.lap("motion")
         verdict = frame_verdict(motion, c)
         if verdict is not None:
@@ -155,7 +159,7 @@ class VideoMiner:
         x, y, count = best_window(motion.points[moving], c.height, c.width, c.window)
         clock.lap("window")
         stats["tracks"] += 1
-        tracker = WindowTracker(frame, x, y, c.window, c.track_size)
+        tracker = WindowTracker(frame, x, y, c.window, c.track_size, c.track_patch)
         clock.lap("track")
         query_jpeg = _jpeg(_crop(frame, x, y, c.window), c.jpeg_quality)
         clock.lap("encode")

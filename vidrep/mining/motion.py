@@ -55,11 +55,16 @@ def point_motion(
     grid: tuple[int, int] = (8, 6),
     per_cell: int = 4,
     ransac_px: float = 0.5,
+    weak_corners: np.ndarray | None = None,
 ) -> PointMotion:
+    """Motion of `points` (of frame `gray`) relative to `prev_gray`. The camera model is fitted on
+    up to `per_cell` of the strongest `weak_corners` (all corners down to a low quality, strongest
+    first; searched here when not given) in each grid cell."""
     height, width = gray.shape
-    support = cv2.goodFeaturesToTrack(gray, maxCorners=0, qualityLevel=0.001, minDistance=8)
-    support = np.zeros((0, 2), np.float32) if support is None else support.reshape(-1, 2)
-    support = support[balanced_subset(support, height, width, grid, per_cell)]
+    if weak_corners is None:
+        weak_corners = cv2.goodFeaturesToTrack(gray, maxCorners=0, qualityLevel=0.001, minDistance=5)
+        weak_corners = np.zeros((0, 2), np.float32) if weak_corners is None else weak_corners.reshape(-1, 2)
+    support = weak_corners[balanced_subset(weak_corners, height, width, grid, per_cell)]
     query = np.concatenate([points.astype(np.float32), support]).reshape(-1, 1, 2)
     if len(query) == 0:
         return PointMotion(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), None)

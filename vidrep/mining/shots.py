@@ -1,7 +1,9 @@
 """Shot-cut detection: a track must not jump from one shot to the next.
 
-Grey-level histograms of a 64x48 thumbnail compared by correlation: well under a millisecond per
-frame, and a cut drops the correlation far below what motion within a shot does.
+Grey-level histograms of a ~64-pixel-wide thumbnail compared by correlation: a cut drops the
+correlation far below what motion within a shot does. The thumbnail is an exact integer-factor
+area average (the frame cropped to a multiple of the factor): OpenCV's INTER_AREA takes a fast path
+for integer factors, 0.08 ms instead of 0.5 ms per frame at 600x448.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import numpy as np
 
 
 def thumbnail_histogram(gray: np.ndarray) -> np.ndarray:
-    thumb = cv2.resize(gray, (64, 48), interpolation=cv2.INTER_AREA)
+    height, width = gray.shape
+    f = max(1, width // 64)
+    thumb = cv2.resize(gray[: height - height % f, : width - width % f], (width // f, height // f), interpolation=cv2.INTER_AREA)
     return cv2.calcHist([thumb], [0], None, [32], [0, 256])
 
 
