@@ -403,3 +403,8 @@ def test_one_corner_pass_gives_exactly_the_gftt_detector_points():
     strong, weak = gftt_with_weak_corners(gray, 300)
     np.testing.assert_array_equal(strong, make_detector("gftt", 300)(gray))
     assert len(weak) > len(strong)
+
+
+def test_auto_detector_resolves_to_what_this_opencv_has():
+    assert MinerConfig().detector == ("surf" if surf_available() else "gftt")
+    assert MinerConfig().to_dict()["detector"] != "auto"

@@ -24,7 +24,7 @@ import numpy as np
 from vidrep.data.corpus import PairRecord
 from vidrep.mining.decode import VideoError, read_frames
 from vidrep.mining.motion import PointMotion, point_motion
-from vidrep.mining.points import gftt_with_weak_corners, make_detector
+from vidrep.mining.points import gftt_with_weak_corners, make_detector, surf_available
 from vidrep.mining.shots import is_cut, thumbnail_histogram
 from vidrep.mining.tracking import WindowTracker
 from vidrep.mining.window import best_window
@@ -45,7 +45,7 @@ class MinerConfig:
     height: int = 448
     width: int = 600
     decoder: str = "pyav"
-    detector: str = "gftt"
+    detector: str = "auto"  # auto = SURF [paper] where this OpenCV has it, else gftt
     max_points: int = 1000
     moving_px: float = 0.5
     min_moving: float = 0.25
@@ -66,6 +66,10 @@ class MinerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(self.grid))
+        if self.detector == "auto":
+            # Resolved here so that mining.json records the detector actually used: machines
+            # with and without SURF cannot then add to one corpus unnoticed.
+            object.__setattr__(self, "detector", "surf" if surf_available() else "gftt")
         if not 0 <= self.min_moving <= self.max_moving <= 1:
             raise ValueError(f"need 0 <= min_moving <= max_moving <= 1; got {self.min_moving}, {self.max_moving}")
         if self.window > min(self.height, self.width):
