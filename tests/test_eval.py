@@ -1,0 +1,219 @@
+"""Evaluation: VOC AP against hand-computed cases, VOC reading, the svm protocol end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from vidrep.data.synthetic import SHAPES
+from vidrep.data.synthetic_voc import write_synthetic_voc
+from vidrep.data.voc import VOCError, read_voc
+from vidrep.eval.features import CheckpointError, load_network, pool_to_dims
+from vidrep.eval.metrics import voc_classification_ap, voc_detection_ap
+from vidrep.eval.report import gather
+from vidrep.models.caffenet import CaffeNet
+
+
+def _t(boxes, labels, difficult=None):
+    boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor(labels, dtype=torch.int64)
+    difficult = torch.zeros(len(labels), dtype=torch.bool) if difficult is None else torch.tensor(difficult)
+    return {"boxes": boxes, "labels": labels, "difficult": difficult}
+
+
+def _p(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+GT = [0, 0, 9, 9]
+
+
+# ---------------------------------------------------------------- VOC AP, hand-computed
+
+def test_perfect_detection():
+    assert voc_detection_ap([_p([GT], [0.9], [0])], [_t([GT], [0])], num_classes=1) == {"map": 1.0, "ap": [1.0]}
+
+
+def test_duplicate_is_a_false_positive_and_the_envelope_interpolates():
+    # image 0: one object detected twice; image 1: one object, missed -> recall 0.5 at precision 1, then 0.5
+    preds = [_p([GT, GT], [0.9, 0.8], [0, 0]), _p([], [], [])]
+    targets = [_t([GT], [0]), _t([GT], [0])]
+    assert voc_detection_ap(preds, targets, num_classes=1)["ap"] == [pytest.approx(0.5)]
+    # 11-point: recall thresholds 0.0 .. 0.5 reach precision 1, 0.6 .. 1.0 nothing
+    assert voc_detection_ap(preds, targets, num_classes=1, use_07_metric=True)["ap"] == [pytest.approx(6 / 11)]
+
+
+def test_precision_envelope():
+    # fp, tp, tp over 2 objects: precision 0, 1/2, 2/3 at recall 0, .5, 1 -> envelope 2/3 everywhere
+    preds = [_p([[50, 50, 60, 60], GT], [0.9, 0.8], [0, 0]), _p([GT], [0.7], [0])]
+    targets = [_t([GT], [0]), _t([GT], [0])]
+    assert voc_detection_ap(preds, targets, num_classes=1)["ap"] == [pytest.approx(2 / 3)]
+
+
+def test_difficult_objects_neither_count_nor_penalise():
+    preds = [_p([GT, [20, 20, 29, 29]], [0.9, 0.8], [0, 0])]
+    targets = [_t([GT, [20, 20, 29, 29]], [0, 0], [False, True])]
+    assert voc_detection_ap(preds, targets, num_classes=1)["ap"] == [pytest.approx(1.0)]
+    only_difficult = voc_detection_ap([_p([GT], [0.9], [0])], [_t([GT], [0], [True])], num_classes=1)
+    assert np.isnan(only_difficult["ap"][0]) and np.isnan(only_difficult["map"])
+
+
+def test_inclusive_coordinates_and_strict_threshold():
+    # inclusive: GT is 10x10 = 100 px, [0,0,9,4] is 10x5 = 50 px inside it: IoU exactly 0.5 -> not > 0.5
+    at_half = voc_detection_ap([_p([[0, 0, 9, 4]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
+    assert at_half["ap"] == [0.0]
+    above = voc_detection_ap([_p([[0, 0, 9, 5]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
+    assert above["ap"] == [1.0]  # 60/100
+
+
+def test_images_without_objects_classes_without_detections_and_the_mean():
+    preds = [_p([GT], [0.9], [0]), _p([GT], [0.95], [0])]  # the stronger detection is on an empty image
+    targets = [_t([GT, [30, 30, 39, 39]], [0, 1]), _t([], [])]
+    res = voc_detection_ap(preds, targets, num_classes=3)
+    assert res["ap"][0] == pytest.approx(0.5)  # fp then tp: precision 1/2 at recall 1
+    assert res["ap"][1] == 0.0  # an object, no detection
+    assert np.isnan(res["ap"][2])  # no object at all: not in the mean
+    assert res["map"] == pytest.approx(0.25)
+
+
+def test_classification_ap_and_where_torchmetrics_differs():
+    from torchmetrics.functional.classification import binary_average_precision
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    monotone = np.array([1, -1, 1, -1])  # precision only falls: both agree
+    assert voc_classification_ap(scores, monotone) == pytest.approx(
+        binary_average_precision(torch.tensor(scores), torch.tensor(monotone > 0).long()).item())
+    rising = np.array([-1, 1, 1, -1])  # precision rises 1/2 -> 2/3: VOC interpolates, torchmetrics does not
+    assert voc_classification_ap(scores, rising) == pytest.approx(2 / 3)
+    assert binary_average_precision(torch.tensor(scores), torch.tensor(rising > 0).long()).item() == pytest.approx(7 / 12)
+    ignored = np.array([-1, 0, 1, 1])  # a difficult-only image is ignored, not a negative
+    assert voc_classification_ap(scores, ignored) == pytest.approx(2 / 3)
+
+
+# ---------------------------------------------------------------- VOC data
+
+CLASSES = SHAPES
+
+
+@pytest.fixture(scope="module")
+def tiny_voc(tmp_path_factory):
+    return write_synthetic_voc(tmp_path_factory.mktemp("voc"), num_trainval=30, num_test=30, height=120, width=160)
+
+
+def test_reading_the_generated_tree(tiny_voc):
+    train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
+    test = read_voc(tiny_voc, 2007, "test", CLASSES)
+    assert len(train) == len(test) == 30
+    boxes = np.concatenate([im.boxes for im in train])
+    assert (boxes[:, 0] >= 1).all() and (boxes[:, 2] <= 160).all() and (boxes[:, 0] < boxes[:, 2]).all()
+    assert any(im.difficult.any() for im in train + test)
+    im = next(im for im in train if im.difficult.any())
+    labels = im.class_labels(len(CLASSES))
+    assert set(labels) <= {-1, 0, 1} and (labels[im.labels[~im.difficult]] == 1).all()
+
+
+def test_voc_errors_name_the_layout(tiny_voc, tmp_path):
+    with pytest.raises(VOCError, match="Annotations"):
+        read_voc(tmp_path, 2007, "trainval")
+    with pytest.raises(VOCError, match="not in the configured classes"):
+        read_voc(tiny_voc, 2007, "trainval")  # the 20 VOC classes: a circle is not one
+    with pytest.raises(VOCError, match="split 'val'"):
+        read_voc(tiny_voc, 2007, "val", CLASSES)
+
+
+# ---------------------------------------------------------------- networks and features
+
+def _checkpoint(path, seed):
+    torch.manual_seed(seed)
+    trunk = CaffeNet(67, 64, 32)
+    torch.save({"state_dict": {f"net.trunk.{k}": v for k, v in trunk.state_dict().items()},
+                "hyper_parameters": {"input_size": 67, "pixel_mean": [107.99, 102.75, 96.64]}}, path)
+    return path
+
+
+class _Arbitrary:
+    pass
+
+
+def test_checkpoint_of_the_wrong_kind_is_a_clear_error(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a vidrep train.py checkpoint"):
+        load_network(str(tmp_path / "other.pt"))
+    torch.save({"obj": _Arbitrary()}, tmp_path / "pickled.pt")  # needs full unpickling: refused
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_network(str(tmp_path / "pickled.pt"))
+    with pytest.raises(CheckpointError, match="never downloads"):
+        load_network("imagenet:" + str(tmp_path / "alexnet.pth"))
+
+
+def test_conv_features_pool_to_about_9k():
+    for channels, side in ((96, 55), (256, 27), (384, 13), (256, 13)):
+        dims = pool_to_dims(torch.zeros(1, channels, side, side)).shape[1]
+        assert 0.8 * 9216 <= dims <= 1.1 * 9216, (channels, dims)
+
+
+# ---------------------------------------------------------------- the svm protocol end to end
+
+def _evaluate(tmp_path, ckpt, *extra):
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={tmp_path / 'voc'}",
+           f"voc.classes=[{','.join(CLASSES)}]", "protocol.layers=[conv5,fc7]", "protocol.costs=[0.1,10]",
+           "protocol.folds=2", f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", "input_size=67", *extra]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def test_svm_protocol_single_and_ensemble(tiny_voc, tmp_path):
+    (tmp_path / "voc").symlink_to(tiny_voc)
+    a, b = _checkpoint(tmp_path / "a.ckpt", 1), _checkpoint(tmp_path / "b.ckpt", 2)
+    out = _evaluate(tmp_path, a, f"hydra.run.dir={tmp_path}/single")
+    result = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert result["row"] == "unsup, no ft" and result["checkpoints"] == [str(a)]
+    assert set(result["layers"]) == {"conv5", "fc7"} and result["best_layer"] in result["layers"]
+    assert len(result["layers"]["fc7"]["ap"]) == len(CLASSES)
+    assert result["protocol"]["costs"] == [0.1, 10] and result["data"]["num_test_images"] == 30
+    assert all(0 <= ap <= 1 for r in result["layers"].values() for ap in r["ap"] if ap == ap)
+    assert (tmp_path / "single" / "results.md").exists() and "| conv5" in out.stdout
+    _evaluate(tmp_path, f"[{a},{b}]", f"hydra.run.dir={tmp_path}/ensemble")
+    ensemble = json.loads((tmp_path / "ensemble" / "results.json").read_text())
+    assert ensemble["row"] == "unsup, no ft, ensemble" and len(ensemble["checkpoints"]) == 2
+    _evaluate(tmp_path, "random", f"hydra.run.dir={tmp_path}/random")
+    table = gather([tmp_path / d / "results.json" for d in ("ensemble", "single", "random")])
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
+    assert rows == ["scratch", "unsup, no ft", "unsup, no ft, ensemble"]
+
+
+def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path, monkeypatch):
+    from vidrep.eval import svm
+    from vidrep.eval.frozen import SvmProtocol
+
+    train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
+    test = read_voc(tiny_voc, 2007, "test", CLASSES)
+    net = load_network(str(_checkpoint(tmp_path / "a.ckpt", 1)))
+    protocol = SvmProtocol(layers=["fc7"], costs=[0.1, 10.0], folds=2)
+    real_fit, calls = svm.fit_svm, []
+
+    def counting_fit(*args, **kw):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(svm, "fit_svm", counting_fit)
+    fail_after = 7
+    with pytest.raises(KeyboardInterrupt):
+        protocol.run([net], train, test, CLASSES, tmp_path / "cache", "k", "cpu")
+    fail_after = None
+    calls.clear()
+    resumed = protocol.run([net], train, test, CLASSES, tmp_path / "cache", "k", "cpu")
+    calls_after_resume = len(calls)
+    calls.clear()
+    fresh = protocol.run([net], train, test, CLASSES, tmp_path / "fresh", "k", "cpu")
+    # full run: per class 2 costs x 2 folds + 1 refit = 5 fits (fewer for a class without positives)
+    assert calls_after_resume <= len(calls) - 5  # at least the first class's finished work was kept
+    assert resumed["layers"]["fc7"]["ap"] == pytest.approx(fresh["layers"]["fc7"]["ap"], nan_ok=True)

@@ -1,0 +1,60 @@
+"""A VOC-format data set drawn from the synthetic video world: objects of each shape class (new
+textures and colours, never seen in the demo videos) pasted on new backgrounds, with boxes and a
+few `difficult` flags. Used by the tests and by the demo's frozen-feature check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from vidrep.data.synthetic import SHAPES, _object_texture, _scene_texture, _shape_mask
+
+
+def _xml(image_id: str, width: int, height: int, objects: list[tuple[str, tuple[int, int, int, int], bool]]) -> str:
+    parts = [f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename>"
+             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, (x1, y1, x2, y2), difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{int(difficult)}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+                     f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    return "".join(parts) + "</annotation>\n"
+
+
+def write_synthetic_voc(root: str | Path, num_trainval: int = 60, num_test: int = 60, seed: int = 12345,
+                        height: int = 240, width: int = 320, max_objects: int = 2, difficult_p: float = 0.1,
+                        classes: tuple[str, ...] = SHAPES) -> Path:
+    """Write <root>/VOC2007 (trainval and test splits). Built in a temporary folder and renamed."""
+    root = Path(root)
+    final = root / "VOC2007"
+    if final.exists():
+        return root
+    tmp = root / f".VOC2007.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (tmp / sub).mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    splits = {"trainval": [], "test": []}
+    for n in range(num_trainval + num_test):
+        image_id = f"{n:06d}"
+        img = _scene_texture(rng, height, width)
+        objects = []
+        for _ in range(int(rng.integers(1, max_objects + 1))):
+            name = classes[int(rng.integers(len(classes)))]
+            size = int(rng.integers(min(height, width) // 4, min(height, width) // 2))
+            x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+            mask = _shape_mask(name, size).astype(np.float32)[..., None] / 255.0
+            region = img[y : y + size, x : x + size]
+            region[:] = mask * _object_texture(rng, size) + (1 - mask) * region
+            ys, xs = np.nonzero(mask[..., 0] > 0.5)
+            objects.append((name, (x + xs.min() + 1, y + ys.min() + 1, x + xs.max() + 1, y + ys.max() + 1), bool(rng.random() < difficult_p)))
+        cv2.imwrite(str(tmp / "JPEGImages" / f"{image_id}.jpg"), img.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        (tmp / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, width, height, objects))
+        splits["trainval" if n < num_trainval else "test"].append(image_id)
+    for split, ids in splits.items():
+        (tmp / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    os.replace(tmp, final)
+    return root

@@ -1,0 +1,82 @@
+"""The `svm` protocol: frozen features of one network (or an ensemble) + per-class linear SVMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vidrep.data.voc import VOCImage
+from vidrep.eval.features import Network, extract_features
+from vidrep.eval.svm import svm_class_results
+
+log = logging.getLogger(__name__)
+
+
+def _key(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+
+
+def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[str], cache_dir: Path,
+                    split_key: str, batch_size: int, device: str) -> dict[str, np.ndarray]:
+    """Features per layer, stored as .npy per (network, split, layer) and reused by later runs."""
+    folder = cache_dir / "features" / net.key / split_key
+    missing = [name for name in layers if not (folder / f"{name}.npy").exists()]
+    if missing:
+        log.info("extracting %s features of %d images for %s", ",".join(missing), len(images), net.name)
+        feats = extract_features(net, [im.path for im in images], missing, batch_size, device)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, f in feats.items():
+            tmp = folder / f".{name}.tmp.npy"
+            np.save(tmp, f)
+            tmp.replace(folder / f"{name}.npy")
+    return {name: np.load(folder / f"{name}.npy") for name in layers}
+
+
+@dataclass
+class SvmProtocol:
+    """Goyal et al.'s VOC07 benchmark settings by default: 3-fold CV over `costs`, 11-point AP."""
+
+    layers: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7"])
+    costs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    folds: int = 3
+    seed: int = 0
+    use_07_metric: bool = True
+    batch_size: int = 64
+
+    def settings(self) -> dict:
+        return {"name": "svm", **asdict(self)}
+
+    def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
+            classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
+        """{"layers": {layer: {"ap": [...], "map": float, "classes": [per-class dicts]}}, "best_layer"}."""
+        feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device)
+                         for net in networks]
+                 for split, images in (("train", train), ("test", test))}
+        labels = {split: np.stack([im.class_labels(len(classes)) for im in images])
+                  for split, images in (("train", train), ("test", test))}
+        out = {}
+        for layer in self.layers:
+            x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
+            stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
+            per_class = svm_class_results(x["train"], labels["train"], x["test"], labels["test"], classes, self.costs,
+                                          self.folds, self.seed, self.use_07_metric, stage)
+            ap = [r["ap"] for r in per_class]
+            valid = [a for a in ap if not np.isnan(a)]
+            out[layer] = {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "classes": per_class}
+            log.info("%s: mAP %.4f", layer, out[layer]["map"])
+        best = max(out, key=lambda k: -np.inf if np.isnan(out[k]["map"]) else out[k]["map"])
+        return {"layers": out, "best_layer": best, "map": out[best]["map"]}
+
+
+def _concat(features: list[np.ndarray]) -> np.ndarray:
+    """An ensemble's features side by side, re-normalised so every network weighs the same."""
+    if len(features) == 1:
+        return features[0]
+    x = np.concatenate(features, axis=1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

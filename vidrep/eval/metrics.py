@@ -1,0 +1,122 @@
+"""PASCAL VOC average precision, exactly as the devkit computes it.
+
+Detection (VOCevaldet / voc_eval.py): detections of a class over all images, highest score first;
+each matches the ground truth of its image and class with the highest IoU (inclusive pixel
+coordinates: width = x2 - x1 + 1); IoU > threshold makes it a true positive if that object is not
+yet taken, a false positive if it is (a duplicate); a match to a difficult object counts as
+neither. Recall is over the non-difficult objects. AP is the area under the interpolated
+precision envelope (all points), or VOC2007's 11-point average.
+
+Classification (VOCevalcls): one score per image and class; images whose only objects of the class
+are difficult are ignored. torchmetrics' average precision does not interpolate the precision
+envelope, so it differs from the devkit whenever precision rises with recall (tested), hence our own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
+    """AP from a precision/recall curve (detections in score order)."""
+    if use_07_metric:
+        ap = 0.0
+        for t in np.arange(0.0, 1.1, 0.1):
+            p = precision[recall >= t]
+            ap += (p.max() if p.size else 0.0) / 11.0
+        return float(ap)
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _iou_inclusive(box: np.ndarray, gts: np.ndarray) -> np.ndarray:
+    iw = np.maximum(np.minimum(gts[:, 2], box[2]) - np.maximum(gts[:, 0], box[0]) + 1.0, 0.0)
+    ih = np.maximum(np.minimum(gts[:, 3], box[3]) - np.maximum(gts[:, 1], box[1]) + 1.0, 0.0)
+    inter = iw * ih
+    union = (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0) + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0) - inter
+    return inter / union
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _class_ap(preds, targets, c: int, iou_threshold: float, use_07_metric: bool) -> float:
+    gts, taken, npos = [], [], 0
+    for t in targets:
+        labels = _np(t["labels"]).reshape(-1)
+        keep = labels == c
+        boxes = _np(t["boxes"]).reshape(-1, 4)[keep].astype(np.float64)
+        difficult = _np(t["difficult"]).reshape(-1)[keep].astype(bool) if "difficult" in t else np.zeros(keep.sum(), bool)
+        gts.append((boxes, difficult))
+        taken.append(np.zeros(len(boxes), bool))
+        npos += int((~difficult).sum())
+    if npos == 0:
+        return float("nan")
+    image, score, box = [], [], []
+    for i, p in enumerate(preds):
+        keep = _np(p["labels"]).reshape(-1) == c
+        s = _np(p["scores"]).reshape(-1)[keep]
+        image.append(np.full(len(s), i))
+        score.append(s)
+        box.append(_np(p["boxes"]).reshape(-1, 4)[keep].astype(np.float64))
+    image, score, box = np.concatenate(image), np.concatenate(score), np.concatenate(box)
+    if len(score) == 0:
+        return 0.0
+    order = np.argsort(-score, kind="stable")
+    tp = np.zeros(len(order))
+    fp = np.zeros(len(order))
+    for d, k in enumerate(order):
+        boxes, difficult = gts[image[k]]
+        if len(boxes) == 0:
+            fp[d] = 1
+            continue
+        iou = _iou_inclusive(box[k], boxes)
+        j = int(np.argmax(iou))
+        if iou[j] > iou_threshold:
+            if difficult[j]:
+                continue
+            if not taken[image[k]][j]:
+                tp[d] = 1
+                taken[image[k]][j] = True
+            else:
+                fp[d] = 1
+        else:
+            fp[d] = 1
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    recall = tp / npos
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return average_precision(recall, precision, use_07_metric)
+
+
+def voc_detection_ap(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
+                     use_07_metric: bool = False, num_classes: int) -> dict:
+    """{"map": mean AP over classes with a non-difficult object, "ap": [AP per class]} (NaN for a
+    class without any non-difficult object). preds/targets: one dict per image, boxes x1, y1, x2, y2
+    in inclusive pixel coordinates, labels in [0, num_classes)."""
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no detection")
+    ap = [_class_ap(preds, targets, c, iou_threshold, use_07_metric) for c in range(num_classes)]
+    valid = [a for a in ap if not np.isnan(a)]
+    return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
+
+
+def voc_classification_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = False) -> float:
+    """AP of one class over images: labels 1 (the class is present), -1 (absent), 0 (only difficult
+    objects of the class: ignored), as in the devkit's ground-truth files."""
+    scores, labels = _np(scores).reshape(-1), _np(labels).reshape(-1)
+    keep = labels != 0
+    scores, labels = scores[keep], labels[keep]
+    npos = int((labels > 0).sum())
+    if npos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(labels[order] > 0)
+    fp = np.cumsum(labels[order] < 0)
+    return average_precision(tp / npos, tp / np.maximum(tp + fp, np.finfo(np.float64).eps), use_07_metric)

@@ -1,0 +1,83 @@
+"""Results files and tables: results.json + results.md per evaluation, and the paper's table
+gathered from several evaluations:
+
+    python -m vidrep.eval.report outputs/eval/*/results.json [--out table.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+# The paper's row order (Wang & Gupta 2015, Table 1); a result's `row` is one of these.
+ROW_ORDER = ("scratch", "unsup + ft", "unsup + iterative ft", "unsup + ft, ensemble", "imagenet + ft",
+             "unsup, no ft", "unsup, no ft, ensemble", "imagenet, no ft")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def per_class_table(result: dict) -> str:
+    """Rows: the evaluated layers (svm) or the one detection result; columns: mAP and every class."""
+    classes = result["data"]["classes"]
+    lines = ["| layer | mAP | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 2)]
+    for layer, r in result["layers"].items():
+        mark = " (best)" if layer == result.get("best_layer") and len(result["layers"]) > 1 else ""
+        lines.append(f"| {layer}{mark} | {_fmt(r['map'])} | " + " | ".join(_fmt(a) for a in r["ap"]) + " |")
+    return "\n".join(lines)
+
+
+def default_row(protocol: str, finetune: str | None, checkpoints: Sequence[str]) -> str:
+    imagenet = any(c.startswith("imagenet:") for c in checkpoints)
+    if checkpoints == ["random"]:
+        return "scratch"
+    if protocol == "svm" or finetune == "none":
+        if imagenet:
+            return "imagenet, no ft"
+        return "unsup, no ft, ensemble" if len(checkpoints) > 1 else "unsup, no ft"
+    if imagenet:
+        return "imagenet + ft"
+    if finetune == "iterative":
+        return "unsup + iterative ft"
+    return "unsup + ft, ensemble" if len(checkpoints) > 1 else "unsup + ft"
+
+
+def write_results(run_dir: Path, result: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{per_class_table(result)}\n")
+
+
+def gather(paths: Sequence[Path]) -> str:
+    """The paper's table layout from several results.json files."""
+    rows = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        order = ROW_ORDER.index(r["row"]) if r["row"] in ROW_ORDER else len(ROW_ORDER)
+        rows.append((order, r["row"], r["label"], r["protocol"]["name"], r.get("best_layer") or "", _fmt(r["map"]), str(p)))
+    rows.sort()
+    lines = ["| setting | label | protocol | layer | mAP | results |", "|---|---|---|---|---|---|"]
+    lines += [f"| {row} | {label} | {proto} | {layer} | {m} | {path} |" for _, row, label, proto, layer, m, path in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Gather evaluate.py results into the paper's table layout.")
+    p.add_argument("results", nargs="+", type=Path, help="results.json files (e.g. outputs/eval/*/results.json)")
+    p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = p.parse_args(argv)
+    missing = [str(r) for r in args.results if not r.is_file()]
+    if missing:
+        raise SystemExit(f"not found: {', '.join(missing)}")
+    table = gather(args.results)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

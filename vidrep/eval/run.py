@@ -1,0 +1,85 @@
+"""The task behind evaluate.py: load the networks, run the protocol, write and print the results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vidrep.data.voc import read_voc
+from vidrep.eval.features import load_network
+from vidrep.eval.report import default_row, per_class_table, write_results
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoints(ckpt) -> list[str]:
+    ckpts = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, list | tuple) else [ckpt]
+    if not ckpts or any(c in (None, "", "???") for c in ckpts):
+        raise ValueError("set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble")
+    return [str(c) for c in ckpts]
+
+
+def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict) -> None:
+    if not cfg.wandb.enabled:
+        return
+    import wandb
+
+    from vidrep.training.loggers import resolve_wandb_mode
+
+    run = wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.get("mode")),
+                     job_type="eval", name=result["label"], config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        table = wandb.Table(columns=["layer", "mAP", *result["data"]["classes"]])
+        for layer, r in result["layers"].items():
+            table.add_data(layer, r["map"], *r["ap"])
+            run.summary[f"eval/map/{layer}"] = r["map"]
+        run.summary["eval/map"] = result["map"]
+        run.log({"eval/per_class_ap": table})
+    finally:
+        run.finish()
+
+
+def _data_key(root, year, classes) -> str:
+    """Names the data in cache paths: a hash, as the root itself is an absolute path."""
+    import hashlib
+
+    text = f"{Path(root).expanduser().resolve()}|VOC{year}|{','.join(classes)}"
+    return f"VOC{year}-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    checkpoints = _checkpoints(cfg.ckpt)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    classes = tuple(cfg.voc.classes)
+    train = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.train_split, classes)
+    test = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.test_split, classes)
+    networks = [load_network(c, input_size=cfg.input_size, seed=cfg.seed) for c in checkpoints]
+    protocol = hydra.utils.instantiate(cfg.protocol)
+    start = time.perf_counter()
+    data_key = _data_key(cfg.voc.root, cfg.voc.year, classes)
+    outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device)
+    run_dir = Path(cfg.run_dir)
+    row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
+    result = {
+        "row": row,
+        "label": cfg.label or f"{row} ({', '.join(Path(c).parent.parent.name or c for c in checkpoints)})",
+        "protocol": protocol.settings(),
+        "checkpoints": [n.name for n in networks],
+        "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year,
+                 "train_split": cfg.voc.train_split, "test_split": cfg.voc.test_split, "classes": list(classes),
+                 "num_train_images": len(train), "num_test_images": len(test)},
+        "seed": cfg.seed,
+        "input_size": cfg.input_size,
+        "seconds": time.perf_counter() - start,
+        **outcome,
+    }
+    write_results(run_dir, result)
+    print(per_class_table(result))
+    print(f"mAP {100 * result['map']:.1f} ({result.get('best_layer', '')}); results: {run_dir / 'results.json'}")
+    _log_wandb(cfg, run_dir, result)
+    return result
