@@ -29,6 +29,7 @@ TINY = [
     "data.val_fraction=0.25",
     "~callbacks.progress",
     "trainer.accelerator=cpu",
+    "~demo_eval",
 ]
 
 

@@ -160,9 +160,10 @@ def test_conv_features_pool_to_about_9k():
 # ---------------------------------------------------------------- the svm protocol end to end
 
 def _evaluate(tmp_path, ckpt, *extra):
+    fast_svm = [] if "protocol=detection" in extra else ["protocol.layers=[conv5,fc7]", "protocol.costs=[0.1,10]", "protocol.folds=2"]
     cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={tmp_path / 'voc'}",
-           f"voc.classes=[{','.join(CLASSES)}]", "protocol.layers=[conv5,fc7]", "protocol.costs=[0.1,10]",
-           "protocol.folds=2", f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", "input_size=67", *extra]
+           f"voc.classes=[{','.join(CLASSES)}]", *fast_svm, f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false",
+           "input_size=67", *extra]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -217,3 +218,97 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
     # full run: per class 2 costs x 2 folds + 1 refit = 5 fits (fewer for a class without positives)
     assert calls_after_resume <= len(calls) - 5  # at least the first class's finished work was kept
     assert resumed["layers"]["fc7"]["ap"] == pytest.approx(fresh["layers"]["fc7"]["ap"], nan_ok=True)
+
+
+# ---------------------------------------------------------------- the detection protocol end to end
+
+DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.image_size=160", "protocol.fc_dim=64",
+                  "protocol.proposals={max_side:160,mode:fast,max_proposals:200}", "protocol.svm_negatives=500"]
+
+
+@pytest.mark.parametrize("finetune", ["none", "straightforward"])
+def test_detection_protocol(tiny_voc, tmp_path, finetune):
+    (tmp_path / "voc").symlink_to(tiny_voc)
+    a = _checkpoint(tmp_path / "a.ckpt", 1)
+    _evaluate(tmp_path, a, *DETECTION_FAST, f"protocol.finetune={finetune}", f"hydra.run.dir={tmp_path}/run")
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    layer = "pool5" if finetune == "none" else "fc7"
+    assert result["best_layer"] == layer and result["protocol"]["finetune"] == finetune
+    assert result["row"] == ("unsup, no ft" if finetune == "none" else "unsup + ft")
+    ap = result["layers"][layer]["ap"]
+    assert len(ap) == len(CLASSES) and all(0 <= x <= 1 for x in ap)
+    proposals = list((tmp_path / "cache" / "proposals").rglob("*.npy"))
+    assert len(proposals) == 60  # cached once per image (trainval + test)
+
+
+def test_iterative_finetuning_and_an_ensemble(tiny_voc, tiny_corpus, tmp_path):
+    (tmp_path / "voc").symlink_to(tiny_voc)
+    a, b = _checkpoint(tmp_path / "a.ckpt", 1), _checkpoint(tmp_path / "b.ckpt", 2)
+    _evaluate(tmp_path, f"[{a},{b}]", *DETECTION_FAST, "protocol.finetune=iterative", f"protocol.adapt.corpus={tiny_corpus}",
+              "protocol.adapt.steps=2", "protocol.adapt.batch_size=8", f"hydra.run.dir={tmp_path}/run")
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["row"] == "unsup + iterative ft" and len(result["checkpoints"]) == 2
+    assert result["protocol"]["rounds"] == 2
+
+
+def test_iterative_needs_a_corpus():
+    from vidrep.eval.detection import DetectionProtocol
+
+    with pytest.raises(ValueError, match="protocol.adapt.corpus"):
+        DetectionProtocol(finetune="iterative")
+
+
+def test_region_sampling_follows_rcnn_thresholds():
+    from vidrep.eval.detection import DetectionProtocol
+
+    p = DetectionProtocol(rois_per_image=8, fg_fraction=0.5)
+    gt = np.array([[0, 0, 99, 99]], np.float32)
+    # IoU with the ground truth: 0.9 (foreground), 0.29 (background), 0.04 and 0 (neither: < 0.1)
+    props = np.array([[0, 0, 99, 89], [0, 0, 99, 29], [0, 0, 99, 4], [200, 200, 220, 220]], np.float32)
+    rois, target = p._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
+    got = sorted((tuple(r), t) for r, t in zip(rois.tolist(), target.tolist()))
+    assert got == [((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4)]  # class 3 -> 4 (0 = background)
+
+
+def test_imagenet_alexnet_weights_map_onto_the_trunk(tmp_path):
+    from torchvision.models import alexnet
+
+    reference = alexnet(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "alexnet.pth")
+    net = load_network(f"imagenet:{tmp_path / 'alexnet.pth'}")
+    x = torch.rand(2, 3, 227, 227)
+    with torch.no_grad():
+        ours = net.trunk.forward_features(x, ("pool5", "fc7"))
+        theirs_pool5 = torch.flatten(reference.features(x), 1)
+        theirs_fc7 = reference.classifier[:6](theirs_pool5)  # dropout is identity in eval
+    torch.testing.assert_close(ours["pool5"], theirs_pool5)
+    torch.testing.assert_close(ours["fc7"], theirs_fc7)
+
+
+def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, monkeypatch):
+    """With region features that are the IoU with each class's objects, SVMs + NMS + AP must reach
+    AP 1: what the pipeline loses, it loses in the features, not in the bookkeeping."""
+    from torchvision.ops import box_iou
+
+    from vidrep.eval import detection
+    from vidrep.eval.features import random_network
+
+    def oracle(self, model, net, im, boxes, device):
+        iou = box_iou(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(detection._gt0(im))).numpy()
+        return np.stack([iou[:, im.labels == c].max(1) if (im.labels == c).any() else np.zeros(len(boxes))
+                         for c in range(len(CLASSES))], 1).astype(np.float32)
+
+    monkeypatch.setattr(detection.DetectionProtocol, "region_features", oracle)
+    protocol = detection.DetectionProtocol(finetune="none", image_size=160, fc_dim=64,
+                                           proposals={"max_side": 160, "mode": "fast", "max_proposals": 300})
+    train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
+    test = read_voc(tiny_voc, 2007, "test", CLASSES)
+    result = protocol.run([random_network(67, 64, 32)], train, test, CLASSES, tmp_path, "k", "cpu")
+    assert result["map"] > 0.95, result
+
+
+def test_results_go_to_wandb_offline(tiny_voc, tmp_path):
+    (tmp_path / "voc").symlink_to(tiny_voc)
+    _evaluate(tmp_path, _checkpoint(tmp_path / "a.ckpt", 1), "wandb.enabled=true", "wandb.mode=offline",
+              "protocol.layers=[fc7]", f"hydra.run.dir={tmp_path}/run")
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
