@@ -69,3 +69,18 @@ def sample_videos() -> Path:
                 raise RuntimeError(f"could not fetch the opencv-doc sample videos into {cache}: {e!r}") from e
             pytest.skip(f"opencv-doc sample videos unavailable ({e!r}); run `apt-get update` or set VIDREP_CACHE_DIR")
     return cache
+
+
+class CrashingMiner:
+    """A miner whose process dies (as a native crash would kill it) on videos named crash*.
+    Module-level, so spawned mining workers can unpickle it."""
+
+    def __init__(self, config) -> None:
+        from vidrep.mining.miner import VideoMiner
+
+        self.inner = VideoMiner(config)
+
+    def mine(self, path, name=None):
+        if Path(path).name.startswith("crash"):
+            os._exit(139)
+        return self.inner.mine(path, name)

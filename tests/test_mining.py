@@ -282,6 +282,20 @@ def test_bad_inputs_are_recorded_and_skipped(tmp_path):
     assert retry.run["videos_failed"] == 6 and retry.run["videos_skipped_done"] == 1
 
 
+def test_a_worker_crash_costs_only_the_video_that_caused_it(tmp_path):
+    from conftest import CrashingMiner
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(4):
+        SyntheticVideo(200 + i, num_frames=40).write(folder / f"ok{i}.avi")
+    SyntheticVideo(300, num_frames=40).write(folder / "crash.avi")
+    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(), workers=2, progress=False, miner_factory=CrashingMiner)
+    failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert failures == {"crash.avi": "worker_crashed"}
+    assert summary.run["videos_mined"] == 4 and summary.run["videos_failed"] == 1
+
+
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list_videos(tmp_path / "nowhere")

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def resolve_workers(workers: int | None) -> int:
     """An explicit count, else one per core, shared among the shards that the joblib launcher
     runs at the same time (each of them is a mining run with its own worker pool)."""
-    if workers:
+    if workers is not None:
         return int(workers)
     cores = default_workers()
     if HydraConfig.initialized():

@@ -10,14 +10,15 @@ duplicated, and independent jobs (shards of one video list) never write the same
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import time
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import multiprocessing as mp
 
 from vidrep.data.corpus import (
     check_settings, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
@@ -65,30 +66,73 @@ def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
 
 
 _worker: tuple[VideoMiner, Path] | None = None
+MinerFactory = Callable[[MinerConfig], VideoMiner]
 
 
-def _init_worker(config: MinerConfig, root: Path) -> None:
+def _init_worker(config: MinerConfig, root: Path, factory: MinerFactory = VideoMiner) -> None:
     import cv2
 
     cv2.setNumThreads(1)
     global _worker
-    _worker = (VideoMiner(config), root)
+    _worker = (factory(config), root)
 
 
 def _work(video: VideoInput) -> VideoOutcome:
     return mine_one(_worker[0], _worker[1], video)
 
 
-def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers: int) -> Iterable[VideoOutcome]:
-    if workers <= 1 or len(videos) <= 1:
-        _init_worker(config, root)
+def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory) -> ProcessPoolExecutor:
+    if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # Inside a job of Hydra's joblib launcher the default is 'loky': a spawned child is told to
+        # use that start method and cannot resolve the name. This process only mines; reset it.
+        mp.set_start_method("spawn", force=True)
+    # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                               initargs=(config, root, factory))
+
+
+def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
+    detail = f"{video.path}: the mining process died (a crash in a native decoder or OpenCV); rerun with retry_failures=true to try again"
+    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "worker_crashed", "detail": detail})
+    return VideoOutcome(video.key, video.name, False, {}, "worker_crashed", detail)
+
+
+def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers: int,
+              factory: MinerFactory = VideoMiner) -> Iterator[VideoOutcome]:
+    """Outcomes in completion order. Videos run in worker processes (workers=0: in this process,
+    for debugging), at most 2 per worker queued, so that when a native crash kills a worker only
+    the videos in flight are suspects: each is then retried alone in a fresh process, and the one
+    that kills that too is recorded as a failure. A multiprocessing.Pool would hang instead."""
+    if workers <= 0:
+        _init_worker(config, root, factory)
         for v in videos:
             yield _work(v)
         return
     os.environ.update(SINGLE_THREAD_ENV)  # inherited by the workers before they load OpenCV
-    # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
-    with mp.get_context("spawn").Pool(workers, _init_worker, (config, root)) as pool:
-        yield from pool.imap_unordered(_work, videos, chunksize=1)
+    queue = deque(videos)
+    while queue:
+        suspects: list[VideoInput] = []
+        with _pool(workers, config, root, factory) as pool:
+            running: dict = {}
+            try:
+                while queue or running:
+                    while queue and len(running) < 2 * workers:
+                        v = queue.popleft()
+                        running[pool.submit(_work, v)] = v
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        outcome = future.result()
+                        del running[future]
+                        yield outcome
+            except BrokenProcessPool:
+                suspects = list(running.values())
+        for v in suspects:
+            with _pool(1, config, root, factory) as alone:
+                try:
+                    outcome = alone.submit(_work, v).result()
+                except BrokenProcessPool:
+                    outcome = _crashed(root, v)
+            yield outcome
 
 
 @dataclass
@@ -143,9 +187,12 @@ def mine_corpus(
     retry_failures: bool = False,
     extensions: tuple[str, ...] = VIDEO_EXTENSIONS,
     progress: bool = True,
+    miner_factory: MinerFactory = VideoMiner,
 ) -> RunSummary:
     """Mine the videos of shard `shard`/`num_shards` of `videos` into the corpus `out`, skipping
-    those already done. Never raises for a bad video; raises InputError for a bad `videos=`."""
+    those already done, with `workers` processes (None: one per core; 0: in this process). Never
+    raises for a bad video; raises InputError for a bad `videos=`. `miner_factory` builds each
+    worker's miner from the config (VideoMiner; a subclass can change the per-video work)."""
     listed = select_shard(list_videos(videos, extensions), shard, num_shards)
     root = init_corpus(out)
     check_settings(root, miner.to_dict())
@@ -153,14 +200,15 @@ def mine_corpus(
     todo = [v for v in listed if v.key not in done]
     summary = RunSummary()
     summary.run.update(videos_listed=len(listed), videos_skipped_done=len(listed) - len(todo))
-    workers = max(1, min(workers or default_workers(), len(todo) or 1))
+    workers = default_workers() if workers is None else workers
+    workers = min(workers, len(todo) or 1)
     log.info("mining %d videos (%d already done) into %s with %d workers", len(todo), len(listed) - len(todo), root, workers)
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="video", desc="mining", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        for outcome in _outcomes(todo, miner, root, workers):
+        for outcome in _outcomes(todo, miner, root, workers, miner_factory):
             summary.run["videos_mined" if outcome.ok else "videos_failed"] += 1
             summary.run.update(outcome.stats)
             if not outcome.ok:
