@@ -97,13 +97,18 @@ def test_train_cli_writes_run_dir(tmp_path, tiny_corpus):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path, tiny_corpus):
+@pytest.mark.parametrize("gather", [False, True])
+def test_ddp_two_cpu_processes(tmp_path, tiny_corpus, gather):
     run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu",
-             "trainer.devices=2", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+             "trainer.devices=2", "trainer.max_epochs=2", f"model.loss.gather_across_ranks={gather}",
+             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # ranks made no folders of their own
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     # the training pairs split into 2 equal shares, each cut into whole batches of 8, for 2 epochs
     assert ckpt["global_step"] == 2 * (train_pairs(tiny_corpus) // 2 // 8)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    negatives = [float(r["train/negatives_per_pair_step"]) for r in rows if r.get("train/negatives_per_pair_step")]
+    assert negatives and all(n == 4 for n in negatives)  # K = 4 found, from 8 (or 16 gathered) pairs
 
 
 @pytest.mark.slow

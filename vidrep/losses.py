@@ -138,8 +138,10 @@ class TripletStats:
 
 
 @torch.no_grad()
-def triplet_stats(anchor: Tensor, positive: Tensor, mask: Tensor) -> TripletStats:
-    patches = torch.cat([anchor, positive], dim=0)
+def triplet_stats(anchor: Tensor, positive: Tensor, mask: Tensor, patches: Tensor | None = None) -> TripletStats:
+    """Stats of the pairs (anchor, positive) against the candidate `patches` (default: the 2N
+    patches of the same batch; columns of `mask`)."""
+    patches = torch.cat([anchor, positive], dim=0) if patches is None else patches
     s_ap = (anchor * positive).sum(dim=1)
     s_an = anchor @ patches.T
     selected = mask.sum().clamp_min(1)

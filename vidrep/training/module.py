@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from vidrep.losses import ranking_loss_from_mask, select_negatives, triplet_stats
+from vidrep.losses import TripletStats, ranking_loss_from_mask, select_negatives, triplet_stats
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,9 @@ class LossConfig:
     hard_after_steps: int | None = None
     symmetric: bool = False
     violators_only: bool = False
+    # Under DDP: draw negatives from every rank's batch (all_gather of embeddings and video ids),
+    # not only from this rank's. Off by default: the paper's batch is 100 patches on one GPU.
+    gather_across_ranks: bool = False
 
     def phase(self, epoch: int, step: int) -> str:
         by_epoch = self.hard_after_epochs is not None and epoch >= self.hard_after_epochs
@@ -40,13 +43,42 @@ class LossConfig:
     def ratio(self, epoch: int, step: int) -> float:
         return self.hard_ratio if self.phase(epoch, step) == "hard" else self.initial_hard_ratio
 
-    def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, Tensor]:
-        """`ranking_loss` with these settings at `hard_ratio`, and the negatives it selected."""
+    def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, TripletStats]:
+        """`ranking_loss` with these settings at `hard_ratio`, and the health stats of its selection."""
+        if self.gather_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return self._gathered_loss(anchor, positive, video_ids, hard_ratio)
         mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
                                 hard_ratio=hard_ratio, violators_only=self.violators_only)
         loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
                                       symmetric=self.symmetric)
-        return loss, mask
+        return loss, triplet_stats(anchor, positive, mask)
+
+
+    def _gathered_loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, TripletStats]:
+        """This rank's pairs as anchors, the patches of all ranks as candidate negatives.
+
+        The gather keeps autograd (its backward sums every rank's gradient into the local
+        embeddings), and the loss is over this rank's pairs, scaled by the world size: after DDP
+        averages the ranks' gradients, they equal those of one process on the concatenated
+        batch (tested). Equal batch sizes on every rank are assumed (drop_last=True gives them).
+        """
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_gather
+
+        world, rank, n = dist.get_world_size(), dist.get_rank(), anchor.shape[0]
+        all_anchor = torch.cat(all_gather(anchor))
+        all_positive = torch.cat(all_gather(positive))
+        ids = [torch.empty_like(video_ids) for _ in range(world)]
+        dist.all_gather(ids, video_ids)
+        mask = select_negatives(all_anchor, all_positive, torch.cat(ids), margin=self.margin, num_negatives=self.num_negatives,
+                                hard_ratio=hard_ratio, violators_only=self.violators_only)
+        own = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
+        own[rank * n : (rank + 1) * n] = True
+        loss = ranking_loss_from_mask(all_anchor, all_positive, mask & own, margin=self.margin,
+                                      num_negatives=self.num_negatives, symmetric=self.symmetric) * world
+        patches = torch.cat([all_anchor, all_positive]).detach()
+        return loss, triplet_stats(anchor, positive, mask[rank * n : (rank + 1) * n], patches)
 
 
 class TripletModule(L.LightningModule):
@@ -93,8 +125,7 @@ class TripletModule(L.LightningModule):
             raise ValueError(f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set data.input_size to match")
         embeddings = self(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
         anchor, positive = embeddings[:n], embeddings[n:]
-        loss, mask = self.loss_cfg.loss(anchor, positive, batch["video_id"], hard_ratio)
-        stats = triplet_stats(anchor, positive, mask)
+        loss, stats = self.loss_cfg.loss(anchor, positive, batch["video_id"], hard_ratio)
         on_step = stage == "train"
         log = dict(on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
         self.log(f"{stage}/loss", loss, prog_bar=True, **log)
