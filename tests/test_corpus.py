@@ -149,3 +149,13 @@ def test_truncated_shard_is_reported(tmp_path):
     os.truncate(tar, 600)
     with pytest.raises(CorpusError, match="truncated"):
         PairIndex(tmp_path).read_pair(0)
+
+
+def test_validation_batches_do_not_depend_on_the_number_of_ranks():
+    from vidrep.data.datamodule import BatchShards
+
+    reference = [tuple(b) for b in BatchShards(23, 5)]
+    assert reference[-1] == (20, 21, 22) and len(reference) == 5
+    for world in (2, 3, 4, 8):
+        shards = [[tuple(b) for b in BatchShards(23, 5, world, rank)] for rank in range(world)]
+        assert sorted(b for s in shards for b in s) == reference  # the same batches, each once

@@ -136,3 +136,17 @@ def test_demo_loss_goes_down(tmp_path):
     assert sorted(by_epoch) == [0, 1, 2, 3]
     assert min(by_epoch[e] for e in (1, 2, 3)) < 0.7 * by_epoch[0], by_epoch
     assert all(torch.isfinite(torch.tensor(list(by_epoch.values()))))
+
+
+@pytest.mark.slow
+def test_validation_metrics_do_not_change_with_the_number_of_devices(tmp_path, tiny_corpus):
+    common = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.accelerator=cpu", "data.batch_size=5"]
+    run_cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/train"], cwd=tmp_path)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    values = {}
+    for devices in (1, 2):
+        extra = ["trainer=ddp", "trainer.devices=2"] if devices == 2 else []
+        run_cli([*common, *extra, "validate_only=true", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/val{devices}"], cwd=tmp_path)
+        rows = [r for r in read_metrics(tmp_path / f"val{devices}" / "metrics.csv") if r.get("val/loss")]
+        values[devices] = {k: float(rows[-1][k]) for k in ("val/loss", "val/triplet_acc", "val/sim_neg")}
+    assert values[1] == pytest.approx(values[2], rel=1e-5), values

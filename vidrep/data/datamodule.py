@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
@@ -43,6 +43,24 @@ class PairDataset(Dataset):
             "positive": self.transform(tracked),
             "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
         }
+
+
+class BatchShards(Sampler[list[int]]):
+    """Validation batches that do not depend on the number of ranks: the dataset in order, cut
+    into batches of `batch_size` (the last one short), batch i to rank i mod world. Every pair is
+    seen once (no padding, unlike DistributedSampler) and every batch holds the same pairs, hence
+    the same in-batch negatives, whatever the world size; with means weighted by batch size the
+    validation metrics are then identical on 1 or N devices."""
+
+    def __init__(self, length: int, batch_size: int, world: int = 1, rank: int = 0) -> None:
+        self.batches = [list(range(i, min(i + batch_size, length))) for i in range(0, length, batch_size)]
+        self.mine = self.batches[rank::world]
+
+    def __iter__(self):
+        return iter(self.mine)
+
+    def __len__(self) -> int:
+        return len(self.mine)
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -108,16 +126,16 @@ class PairDataModule(L.LightningDataModule):
                  len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
 
     def _loader(self, dataset: PairDataset, train: bool) -> DataLoader:
-        world = _distributed()
-        if world is not None:
-            sampler = DistributedSampler(dataset, num_replicas=world[0], rank=world[1], shuffle=train, seed=self.seed, drop_last=train)
+        world, rank = _distributed() or (1, 0)
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                      persistent_workers=self.persistent_workers and self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, batch_sampler=BatchShards(len(dataset), self.batch_size, world, rank), **common)
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
         else:
-            sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
-        return DataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
-            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
-        )
+            sampler = RandomSampler(dataset)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

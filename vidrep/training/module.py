@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from vidrep.losses import TripletStats, ranking_loss_from_mask, select_negatives, triplet_stats
 
@@ -43,9 +44,12 @@ class LossConfig:
     def ratio(self, epoch: int, step: int) -> float:
         return self.hard_ratio if self.phase(epoch, step) == "hard" else self.initial_hard_ratio
 
-    def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, TripletStats]:
-        """`ranking_loss` with these settings at `hard_ratio`, and the health stats of its selection."""
-        if self.gather_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() \
+    def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float,
+             gather: bool = True) -> tuple[Tensor, TripletStats]:
+        """`ranking_loss` with these settings at `hard_ratio`, and the health stats of its selection.
+        `gather=False` keeps negatives local even when gather_across_ranks is set (validation: its
+        ranks may hold different numbers of batches, and a collective there would hang)."""
+        if gather and self.gather_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             return self._gathered_loss(anchor, positive, video_ids, hard_ratio)
         mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
@@ -106,6 +110,9 @@ class TripletModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
         self.input_size = input_size
+        # Validation means weighted by batch size and synced as (sum, weight) across ranks: with
+        # BatchShards' rank-independent batches they do not change with the number of devices.
+        self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", "triplet_acc", "sim_pos", "sim_neg", "embed_std")})
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
@@ -125,20 +132,22 @@ class TripletModule(L.LightningModule):
             raise ValueError(f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set data.input_size to match")
         embeddings = self(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
         anchor, positive = embeddings[:n], embeddings[n:]
-        loss, stats = self.loss_cfg.loss(anchor, positive, batch["video_id"], hard_ratio)
-        on_step = stage == "train"
-        log = dict(on_step=on_step, on_epoch=True, batch_size=n, sync_dist=not on_step)
-        self.log(f"{stage}/loss", loss, prog_bar=True, **log)
-        self.log(f"{stage}/triplet_acc", stats.triplet_acc, prog_bar=True, **log)
-        self.log(f"{stage}/sim_pos", stats.sim_pos, **log)
-        self.log(f"{stage}/sim_neg", stats.sim_neg, **log)
-        self.log(f"{stage}/embed_std", stats.embed_std, **log)
-        if stage == "train":
-            self.log("train/negatives_per_pair", stats.negatives_per_pair, **log)
-            if self.global_step % self.trainer.log_every_n_steps == 0:
-                # unique() waits for the device; only on the steps that are logged anyway
-                self.log("train/videos_per_batch", float(batch["video_id"].unique().numel()), **log)
-            self.log("train/hard_phase", float(self.negative_phase == "hard"), **log)
+        loss, stats = self.loss_cfg.loss(anchor, positive, batch["video_id"], hard_ratio, gather=stage == "train")
+        values = {"loss": loss, "triplet_acc": stats.triplet_acc, "sim_pos": stats.sim_pos, "sim_neg": stats.sim_neg,
+                  "embed_std": stats.embed_std}
+        if stage == "val":
+            for name, value in values.items():
+                self.val_means[name].update(value.detach(), weight=n)
+                self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True, prog_bar=name in ("loss", "triplet_acc"))
+            return loss
+        log = dict(on_step=True, on_epoch=True, batch_size=n, sync_dist=False)
+        for name, value in values.items():
+            self.log(f"train/{name}", value, prog_bar=name in ("loss", "triplet_acc"), **log)
+        self.log("train/negatives_per_pair", stats.negatives_per_pair, **log)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            # unique() waits for the device; only on the steps that are logged anyway
+            self.log("train/videos_per_batch", float(batch["video_id"].unique().numel()), **log)
+        self.log("train/hard_phase", float(self.negative_phase == "hard"), **log)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -66,7 +66,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for lg in loggers:
                 lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         initial_trunk = copy.deepcopy(model.net.trunk) if cfg.get("demo_eval") else None
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("validate_only"):
+            if not cfg.get("ckpt_path"):
+                raise ValueError("validate_only=true measures a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt")
+            trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+            initial_trunk = None
+        else:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if trainer.is_global_zero:
             out = Path(cfg.paths.output_dir)
