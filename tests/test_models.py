@@ -66,3 +66,21 @@ def test_torchvision_variant_same_interface():
     feats = net.forward_features(torch.randn(1, 3, 227, 227))
     assert list(feats) == list(FEATURE_LAYERS)
     assert feats["conv1"].shape[1] == 64 and feats["pool5"].shape == (1, 9216) and feats["fc7"].shape == (1, 32)
+
+
+def test_channels_last_and_compile_keep_outputs_and_checkpoint_keys():
+    from functools import partial
+
+    from vidrep.models.caffenet import CaffeNet
+    from vidrep.models.embedding import EmbeddingNet
+    from vidrep.training.module import TripletModule
+
+    def module(**kw):
+        torch.manual_seed(0)
+        net = EmbeddingNet(CaffeNet(67, 32, 16))
+        return TripletModule(net, {}, partial(torch.optim.SGD, lr=0.1), input_size=67, **kw)
+
+    x = torch.randint(0, 255, (4, 3, 67, 67), dtype=torch.uint8)
+    plain, fast = module(), module(channels_last=True, compile=True)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert fast.state_dict().keys() == plain.state_dict().keys()

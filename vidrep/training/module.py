@@ -98,6 +98,8 @@ class TripletModule(L.LightningModule):
         bias_weight_decay: float = 0.0,
         pixel_mean: Sequence[float] = (107.99, 102.75, 96.64),
         input_size: int = 227,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -110,6 +112,11 @@ class TripletModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
         self.input_size = input_size
+        self.channels_last = channels_last
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # Compiled outside the module tree, so checkpoints keep the plain keys (no "_orig_mod.").
+        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
         # Validation means weighted by batch size and synced as (sum, weight) across ranks: with
         # BatchShards' rank-independent batches they do not change with the number of devices.
         self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", "triplet_acc", "sim_pos", "sim_neg", "embed_std")})
@@ -124,7 +131,10 @@ class TripletModule(L.LightningModule):
         return patches.float() - self.pixel_mean
 
     def forward(self, patches: Tensor) -> Tensor:
-        return self.net(self.preprocess(patches))
+        x = self.preprocess(patches)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self.net if self._compiled_net is None else self._compiled_net)(x)
 
     def _shared_step(self, batch: dict[str, Tensor], hard_ratio: float, stage: str) -> Tensor:
         n = batch["anchor"].shape[0]
