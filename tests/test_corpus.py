@@ -159,3 +159,16 @@ def test_validation_batches_do_not_depend_on_the_number_of_ranks():
     for world in (2, 3, 4, 8):
         shards = [[tuple(b) for b in BatchShards(23, 5, world, rank)] for rank in range(world)]
         assert sorted(b for s in shards for b in s) == reference  # the same batches, each once
+
+
+@pytest.mark.parametrize("size", [227, 99])
+def test_decoders_give_the_same_patches(tiny_corpus, size):
+    index = PairIndex(tiny_corpus)
+    jpeg = index.read_pair(0)[0]
+    tv = PatchTransform(size, 0.0, decoder="torchvision")(jpeg)
+    cv = PatchTransform(size, 0.0, decoder="opencv")(jpeg)
+    assert tv.shape == cv.shape == (3, size, size) and tv.dtype == cv.dtype == torch.uint8
+    assert (tv.float() - cv.float()).abs().mean() < 1.5
+    for decoder in ("torchvision", "opencv"):
+        with pytest.raises(ValueError, match="not a decodable JPEG"):
+            PatchTransform(size, 0.0, decoder=decoder)(b"not a jpeg at all")

@@ -86,6 +86,7 @@ class PairDataModule(L.LightningDataModule):
         num_workers: int = 4,
         input_size: int = 227,
         flip_p: float = 0.5,
+        decoder: str = "torchvision",
         seed: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -99,7 +100,7 @@ class PairDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.num_patches, self.val_fraction, self.seed = num_patches, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.input_size, self.flip_p = input_size, flip_p
+        self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.demo = dict(demo) if demo else None
         self.train_set: PairDataset | None = None
@@ -120,8 +121,8 @@ class PairDataModule(L.LightningDataModule):
         sel = select_pairs(index.video_id, index.query_frame, num_pairs, self.val_fraction, self.seed)
         if len(sel.train) < self.batch_size:
             raise CorpusError(f"corpus {self.root} gives {len(sel.train)} training pairs, fewer than one batch of {self.batch_size}")
-        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p))
-        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0))
+        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder))
+        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder))
         log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", self.root, len(sel.train), len(sel.val),
                  len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
 

@@ -6,26 +6,53 @@ subtraction of method.md section 4 happens there (see `vidrep.training.module`).
 
 from __future__ import annotations
 
+import warnings
+
 import cv2
 import numpy as np
 import torch
 
+DECODERS = ("torchvision", "opencv")
+
 
 class PatchTransform:
-    """JPEG bytes -> uint8 [3, size, size] RGB, flipped horizontally with probability `flip_p`."""
+    """JPEG bytes -> uint8 [3, size, size] RGB, flipped horizontally with probability `flip_p`.
 
-    def __init__(self, input_size: int = 227, flip_p: float = 0.5) -> None:
-        self.input_size = input_size
-        self.flip_p = flip_p
+    `decoder`: "torchvision" (`torchvision.io.decode_jpeg` on the CPU: the fastest measured,
+    `bench/loader.py`) or "opencv" (`cv2.imdecode`). Both give the same pixels at 227 (mean
+    difference 0.00); resizing to another input size is area-averaging in both (antialiased).
+    """
 
-    def __call__(self, jpeg: bytes) -> torch.Tensor:
-        # OpenCV rather than torchvision.io.decode_jpeg, which torchvision deprecates for TorchCodec.
+    def __init__(self, input_size: int = 227, flip_p: float = 0.5, decoder: str = "torchvision") -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
+        self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
+
+    def _torchvision(self, jpeg: bytes) -> torch.Tensor:
+        from torchvision.io import decode_jpeg
+        from torchvision.transforms.v2.functional import resize
+
+        with warnings.catch_warnings():
+            # torchvision 0.29 points to TorchCodec for video; JPEG decoding stays supported up to <0.30.
+            warnings.simplefilter("ignore")
+            img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
+        if img.shape[-2:] != (self.input_size, self.input_size):
+            img = resize(img, [self.input_size, self.input_size], antialias=True)
+        return img
+
+    def _opencv(self, jpeg: bytes) -> torch.Tensor:
         img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
-            raise ValueError("a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)")
+            raise RuntimeError("not a JPEG")
         if img.shape[:2] != (self.input_size, self.input_size):
             img = cv2.resize(img, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)))
+
+    def __call__(self, jpeg: bytes) -> torch.Tensor:
+        try:
+            img = self._torchvision(jpeg) if self.decoder == "torchvision" else self._opencv(jpeg)
+        except RuntimeError:
+            raise ValueError("a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)") from None
         if self.flip_p > 0 and torch.rand(()) < self.flip_p:
-            img = img[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+            img = img.flip(-1)
+        return img.contiguous()

@@ -1,0 +1,127 @@
+"""The input pipeline: JPEG decode + resize + flip per core for each decoder, and the loader's rate.
+
+    source /work/venv/bin/activate && cd /work/main && python bench/loader.py
+    python bench/loader.py --corpus /data/corpus --input-size 227 --workers 0 2 8
+
+(a) Decoders, one process, one thread, on the same corpus patches (227x227 JPEGs), to a uint8
+[3, S, S] RGB tensor as `PatchTransform` returns it: OpenCV (`cv2.imdecode`, the default), PIL,
+and `torchvision.io.decode_jpeg` on the CPU (and on the GPU, batched, when one exists).
+(b) The DataLoader of `PairDataModule` (shuffled reads from the shards + the default transform) with
+each `--workers` count: patches/s, against what training consumes at the issue's target of
+20,000 patches/s per GPU (how many loader cores one GPU needs).
+Without --corpus the demo corpus is used (built into the cache on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from _table import markdown_table
+from vidrep.data.corpus import PairIndex
+from vidrep.data.datamodule import PairDataModule
+from vidrep.data.transforms import PatchTransform
+
+TARGET = 20_000  # patches/s one H200 should train on (issue: scale and speed)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", type=Path, default=None)
+    p.add_argument("--input-size", type=int, default=227)
+    p.add_argument("--patches", type=int, default=600, help="patches decoded per decoder in (a)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--batches", type=int, default=12, help="batches of 50 pairs read per worker count in (b)")
+    return p.parse_args()
+
+
+def pil_decode(jpeg: bytes, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    arr = np.asarray(img)
+    if torch.rand(()) < 0.5:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def rate(fn, jpegs: list[bytes]) -> float:
+    for j in jpegs[:20]:
+        fn(j)
+    start = time.perf_counter()
+    for j in jpegs:
+        fn(j)
+    return len(jpegs) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    root = args.corpus
+    if root is None:
+        from vidrep.data.demo import build_demo_corpus
+
+        root = build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
+    index = PairIndex(root)
+    jpegs = [index.read_pair(i % len(index))[i % 2] for i in range(args.patches)]
+    s = args.input_size
+    decoders = {
+        "OpenCV `cv2.imdecode`": PatchTransform(s, 0.5, decoder="opencv"),
+        "PIL": lambda j: pil_decode(j, s),
+        "torchvision.io.decode_jpeg, CPU (default)": PatchTransform(s, 0.5, decoder="torchvision"),
+    }
+    rows = []
+    reference = PatchTransform(s, 0.0, decoder="opencv")(jpegs[0]).float()
+    for name, fn in decoders.items():
+        r = rate(fn, jpegs)
+        check = fn(jpegs[0]).float()
+        same = min((check - reference).abs().mean().item(), (check.flip(-1) - reference).abs().mean().item())
+        rows.append([name, f"{r:,.0f}", f"{TARGET / r:.1f}", f"{same:.2f}"])
+    if torch.cuda.is_available():
+        from torchvision.io import decode_jpeg
+
+        data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+        decode_jpeg(data[:8], device="cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(data), 100):
+            decode_jpeg(data[i : i + 100], device="cuda")
+        torch.cuda.synchronize()
+        r = len(data) / (time.perf_counter() - start)
+        rows.append(["torchvision.io.decode_jpeg, GPU (batches of 100, decode only)", f"{r:,.0f}", "-", "-"])
+    print(f"(a) decode + resize to {s} + flip, one core ({len(jpegs)} patches of {root})")
+    print(markdown_table(["decoder", "patches/s per core", f"cores for {TARGET:,}/s", "mean |diff| vs OpenCV (0-255)"], rows))
+
+    rows = []
+    for workers in args.workers:
+        dm = PairDataModule(str(root), batch_size=50, num_workers=workers, input_size=s, val_fraction=0.0,
+                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        dm.setup()
+        loader = iter(dm.train_dataloader())
+        next(loader)  # workers started
+        start, patches = time.perf_counter(), 0
+        for _ in range(args.batches):
+            try:
+                batch = next(loader)
+            except StopIteration:
+                loader = iter(dm.train_dataloader())
+                batch = next(loader)
+            patches += 2 * len(batch["anchor"])
+        r = patches / (time.perf_counter() - start)
+        rows.append([str(workers), f"{r:,.0f}", f"{r / max(workers, 1):,.0f}", f"{TARGET / (r / max(workers, 1)):.0f}"])
+    print(f"\n(b) PairDataModule loader, batches of 50 pairs, shuffled over {len(index)} pairs")
+    print(markdown_table(["workers", "patches/s", "per worker", f"workers for {TARGET:,}/s"], rows))
+
+
+if __name__ == "__main__":
+    main()
