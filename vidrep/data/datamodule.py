@@ -86,7 +86,7 @@ class PairDataModule(L.LightningDataModule):
         num_workers: int = 4,
         input_size: int = 227,
         flip_p: float = 0.5,
-        decoder: str = "torchvision",
+        decoder: str = "opencv",
         seed: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
