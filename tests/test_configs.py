@@ -115,3 +115,14 @@ def test_slurm_launcher_config_composes():
     cfg = _compose_mine(["videos=/v", "out=/c", "hydra/launcher=slurm"])
     assert "SlurmLauncher" in cfg.hydra.launcher._target_
     assert cfg.hydra.launcher.cpus_per_task == 32
+
+
+def test_slurm_gpu_launcher_follows_the_trainer():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm_gpu", "trainer.devices=4", "trainer.num_nodes=2",
+                                          "data=8M", "data.root=/x"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)

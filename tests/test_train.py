@@ -150,3 +150,34 @@ def test_validation_metrics_do_not_change_with_the_number_of_devices(tmp_path, t
         rows = [r for r in read_metrics(tmp_path / f"val{devices}" / "metrics.csv") if r.get("val/loss")]
         values[devices] = {k: float(rows[-1][k]) for k in ("val/loss", "val/triplet_acc", "val/sim_neg")}
     assert values[1] == pytest.approx(values[2], rel=1e-5), values
+
+
+@pytest.mark.slow
+def test_ddp_run_resumes(tmp_path, tiny_corpus):
+    common = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "model.loss.hard_after_epochs=1"]
+    run_cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/first"], cwd=tmp_path)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=False)
+    run_cli([*common, "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/second"], cwd=tmp_path)
+    second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    per_epoch = train_pairs(tiny_corpus) // 2 // 8
+    assert first["global_step"] == per_epoch and second["global_step"] == 2 * per_epoch
+    assert second["epoch"] == first["epoch"] + 1 and second["negative_phase"] == "hard"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
+
+
+@pytest.mark.slow
+def test_multirun_of_ddp_jobs(tmp_path, tiny_corpus):
+    """Lightning restarts the script for rank 1 with the command line: in a multirun that would be
+    the whole sweep again, in a new timestamped folder. Each job's rank 1 must run that job only."""
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"data.root={tiny_corpus}", "~data.demo",
+                          "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                          "seed=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count("Launching 2 jobs") == 1
+    sweeps = list((tmp_path / "outputs" / "train" / "multirun").iterdir())
+    assert len(sweeps) == 1 and sorted(p.name for p in sweeps[0].iterdir() if not p.name.startswith(".") and p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == ["multirun"]
+    for job in ("0", "1"):
+        assert (sweeps[0] / job / "checkpoints" / "last.ckpt").exists()

@@ -51,6 +51,29 @@ def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers) -> dict[str, floa
     return out
 
 
+def _ddp_children_run_this_job_only() -> None:
+    """In a multirun, make the processes Lightning starts for the other DDP ranks run this job,
+    in this job's directory, rather than the whole sweep again.
+
+    Lightning starts rank k as `python train.py <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>`: in
+    a multirun that is the sweep (`-m` and every value) and a fresh timestamped directory. Here
+    argv becomes this job's own overrides, and hydra.run.dir this job's output directory.
+    """
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    OmegaConf.set_readonly(hc, False)
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model; returns the final logged metrics (for sweepers)."""
     try:
@@ -61,6 +84,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model = hydra.utils.instantiate(cfg.model)
         loggers = _instantiate_list(cfg.get("logger"))
         callbacks = _instantiate_list(cfg.get("callbacks"))
+        _ddp_children_run_this_job_only()
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
         if trainer.is_global_zero:
             for lg in loggers:

@@ -1,0 +1,152 @@
+"""Training throughput on a GPU: compute alone, the loader alone, and the whole step with the loader.
+
+    python bench/gpu.py                                   # on a GPU machine; ~3 min on one H200
+    python bench/gpu.py --device cpu --input-size 67 --pairs 4 8 --steps 3 --warmup 1 --workers 2   # a smoke run
+
+For each batch size (pairs; 50 pairs = 100 patches, the paper's batch; 256 pairs = 512 patches):
+(a) compute: `lightning.Trainer.fit` of the paper's model (conf/model/caffenet.yaml, 227 input,
+    `--precision`, default bf16-mixed; `--channels-last`, `--compile` as in the model config) on a
+    batch already in memory: patches/s of the whole optimisation step;
+(b) the loader alone: `PairDataModule` over `--corpus` (default: the demo corpus, 227x227 JPEGs)
+    with `--workers` processes, pinned memory: patches/s;
+(c) both together: patches/s, and the share of the step time the GPU waits for data (time from the
+    end of one step to the start of the next over the total).
+Target (issue "scale and speed"): >= 20,000 patches/s per H200 for (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, Dataset
+
+from _table import markdown_table
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--input-size", type=int, default=227)
+    p.add_argument("--pairs", type=int, nargs="+", default=[50, 256])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10, help="steps dropped (cuDNN autotuning, compilation)")
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--corpus", type=Path, default=None)
+    return p.parse_args()
+
+
+class Timer(L.Callback):
+    """Step time (batch start -> end, synchronised) and data wait (end -> next start)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.step, self.wait, self._end, self._start = device, [], [], None, 0.0
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+        if self._end is not None:
+            self.wait.append(self._start - self._end)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        self._end = time.perf_counter()
+        self.step.append(self._end - self._start)
+
+
+class Repeat(Dataset):
+    def __init__(self, batch: dict, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
+
+
+def module(args):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=corpus", f"model.input_size={args.input_size}",
+                                          f"model.channels_last={args.channels_last}", f"model.compile={args.compile}"])
+    return hydra.utils.instantiate(cfg.model)
+
+
+def fit(args, loader) -> Timer:
+    timer = Timer(args.device)
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
+                        max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module(args), train_dataloaders=loader)
+    return timer
+
+
+def datamodule(args, pairs):
+    from vidrep.data.datamodule import PairDataModule
+
+    root = args.corpus
+    if root is None:
+        from vidrep.data.demo import build_demo_corpus
+
+        root = build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
+    dm = PairDataModule(str(root), batch_size=pairs, num_workers=args.workers, input_size=args.input_size, val_fraction=0.0,
+                        pin_memory=args.device == "cuda", persistent_workers=True)
+    dm.setup()
+    return dm
+
+
+def main() -> None:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here; pass --device cpu for a smoke run")
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for pairs in args.pairs:
+        g = torch.Generator().manual_seed(0)
+        patches = lambda: torch.randint(0, 256, (pairs, 3, args.input_size, args.input_size), generator=g, dtype=torch.uint8)  # noqa: E731
+        batch = {"anchor": patches(), "positive": patches(), "video_id": torch.arange(pairs)}
+        compute = fit(args, DataLoader(Repeat(batch, args.steps), batch_size=None))
+        step = sorted(compute.step[args.warmup:])[len(compute.step[args.warmup:]) // 2]
+
+        dm = datamodule(args, pairs)
+        loader = iter(dm.train_dataloader())
+        next(loader)
+        start, n = time.perf_counter(), 0
+        for _ in range(max(args.steps // 2, 2)):
+            try:
+                b = next(loader)
+            except StopIteration:
+                loader = iter(dm.train_dataloader())
+                b = next(loader)
+            n += 2 * len(b["anchor"])
+        loader_rate = n / (time.perf_counter() - start)
+
+        both = fit(args, dm.train_dataloader())
+        steps, waits = both.step[args.warmup:], both.wait[args.warmup:]
+        total = sum(steps) + sum(waits)
+        rows.append([str(2 * pairs), f"{2 * pairs / step:,.0f}", f"{loader_rate:,.0f}",
+                     f"{2 * pairs * len(steps) / total:,.0f}", f"{100 * sum(waits) / total:.0f} %"])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
+          f"compile={args.compile}, {args.workers} loader workers")
+    print(markdown_table(["patches per batch", "compute alone (patches/s)", "loader alone (patches/s)",
+                          "step with loader (patches/s)", "time waiting for data"], rows))
+
+
+if __name__ == "__main__":
+    main()
