@@ -51,6 +51,25 @@ def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers) -> dict[str, floa
     return out
 
 
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _end_distributed(env_before: set[str]) -> None:
+    """Close this job's process group and drop the DDP variables Lightning put in the environment
+    when it started the other ranks, so that the next job of a multirun (same process) starts its
+    own ranks: with LOCAL_RANK left set, Lightning would take the processes as launched already
+    and wait for ranks that never come. Variables set by an outer launcher (srun, torchrun) stay."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for var in DDP_ENV:
+        if var not in env_before:
+            os.environ.pop(var, None)
+
+
 def _ddp_children_run_this_job_only() -> None:
     """In a multirun, make the processes Lightning starts for the other DDP ranks run this job,
     in this job's directory, rather than the whole sweep again.
@@ -76,6 +95,9 @@ def _ddp_children_run_this_job_only() -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the model; returns the final logged metrics (for sweepers)."""
+    import os
+
+    env_before = set(os.environ)
     try:
         check_config(cfg)
         if cfg.get("seed") is not None:
@@ -114,3 +136,4 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_wandb()
+        _end_distributed(env_before)
