@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
 from _table import markdown_table
+from loader import demo_corpus, loader_rate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -99,12 +100,7 @@ def fit(args, loader) -> Timer:
 def datamodule(args, pairs):
     from vidrep.data.datamodule import PairDataModule
 
-    root = args.corpus
-    if root is None:
-        from vidrep.data.demo import build_demo_corpus
-
-        root = build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
-    dm = PairDataModule(str(root), batch_size=pairs, num_workers=args.workers, input_size=args.input_size, val_fraction=0.0,
+    dm = PairDataModule(str(args.corpus or demo_corpus()), batch_size=pairs, num_workers=args.workers, input_size=args.input_size, val_fraction=0.0,
                         pin_memory=args.device == "cuda", persistent_workers=True)
     dm.setup()
     return dm
@@ -124,22 +120,12 @@ def main() -> None:
         step = sorted(compute.step[args.warmup:])[len(compute.step[args.warmup:]) // 2]
 
         dm = datamodule(args, pairs)
-        loader = iter(dm.train_dataloader())
-        next(loader)
-        start, n = time.perf_counter(), 0
-        for _ in range(max(args.steps // 2, 2)):
-            try:
-                b = next(loader)
-            except StopIteration:
-                loader = iter(dm.train_dataloader())
-                b = next(loader)
-            n += 2 * len(b["anchor"])
-        loader_rate = n / (time.perf_counter() - start)
+        rate = loader_rate(dm, max(args.steps // 2, 2))
 
         both = fit(args, dm.train_dataloader())
         steps, waits = both.step[args.warmup:], both.wait[args.warmup:]
         total = sum(steps) + sum(waits)
-        rows.append([str(2 * pairs), f"{2 * pairs / step:,.0f}", f"{loader_rate:,.0f}",
+        rows.append([str(2 * pairs), f"{2 * pairs / step:,.0f}", f"{rate:,.0f}",
                      f"{2 * pairs * len(steps) / total:,.0f}", f"{100 * sum(waits) / total:.0f} %"])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "

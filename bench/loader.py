@@ -73,15 +73,33 @@ def interleaved_rates(decoders: dict, jpegs: list[bytes], rounds: int) -> dict[s
     return {name: float(np.median(r)) for name, r in runs.items()}
 
 
+def demo_corpus() -> Path:
+    """The demo corpus (227x227 JPEGs), built into the cache on first use."""
+    from vidrep.data.demo import build_demo_corpus
+
+    return build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
+
+
+def loader_rate(dm: PairDataModule, batches: int) -> float:
+    """Patches/s of the training loader, its workers started, restarting epochs as needed."""
+    loader = iter(dm.train_dataloader())
+    next(loader)
+    start, patches = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            batch = next(loader)
+        except StopIteration:
+            loader = iter(dm.train_dataloader())
+            batch = next(loader)
+        patches += 2 * len(batch["anchor"])
+    return patches / (time.perf_counter() - start)
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    root = args.corpus
-    if root is None:
-        from vidrep.data.demo import build_demo_corpus
-
-        root = build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
+    root = args.corpus or demo_corpus()
     index = PairIndex(root)
     jpegs = [index.read_pair(i % len(index))[i % 2] for i in range(args.patches)]
     s = args.input_size
@@ -118,17 +136,7 @@ def main() -> None:
         dm = PairDataModule(str(root), batch_size=50, num_workers=workers, input_size=s, val_fraction=0.0,
                             persistent_workers=False, pin_memory=torch.cuda.is_available())
         dm.setup()
-        loader = iter(dm.train_dataloader())
-        next(loader)  # workers started
-        start, patches = time.perf_counter(), 0
-        for _ in range(args.batches):
-            try:
-                batch = next(loader)
-            except StopIteration:
-                loader = iter(dm.train_dataloader())
-                batch = next(loader)
-            patches += 2 * len(batch["anchor"])
-        r = patches / (time.perf_counter() - start)
+        r = loader_rate(dm, args.batches)
         rows.append([str(workers), f"{r:,.0f}", f"{r / max(workers, 1):,.0f}", f"{TARGET / (r / max(workers, 1)):.0f}"])
     print(f"\n(b) PairDataModule loader, batches of 50 pairs, shuffled over {len(index)} pairs")
     print(markdown_table(["workers", "patches/s", "per worker", f"workers for {TARGET:,}/s"], rows))

@@ -113,7 +113,15 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> None:
+    """Atomically (temporary name, then rename), creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def write_array(path: str | Path, array: np.ndarray) -> None:
+    """An .npy file, atomically, creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(path), lambda f: np.save(f, array))
 
 
 def init_corpus(root: str | Path) -> Path:
@@ -194,13 +202,15 @@ def write_failure(root: str | Path, name: str, row: dict) -> None:
     _write_rows(Path(root) / "failures" / f"{name}.parquet", [row])
 
 
+def _committed(folder: Path) -> list[str]:
+    """The parquet files of a folder that are committed (not dot-prefixed temporaries), sorted."""
+    return sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def read_records(root: str | Path, kind: str) -> pa.Table | None:
     """All rows of videos/ or failures/ (None when there are none)."""
-    folder = Path(root) / kind
-    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
-    if not files:
-        return None
-    return ds.dataset(files, format="parquet").to_table()
+    files = _committed(Path(root) / kind)
+    return ds.dataset(files, format="parquet").to_table() if files else None
 
 
 def read_manifest(root: str | Path) -> pa.Table:
@@ -211,11 +221,11 @@ def read_manifest(root: str | Path) -> pa.Table:
             f"{root} is not a vidrep corpus (no manifest/ folder); mine one with "
             f"`python mine.py videos=... out={root}` or point data.root at an existing corpus"
         )
-    files = sorted(p for p in (root / "manifest").glob("*.parquet") if not p.name.startswith("."))
+    files = _committed(root / "manifest")
     if not files:
         raise CorpusError(f"corpus {root} has no committed shards (manifest/*.parquet is empty)")
     # A dataset reads the files on several threads: a corpus mined per video has ~100K of them.
-    table = ds.dataset([str(p) for p in files], schema=SCHEMA, format="parquet").to_table()
+    table = ds.dataset(files, schema=SCHEMA, format="parquet").to_table()
     ids = table.column("pair_id").to_numpy(zero_copy_only=False)
     _, first = np.unique(ids, return_index=True)
     if len(first) < len(ids):

@@ -15,7 +15,7 @@ from torch import nn
 from vidrep.data.synthetic import SHAPES
 from vidrep.data.synthetic_voc import write_synthetic_voc
 from vidrep.data.voc import read_voc
-from vidrep.eval.features import Network, _mean_subtract
+from vidrep.eval.features import Network, mean_subtract
 from vidrep.eval.frozen import SvmProtocol
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
     report = {}
     with tempfile.TemporaryDirectory() as cache:  # these weights live only in this run: nothing to reuse
         for name, trunk in (("trained", trained), ("random init", initial)):
-            net = Network(name, copy.deepcopy(trunk).cpu().eval(), input_size, _mean_subtract(pixel_mean), name.replace(" ", "-"))
+            net = Network(name, copy.deepcopy(trunk).cpu().eval(), input_size, mean_subtract(pixel_mean), name.replace(" ", "-"))
             result = protocol.run([net], train, test, SHAPES, Path(cache), "demo-voc", "cpu")
             report[name] = {"layer": result["best_layer"], "map": result["map"],
                             "per_layer": {k: v["map"] for k, v in result["layers"].items()}}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms, roi_pool
 
+from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
 from vidrep.eval.metrics import voc_detection_ap
@@ -56,15 +57,11 @@ def selective_search(image: np.ndarray, max_side: int = 500, mode: str = "fast",
 def cached_proposals(images: Sequence[VOCImage], folder: Path, settings: dict) -> list[np.ndarray]:
     """Selective search per image, stored as .npy under `folder` (one per data set and settings)."""
     folder = folder / "_".join(f"{k}{v}" for k, v in sorted(settings.items()))
-    folder.mkdir(parents=True, exist_ok=True)
     out = []
     for im in images:
         path = folder / f"{im.id}.npy"
         if not path.exists():
-            boxes = selective_search(cv2.imread(str(im.path)), **settings)
-            tmp = path.with_name(f".{path.stem}.tmp.npy")
-            np.save(tmp, boxes)
-            tmp.replace(path)
+            write_array(path, selective_search(cv2.imread(str(im.path)), **settings))
         out.append(np.load(path))
     return out
 

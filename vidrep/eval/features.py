@@ -35,7 +35,7 @@ class Network:
     key: str  # identifies the weights for caches
 
 
-def _mean_subtract(mean: Sequence[float]) -> Callable[[Tensor], Tensor]:
+def mean_subtract(mean: Sequence[float]) -> Callable[[Tensor], Tensor]:
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     return lambda x: x.float() - m.to(x.device)
 
@@ -71,14 +71,14 @@ def load_checkpoint_trunk(path: str | Path) -> Network:
     trunk = TorchvisionAlexNet(input_size, fc6_dim, fc7_dim) if "convs.0.weight" in trunk_state else CaffeNet(input_size, fc6_dim, fc7_dim)
     trunk.load_state_dict(trunk_state)
     mean = hp.get("pixel_mean", [107.99, 102.75, 96.64])
-    return Network(str(path), trunk.eval(), input_size, _mean_subtract(mean), _file_key(path))
+    return Network(str(path), trunk.eval(), input_size, mean_subtract(mean), _file_key(path))
 
 
 def random_network(input_size: int = 227, fc6_dim: int = 4096, fc7_dim: int = 1024, seed: int = 0) -> Network:
     """The same architecture with the released random initialisation (the "scratch" baseline)."""
     torch.manual_seed(seed)
     trunk = CaffeNet(input_size, fc6_dim, fc7_dim)
-    return Network("random", trunk.eval(), input_size, _mean_subtract([107.99, 102.75, 96.64]), f"random-{input_size}-{fc6_dim}-{fc7_dim}-{seed}")
+    return Network("random", trunk.eval(), input_size, mean_subtract([107.99, 102.75, 96.64]), f"random-{input_size}-{fc6_dim}-{fc7_dim}-{seed}")
 
 
 def imagenet_network(path: str | Path, input_size: int = 227) -> Network:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network, extract_features
 from vidrep.eval.svm import svm_class_results
@@ -30,11 +31,8 @@ def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[s
     if missing:
         log.info("extracting %s features of %d images for %s", ",".join(missing), len(images), net.name)
         feats = extract_features(net, [im.path for im in images], missing, batch_size, device)
-        folder.mkdir(parents=True, exist_ok=True)
         for name, f in feats.items():
-            tmp = folder / f".{name}.tmp.npy"
-            np.save(tmp, f)
-            tmp.replace(folder / f"{name}.npy")
+            write_array(folder / f"{name}.npy", f)
     return {name: np.load(folder / f"{name}.npy") for name in layers}
 
 

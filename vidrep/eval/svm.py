@@ -10,20 +10,13 @@ interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from vidrep.data.corpus import write_json
 from vidrep.eval.metrics import voc_classification_ap
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0) -> tuple[np.ndarray, float]:
@@ -73,12 +66,12 @@ def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.
                     cv[f"{cost:g}"] = json.loads(step.read_text())["cv_ap"]
                     continue
                 ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric)
-                _atomic_json(step, {"class": name, "cost": cost, "cv_ap": ap})
+                write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
                 cv[f"{cost:g}"] = ap
             best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
             w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed)
             result = {"class": name, "cost": best, "cv_ap": cv,
                       "ap": voc_classification_ap(test_x @ w + b, test_labels[:, c], use_07_metric)}
-        _atomic_json(final, result)
+        write_json(final, result)
         results.append(result)
     return results
