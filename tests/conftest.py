@@ -30,6 +30,7 @@ TINY = [
     "~callbacks.progress",
     "trainer.accelerator=cpu",
     "~demo_eval",
+    "callbacks.pictures.every_n_epochs=0",  # tests/test_viz.py turns them on
 ]
 
 

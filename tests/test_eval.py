@@ -180,10 +180,13 @@ def test_svm_protocol_single_and_ensemble(tiny_voc, tmp_path):
     assert result["protocol"]["costs"] == [0.1, 10] and result["data"]["num_test_images"] == 30
     assert all(0 <= ap <= 1 for r in result["layers"].values() for ap in r["ap"] if ap == ap)
     assert (tmp_path / "single" / "results.md").exists() and "| conv5" in out.stdout
+    assert {p.name for p in (tmp_path / "single" / "pictures").iterdir()} == {"per_class_ap.png", "pr_curves.png"}
+    assert all(c["pr"]["recall"][-1] == 1.0 for c in result["layers"]["fc7"]["classes"])
     _evaluate(tmp_path, f"[{a},{b}]", f"hydra.run.dir={tmp_path}/ensemble")
     ensemble = json.loads((tmp_path / "ensemble" / "results.json").read_text())
     assert ensemble["row"] == "unsup, no ft, ensemble" and len(ensemble["checkpoints"]) == 2
-    _evaluate(tmp_path, "random", f"hydra.run.dir={tmp_path}/random")
+    _evaluate(tmp_path, "random", f"hydra.run.dir={tmp_path}/random", "pictures=false")
+    assert not (tmp_path / "random" / "pictures").exists()
     table = gather([tmp_path / d / "results.json" for d in ("ensemble", "single", "random")])
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
     assert rows == ["scratch", "unsup, no ft", "unsup, no ft, ensemble"]

@@ -124,6 +124,12 @@ def write_array(path: str | Path, array: np.ndarray) -> None:
     _atomic_write(Path(path), lambda f: np.save(f, array))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """A file, atomically, creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
 def init_corpus(root: str | Path) -> Path:
     root = Path(root)
     (root / "shards").mkdir(parents=True, exist_ok=True)

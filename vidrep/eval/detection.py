@@ -31,7 +31,7 @@ from torchvision.ops import box_iou, nms, roi_pool
 from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
-from vidrep.eval.metrics import voc_detection_ap
+from vidrep.eval.metrics import thin_curve, voc_detection_ap, voc_detection_pr
 from vidrep.eval.svm import fit_svm
 
 log = logging.getLogger(__name__)
@@ -302,5 +302,7 @@ class DetectionProtocol:
             targets.append(im.target())
         ap = voc_detection_ap(preds, targets, iou_threshold=self.iou_threshold, use_07_metric=self.use_07_metric,
                               num_classes=len(classes))
+        curves = voc_detection_pr(preds, targets, iou_threshold=self.iou_threshold, num_classes=len(classes))
+        per_class = [{"class": name, "ap": a, "pr": thin_curve(curve)} for name, a, curve in zip(classes, ap["ap"], curves)]
         layer = "pool5" if self.finetune == "none" else "fc7"
-        return {"layers": {layer: {"ap": ap["ap"], "map": ap["map"]}}, "best_layer": layer, "map": ap["map"]}
+        return {"layers": {layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}}, "best_layer": layer, "map": ap["map"]}

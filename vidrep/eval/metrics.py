@@ -47,7 +47,8 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _class_ap(preds, targets, c: int, iou_threshold: float, use_07_metric: bool) -> float:
+def _class_pr(preds, targets, c: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(recall, precision) over class c's detections in score order; None without a non-difficult object."""
     gts, taken, npos = [], [], 0
     for t in targets:
         labels = _np(t["labels"]).reshape(-1)
@@ -58,7 +59,7 @@ def _class_ap(preds, targets, c: int, iou_threshold: float, use_07_metric: bool)
         taken.append(np.zeros(len(boxes), bool))
         npos += int((~difficult).sum())
     if npos == 0:
-        return float("nan")
+        return None
     image, score, box = [], [], []
     for i, p in enumerate(preds):
         keep = _np(p["labels"]).reshape(-1) == c
@@ -68,7 +69,7 @@ def _class_ap(preds, targets, c: int, iou_threshold: float, use_07_metric: bool)
         box.append(_np(p["boxes"]).reshape(-1, 4)[keep].astype(np.float64))
     image, score, box = np.concatenate(image), np.concatenate(score), np.concatenate(box)
     if len(score) == 0:
-        return 0.0
+        return np.zeros(0), np.zeros(0)
     order = np.argsort(-score, kind="stable")
     tp = np.zeros(len(order))
     fp = np.zeros(len(order))
@@ -90,9 +91,14 @@ def _class_ap(preds, targets, c: int, iou_threshold: float, use_07_metric: bool)
         else:
             fp[d] = 1
     tp, fp = np.cumsum(tp), np.cumsum(fp)
-    recall = tp / npos
-    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return average_precision(recall, precision, use_07_metric)
+    return tp / npos, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+
+
+def _ap_of(curve: tuple[np.ndarray, np.ndarray] | None, use_07_metric: bool) -> float:
+    if curve is None:
+        return float("nan")
+    recall, precision = curve
+    return average_precision(recall, precision, use_07_metric) if len(recall) else 0.0
 
 
 def voc_detection_ap(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
@@ -102,21 +108,46 @@ def voc_detection_ap(preds: Sequence[dict], targets: Sequence[dict], *, iou_thre
     in inclusive pixel coordinates, labels in [0, num_classes)."""
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no detection")
-    ap = [_class_ap(preds, targets, c, iou_threshold, use_07_metric) for c in range(num_classes)]
+    ap = [_ap_of(_class_pr(preds, targets, c, iou_threshold), use_07_metric) for c in range(num_classes)]
     valid = [a for a in ap if not np.isnan(a)]
     return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
 
 
-def voc_classification_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = False) -> float:
-    """AP of one class over images: labels 1 (the class is present), -1 (absent), 0 (only difficult
-    objects of the class: ignored), as in the devkit's ground-truth files."""
+def voc_detection_pr(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
+                     num_classes: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per class, the (recall, precision) curve behind `voc_detection_ap` (None for a class without
+    a non-difficult object)."""
+    return [_class_pr(preds, targets, c, iou_threshold) for c in range(num_classes)]
+
+
+def classification_pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(recall, precision) of one class over images in score order (labels as in
+    `voc_classification_ap`); None without a positive image."""
     scores, labels = _np(scores).reshape(-1), _np(labels).reshape(-1)
     keep = labels != 0
     scores, labels = scores[keep], labels[keep]
     npos = int((labels > 0).sum())
     if npos == 0:
-        return float("nan")
+        return None
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(labels[order] > 0)
     fp = np.cumsum(labels[order] < 0)
-    return average_precision(tp / npos, tp / np.maximum(tp + fp, np.finfo(np.float64).eps), use_07_metric)
+    return tp / npos, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+
+
+def voc_classification_ap(scores: np.ndarray, labels: np.ndarray, use_07_metric: bool = False) -> float:
+    """AP of one class over images: labels 1 (the class is present), -1 (absent), 0 (only difficult
+    objects of the class: ignored), as in the devkit's ground-truth files."""
+    return _ap_of(classification_pr(scores, labels), use_07_metric)
+
+
+def thin_curve(curve: tuple[np.ndarray, np.ndarray] | None, max_points: int = 200) -> dict | None:
+    """A PR curve small enough for results.json: at most `max_points` points, evenly spaced along
+    the ranking, always keeping the first and the last."""
+    if curve is None:
+        return None
+    recall, precision = curve
+    if len(recall) > max_points:
+        keep = np.unique(np.linspace(0, len(recall) - 1, max_points).round().astype(int))
+        recall, precision = recall[keep], precision[keep]
+    return {"recall": [round(float(r), 5) for r in recall], "precision": [round(float(p), 5) for p in precision]}

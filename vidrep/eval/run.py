@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from vidrep.data.voc import read_voc
 from vidrep.eval.features import load_network
 from vidrep.eval.report import default_row, per_class_table, write_results
+from vidrep.viz.canvas import PictureSink
+from vidrep.viz.evaluation import evaluation_pictures
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ def _checkpoints(ckpt) -> list[str]:
     return [str(c) for c in ckpts]
 
 
-def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict) -> None:
+def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict, pictures: list[Path]) -> None:
     if not cfg.wandb.enabled:
         return
     import wandb
@@ -39,7 +41,7 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict) -> None:
             table.add_data(layer, r["map"], *r["ap"])
             run.summary[f"eval/map/{layer}"] = r["map"]
         run.summary["eval/map"] = result["map"]
-        run.log({"eval/per_class_ap": table})
+        run.log({"eval/per_class_ap": table, **{f"pictures/{p.stem}": wandb.Image(str(p)) for p in pictures}})
     finally:
         run.finish()
 
@@ -81,5 +83,9 @@ def evaluate(cfg: DictConfig) -> dict:
     write_results(run_dir, result)
     print(per_class_table(result))
     print(f"mAP {100 * result['map']:.1f} ({result.get('best_layer', '')}); results: {run_dir / 'results.json'}")
-    _log_wandb(cfg, run_dir, result)
+    sink = PictureSink(run_dir / "pictures")
+    if cfg.get("pictures", True):
+        evaluation_pictures(result, sink)
+        print(f"pictures: {run_dir / 'pictures'}")
+    _log_wandb(cfg, run_dir, result, sink.written)
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from vidrep.data.corpus import write_json
-from vidrep.eval.metrics import voc_classification_ap
+from vidrep.eval.metrics import classification_pr, thin_curve, voc_classification_ap
 
 
 def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0) -> tuple[np.ndarray, float]:
@@ -49,7 +49,8 @@ def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: in
 def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
                       classes: Sequence[str], costs: Sequence[float], folds: int, seed: int, use_07_metric: bool,
                       cache_dir: Path) -> list[dict]:
-    """Per class: {"class", "cost", "cv_ap" per cost, "ap"}; labels are [N, C] in {1, 0, -1}."""
+    """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
+    labels are [N, C] in {1, 0, -1}."""
     results = []
     for c, name in enumerate(classes):
         final = cache_dir / f"{name}.json"
@@ -70,8 +71,10 @@ def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.
                 cv[f"{cost:g}"] = ap
             best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
             w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed)
+            scores = test_x @ w + b
             result = {"class": name, "cost": best, "cv_ap": cv,
-                      "ap": voc_classification_ap(test_x @ w + b, test_labels[:, c], use_07_metric)}
+                      "ap": voc_classification_ap(scores, test_labels[:, c], use_07_metric),
+                      "pr": thin_curve(classification_pr(scores, test_labels[:, c]))}
         write_json(final, result)
         results.append(result)
     return results

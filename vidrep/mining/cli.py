@@ -31,6 +31,17 @@ def resolve_workers(workers: int | None) -> int:
     return cores
 
 
+def draw_pictures(cfg: DictConfig) -> None:
+    """Pictures of this run's share of the videos (its shard), never of other shards' videos."""
+    from vidrep.mining.inputs import list_videos, select_shard
+    from vidrep.viz.mining import render_corpus_pictures
+
+    videos = select_shard(list_videos(cfg.videos, tuple(cfg.extensions)), cfg.shard, cfg.num_shards)
+    written = render_corpus_pictures(cfg.out, max_videos=cfg.viz_videos, names=[v.name for v in videos],
+                                     video_paths={v.name: v.path for v in videos})
+    print(f"pictures: {len(written)} files in {Path(cfg.out).resolve() / 'pictures'}")
+
+
 def mine(cfg: DictConfig) -> RunSummary:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
@@ -44,6 +55,8 @@ def mine(cfg: DictConfig) -> RunSummary:
     )
     print(summary.table())
     print(f"corpus: {Path(cfg.out).resolve()} (summary.json, failures/ for skipped videos)")
+    if cfg.get("viz"):
+        draw_pictures(cfg)
     if HydraConfig.initialized():
         out = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
         out.write_text(json.dumps({"run": dict(summary.run), "corpus": summary.corpus}, indent=2))

@@ -145,16 +145,25 @@ class VideoMiner:
         self.config = config
         self.detect = make_detector(config.detector, config.max_points)
 
-    def _start_track(self, stats: Counter, clock: StageClock, prev_gray, gray, frame, t) -> _Track | None:
+    def frame_motion(self, prev_gray: np.ndarray, gray: np.ndarray, clock: StageClock | None = None) -> PointMotion:
+        """Interest points of a candidate frame and their camera-compensated motion since the
+        previous frame (also what `vidrep.viz.mining` draws)."""
         c = self.config
-        stats["candidates"] += 1
         if c.detector == "gftt":
             points, weak = gftt_with_weak_corners(gray, c.max_points)
         else:
             points, weak = self.detect(gray), None
-        clock.lap("detect")
+        if clock is not None:
+            clock.lap("detect")
         motion = point_motion(prev_gray, gray, points, grid=c.grid, per_cell=c.per_cell, ransac_px=c.ransac_px, weak_corners=weak)
-        clock.lap("motion")
+        if clock is not None:
+            clock.lap("motion")
+        return motion
+
+    def _start_track(self, stats: Counter, clock: StageClock, prev_gray, gray, frame, t) -> _Track | None:
+        c = self.config
+        stats["candidates"] += 1
+        motion = self.frame_motion(prev_gray, gray, clock)
         verdict = frame_verdict(motion, c)
         if verdict is not None:
             stats[verdict] += 1

@@ -1,0 +1,3 @@
+from vidrep.viz.render import main
+
+main()
