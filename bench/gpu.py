@@ -8,7 +8,8 @@ For each batch size (pairs; 50 pairs = 100 patches, the paper's batch; 256 pairs
     `--precision`, default bf16-mixed; `--channels-last`, `--compile` as in the model config) on a
     batch already in memory: patches/s of the whole optimisation step;
 (b) the loader alone: `PairDataModule` over `--corpus` (default: the demo corpus, 227x227 JPEGs)
-    with `--workers` processes, pinned memory: patches/s;
+    with `--workers` processes, pinned memory, for each of `--decoders` (opencv: decoded in the
+    workers; device: batches decoded on the GPU by nvJPEG): patches/s;
 (c) both together: patches/s, and the share of the step time the GPU waits for data (time from the
     end of one step to the start of the next over the total).
 Target (issue "scale and speed"): >= 20,000 patches/s per H200 for (c).
@@ -45,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--corpus", type=Path, default=None)
+    p.add_argument("--decoders", nargs="+", default=["opencv", "device"],
+                   help="data.decoder values for (b) and (c): opencv (in the workers) | device (nvJPEG, batched)")
     return p.parse_args()
 
 
@@ -88,20 +91,24 @@ def module(args):
     return hydra.utils.instantiate(cfg.model)
 
 
-def fit(args, loader) -> Timer:
+def fit(args, data) -> Timer:
+    """`data`: a DataLoader, or a PairDataModule (its batch hooks, e.g. decoding on the device, run)."""
     timer = Timer(args.device)
     trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
                         max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module(args), train_dataloaders=loader)
+    if isinstance(data, DataLoader):
+        trainer.fit(module(args), train_dataloaders=data)
+    else:
+        trainer.fit(module(args), datamodule=data)
     return timer
 
 
-def datamodule(args, pairs):
+def datamodule(args, pairs, decoder):
     from vidrep.data.datamodule import PairDataModule
 
     dm = PairDataModule(str(args.corpus or demo_corpus()), batch_size=pairs, num_workers=args.workers, input_size=args.input_size, val_fraction=0.0,
-                        pin_memory=args.device == "cuda", persistent_workers=True)
+                        pin_memory=args.device == "cuda", persistent_workers=True, decoder=decoder)
     dm.setup()
     return dm
 
@@ -119,18 +126,18 @@ def main() -> None:
         compute = fit(args, DataLoader(Repeat(batch, args.steps), batch_size=None))
         step = sorted(compute.step[args.warmup:])[len(compute.step[args.warmup:]) // 2]
 
-        dm = datamodule(args, pairs)
-        rate = loader_rate(dm, max(args.steps // 2, 2))
-
-        both = fit(args, dm.train_dataloader())
-        steps, waits = both.step[args.warmup:], both.wait[args.warmup:]
-        total = sum(steps) + sum(waits)
-        rows.append([str(2 * pairs), f"{2 * pairs / step:,.0f}", f"{rate:,.0f}",
-                     f"{2 * pairs * len(steps) / total:,.0f}", f"{100 * sum(waits) / total:.0f} %"])
+        for decoder in args.decoders:
+            dm = datamodule(args, pairs, decoder)
+            rate = loader_rate(dm, max(args.steps // 2, 2), args.device)
+            both = fit(args, dm)
+            steps, waits = both.step[args.warmup:], both.wait[args.warmup:]
+            total = sum(steps) + sum(waits)
+            rows.append([str(2 * pairs), f"{2 * pairs / step:,.0f}", decoder, f"{rate:,.0f}",
+                         f"{2 * pairs * len(steps) / total:,.0f}", f"{100 * sum(waits) / total:.0f} %"])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
           f"compile={args.compile}, {args.workers} loader workers")
-    print(markdown_table(["patches per batch", "compute alone (patches/s)", "loader alone (patches/s)",
+    print(markdown_table(["patches per batch", "compute alone (patches/s)", "data.decoder", "loader alone (patches/s)",
                           "step with loader (patches/s)", "time waiting for data"], rows))
 
 

@@ -80,17 +80,29 @@ def demo_corpus() -> Path:
     return build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
 
 
-def loader_rate(dm: PairDataModule, batches: int) -> float:
-    """Patches/s of the training loader, its workers started, restarting epochs as needed."""
+def loader_rate(dm: PairDataModule, batches: int, device: str = "cpu") -> float:
+    """Patches/s of the training loader, its workers started, restarting epochs as needed; with
+    data.decoder=device, including the batched decode on `device`."""
+    from vidrep.data.transforms import decode_batch
+
+    def fetch(loader):
+        batch = next(loader)
+        if dm.decoder == "device":
+            for key in ("anchor", "positive"):
+                batch[key] = decode_batch(batch[key], dm.input_size, device, dm.flip_p)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return batch
+
     loader = iter(dm.train_dataloader())
-    next(loader)
+    fetch(loader)
     start, patches = time.perf_counter(), 0
     for _ in range(batches):
         try:
-            batch = next(loader)
+            batch = fetch(loader)
         except StopIteration:
             loader = iter(dm.train_dataloader())
-            batch = next(loader)
+            batch = fetch(loader)
         patches += 2 * len(batch["anchor"])
     return patches / (time.perf_counter() - start)
 

@@ -1,4 +1,5 @@
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -181,3 +182,15 @@ def test_multirun_of_ddp_jobs(tmp_path, tiny_corpus):
     assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == ["multirun"]
     for job in ("0", "1"):
         assert (sweeps[0] / job / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_training_decodes_batches_on_the_device(tiny_corpus, tmp_path):
+    """data.decoder=device: the workers only read; each batch is decoded where the model runs (here
+    the CPU; nvJPEG on a GPU) with flips in training, none in validation."""
+    run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=1", "data.decoder=device",
+             f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    train = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert val and train and all(math.isfinite(v) for v in val + train)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
-from vidrep.data.transforms import PatchTransform
+from vidrep.data.transforms import PatchTransform, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ class PairDataset(Dataset):
             "positive": self.transform(tracked),
             "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
         }
+
+
+def collate_jpegs(items: list[dict]) -> dict:
+    """Batches of undecoded patches (data.decoder=device): lists of byte tensors of any length."""
+    return {"anchor": [it["anchor"] for it in items], "positive": [it["positive"] for it in items],
+            "video_id": torch.stack([it["video_id"] for it in items])}
 
 
 class BatchShards(Sampler[list[int]]):
@@ -129,7 +135,8 @@ class PairDataModule(L.LightningDataModule):
     def _loader(self, dataset: PairDataset, train: bool) -> DataLoader:
         world, rank = _distributed() or (1, 0)
         common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=self.persistent_workers and self.num_workers > 0)
+                      persistent_workers=self.persistent_workers and self.num_workers > 0,
+                      collate_fn=collate_jpegs if self.decoder == "device" else None)
         if not train:
             return DataLoader(dataset, batch_sampler=BatchShards(len(dataset), self.batch_size, world, rank), **common)
         if world > 1:
@@ -137,6 +144,16 @@ class PairDataModule(L.LightningDataModule):
         else:
             sampler = RandomSampler(dataset)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """data.decoder=device: decode the batch's JPEGs on the training device (flips in training only)."""
+        if self.decoder != "device":
+            return batch
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        flip_p = self.flip_p if trainer is not None and trainer.training else 0.0
+        return {**batch, "anchor": decode_batch(batch["anchor"], self.input_size, device, flip_p),
+                "positive": decode_batch(batch["positive"], self.input_size, device, flip_p)}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

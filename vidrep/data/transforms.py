@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-DECODERS = ("opencv", "torchvision")
+DECODERS = ("opencv", "torchvision", "device")
 
 
 class PatchTransform:
@@ -51,6 +51,8 @@ class PatchTransform:
         return torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)))
 
     def __call__(self, jpeg: bytes) -> torch.Tensor:
+        if self.decoder == "device":
+            return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
         try:
             img = self._torchvision(jpeg) if self.decoder == "torchvision" else self._opencv(jpeg)
         except RuntimeError:
@@ -58,3 +60,25 @@ class PatchTransform:
         if self.flip_p > 0 and torch.rand(()) < self.flip_p:
             img = img.flip(-1)
         return img.contiguous()
+
+
+def decode_batch(jpegs: list[torch.Tensor], size: int, device: torch.device | str, flip_p: float = 0.0) -> torch.Tensor:
+    """JPEG byte tensors (on the CPU) -> uint8 [N, 3, size, size] RGB on `device`: decoded there in
+    one batched call (nvJPEG on CUDA), resized like the "torchvision" decoder, each flipped
+    horizontally with probability `flip_p` (torch's global generator, as the workers use)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    device = torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            raise ValueError(f"a corpus patch is not a decodable JPEG ({e}); the shard may be damaged (re-mine its videos)") from None
+    images = [img if img.shape[-2:] == (size, size) else resize(img, [size, size], antialias=True) for img in images]
+    batch = torch.stack(images)
+    if flip_p > 0:
+        flip = (torch.rand(len(batch)) < flip_p).to(device)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    return batch
