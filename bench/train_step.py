@@ -13,7 +13,8 @@ on the device in both
 (Lightning moves it before on_train_batch_start). The first `--warmup` steps of every block are
 dropped; the target is a median ratio <= 1.05.
 (b) Negative selection + loss (forward and backward on given embeddings) against the network's
-forward + backward for the same batch (target <= 2 %), then the loss alone at `--big-pairs`.
+forward + backward for the same batch (target <= 2 %); then the loss at `--big-pairs` pairs gathered
+from `--ranks` ranks (8 x 200), against the network pass of one rank's own batch (200 pairs).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--net-reps", type=int, default=5, help="timed network forward+backward passes in (b)")
     p.add_argument("--loss-reps", type=int, default=50, help="timed loss passes per network pass in (b)")
     p.add_argument("--big-pairs", type=int, default=1600, help="pairs for the loss-alone row of (b)")
+    p.add_argument("--ranks", type=int, default=8,
+                   help="--big-pairs are gathered from this many ranks: the share compares the loss with the "
+                        "network pass of one rank's batch (--big-pairs / --ranks pairs)")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 keeps torch's default. 1 on a CPU shared with other jobs: "
@@ -234,6 +238,9 @@ def main() -> None:
     share = loss_share(module, batch, args, device)
     net = statistics.median(share["net"])
     big = {phase: loss_seconds(args.big_pairs, 1024, module, ratio, args.loss_reps, device) for phase, ratio in PHASES.items()}
+    rank_pairs = args.big_pairs // args.ranks
+    rank_batch = fixed_batch(rank_pairs, args.input_size, device)
+    rank_net = statistics.median(net_seconds(module, rank_batch, device) for _ in range(args.net_reps))
 
     rows = [
         ("(a) step, Lightning (ms, median)", ms(lightning), step_note(steps["lightning"])),
@@ -247,9 +254,11 @@ def main() -> None:
         loss = statistics.median(share[phase])
         rows.append((f"(b) selection + loss fwd + bwd, {args.pairs} pairs, {phase} negatives (ms)", ms(loss),
                      f"{100 * loss / net:.2f} % of the network (target <= 2 %)"))
+    rows.append((f"(b) network forward + backward, {rank_pairs} pairs (one of {args.ranks} ranks) (ms)", ms(rank_net),
+                 f"median of {args.net_reps}"))
     for phase, seconds in big.items():
-        rows.append((f"(b) selection + loss fwd + bwd, {args.big_pairs} pairs, D=1024, {phase} negatives (ms)", ms(seconds),
-                     f"median of {args.loss_reps}"))
+        rows.append((f"(b) selection + loss fwd + bwd, {args.big_pairs} pairs gathered, D=1024, {phase} negatives (ms)", ms(seconds),
+                     f"{100 * seconds / rank_net:.2f} % of one rank's network pass (target <= 2 %)"))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}\n")
     print(markdown_table(("measure", "value", "note"), rows))
 

@@ -315,3 +315,10 @@ def test_results_go_to_wandb_offline(tiny_voc, tmp_path):
     _evaluate(tmp_path, _checkpoint(tmp_path / "a.ckpt", 1), "wandb.enabled=true", "wandb.mode=offline",
               "protocol.layers=[fc7]", f"hydra.run.dir={tmp_path}/run")
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_synthetic_voc_tree_of_another_size_is_not_reused(tmp_path):
+    write_synthetic_voc(tmp_path, num_trainval=4, num_test=3, height=64, width=80)
+    assert write_synthetic_voc(tmp_path, num_trainval=4, num_test=3, height=64, width=80) == tmp_path
+    with pytest.raises(ValueError, match="4 trainval and 3 test images, not 6 and 3"):
+        write_synthetic_voc(tmp_path, num_trainval=6, num_test=3, height=64, width=80)

@@ -27,10 +27,15 @@ def _xml(image_id: str, width: int, height: int, objects: list[tuple[str, tuple[
 def write_synthetic_voc(root: str | Path, num_trainval: int = 60, num_test: int = 60, seed: int = 12345,
                         height: int = 240, width: int = 320, max_objects: int = 2, difficult_p: float = 0.1,
                         classes: tuple[str, ...] = SHAPES) -> Path:
-    """Write <root>/VOC2007 (trainval and test splits). Built in a temporary folder and renamed."""
+    """Write <root>/VOC2007 (trainval and test splits). Built in a temporary folder and renamed; an
+    existing tree is reused only when its split sizes are the ones asked for."""
     root = Path(root)
     final = root / "VOC2007"
     if final.exists():
+        sizes = [len((final / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) for split in ("trainval", "test")]
+        if sizes != [num_trainval, num_test]:
+            raise ValueError(f"{final} holds {sizes[0]} trainval and {sizes[1]} test images, not {num_trainval} and "
+                             f"{num_test}; give this size its own folder, or delete {final}")
         return root
     tmp = root / f".VOC2007.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
