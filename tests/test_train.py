@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import lightning as L
 import torch
 
 from conftest import ROOT, TINY
@@ -194,3 +195,77 @@ def test_training_decodes_batches_on_the_device(tiny_corpus, tmp_path):
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     train = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert val and train and all(math.isfinite(v) for v in val + train)
+
+
+class _Recorder(L.LightningModule):
+    """Trains nothing that matters; records a signature of every training pair it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[tuple[int, int]]] = []
+
+    def training_step(self, batch, batch_idx):
+        sums = batch["anchor"].flatten(1).long().sum(1)
+        self.seen.append(list(zip(batch["video_id"].tolist(), sums.tolist())))
+        return (self.w - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_recorded(corpus, tmp_path, max_epochs, ckpt_path=None, every=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vidrep.data.datamodule import PairDataModule
+
+    L.seed_everything(0)
+    dm = PairDataModule(str(corpus), batch_size=4, num_workers=0, input_size=67, flip_p=0.0, val_fraction=0.25,
+                        pin_memory=False, persistent_workers=False)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1, filename="{step}")] if every else []
+    model = _Recorder()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                        enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(every))
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen, len(dm.train_dataloader())
+
+
+def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epochs_order(tiny_corpus, tmp_path):
+    full, n = _fit_recorded(tiny_corpus, tmp_path / "full", max_epochs=2, every=1)
+    assert n > 4 and len(full) == 2 * n
+    assert len(set(sum(full[:n], []))) == 4 * n  # one epoch: every pair once
+    resumed, _ = _fit_recorded(tiny_corpus, tmp_path / "resumed", max_epochs=2, ckpt_path=tmp_path / "full" / "step=3.ckpt")
+    # the 3 batches trained before the checkpoint are not trained again; the rest of epoch 0 comes
+    # in the same order, then all of epoch 1
+    assert resumed[: n - 3] == full[3:n]
+    assert len(resumed) == 2 * n - 3 and sorted(sum(resumed[n - 3 :], [])) == sorted(sum(full[:n], []))
+    # a checkpoint at the end of an epoch resumes with the whole next epoch
+    nxt, _ = _fit_recorded(tiny_corpus, tmp_path / "next", max_epochs=2, ckpt_path=tmp_path / "full" / f"step={n}.ckpt")
+    assert len(nxt) == n and sorted(sum(nxt, [])) == sorted(sum(full[:n], []))
+
+
+def test_the_resumable_sampler_keeps_the_plain_orders():
+    from torch.utils.data import DistributedSampler, RandomSampler
+
+    from vidrep.data.datamodule import ResumableSampler
+
+    data = list(range(40))
+    torch.manual_seed(3)
+    plain = [list(RandomSampler(data)) for _ in range(2)]
+    torch.manual_seed(3)
+    wrapped = ResumableSampler(RandomSampler(data), batch_size=4)
+    assert [list(wrapped) for _ in range(2)] == plain  # the same order RandomSampler alone gives
+    position = wrapped.position(batches=3)
+    again = ResumableSampler(RandomSampler(data), batch_size=4, resume=position)
+    assert list(again) == plain[1][12:]
+    for rank in range(2):
+        base = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True)
+        base.set_epoch(4)
+        expected = list(base)
+        resumed = ResumableSampler(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True), 4,
+                                   resume={"epoch": 4, "seed": None, "batches": 2})
+        assert list(resumed) == expected[8:] and resumed.epoch == 4
+        boundary = ResumableSampler(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True), 4,
+                                    resume={"epoch": 4, "seed": None, "batches": 5})
+        base.set_epoch(5)
+        assert list(boundary) == list(base) and boundary.epoch == 5

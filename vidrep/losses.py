@@ -24,9 +24,10 @@ def _check_inputs(anchor: Tensor, positive: Tensor, video_ids: Tensor, num_negat
         raise ValueError(f"hard_ratio must lie in [0, 1]; got {hard_ratio}")
 
 
-def _anchor_hinges(anchor: Tensor, positive: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The 2N batch patches [2N, D], s(a_i, p_i) [N, 1], s(a_i, j) [N, 2N] and its hinges [N, 2N]."""
-    patches = torch.cat([anchor, positive], dim=0)
+def _anchor_hinges(anchor: Tensor, positive: Tensor, margin: float, patches: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The candidate patches [M, D] (default: the batch's 2N), s(a_i, p_i) [N, 1], s(a_i, j) [N, M]
+    and its hinges [N, M]."""
+    patches = torch.cat([anchor, positive], dim=0) if patches is None else patches
     s_ap = (anchor * positive).sum(dim=1, keepdim=True)
     s_an = anchor @ patches.T
     return patches, s_ap, s_an, (margin - s_ap + s_an).clamp_min(0)
@@ -42,8 +43,13 @@ def select_negatives(
     num_negatives: int,
     hard_ratio: float,
     violators_only: bool,
+    patches: Tensor | None = None,
+    patch_ids: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask [N, 2N]: which of the 2N batch patches serve as negatives of each pair.
+
+    `patches` [M, D] with their video ids `patch_ids` [M] replace the batch's own 2N patches as the
+    candidates (the mask is then [N, M]): under DDP, a rank's pairs against every rank's patches.
 
     With at most K candidates all are taken. Otherwise `int(K * hard_ratio)` come from the K
     candidates most similar to the anchor (all K when hard_ratio is 1; a random subset of them
@@ -52,15 +58,14 @@ def select_negatives(
     torch's global generator, so `seed_everything` makes it reproducible.
     """
     _check_inputs(anchor, positive, video_ids, num_negatives, hard_ratio)
-    n = anchor.shape[0]
     k = num_negatives
-    _, _, s_an, hinge_a = _anchor_hinges(anchor, positive, margin)
-    patch_ids = torch.cat([video_ids, video_ids])
+    patches, _, s_an, hinge_a = _anchor_hinges(anchor, positive, margin, patches)
+    patch_ids = torch.cat([video_ids, video_ids]) if patch_ids is None else patch_ids
     candidate = video_ids[:, None] != patch_ids[None, :]
     if violators_only:
         candidate &= hinge_a > 0
     num_candidates = candidate.sum(dim=1, keepdim=True)
-    if 2 * n <= k:
+    if patches.shape[0] <= k:
         return candidate
 
     hard = int(k * hard_ratio)
@@ -84,10 +89,12 @@ def select_negatives(
 
 
 def ranking_loss_from_mask(
-    anchor: Tensor, positive: Tensor, mask: Tensor, *, margin: float, num_negatives: int, symmetric: bool
+    anchor: Tensor, positive: Tensor, mask: Tensor, *, margin: float, num_negatives: int, symmetric: bool,
+    patches: Tensor | None = None,
 ) -> Tensor:
-    """The hinge sum over the selected negatives, over the fixed denominator N * K * (2 if symmetric)."""
-    patches, s_ap, _, hinge_a = _anchor_hinges(anchor, positive, margin)
+    """The hinge sum over the selected negatives, over the fixed denominator N * K * (2 if symmetric).
+    `patches`: the candidates the mask's columns refer to (default: the batch's 2N patches)."""
+    patches, s_ap, _, hinge_a = _anchor_hinges(anchor, positive, margin, patches)
     mask = mask.to(hinge_a.dtype)
     total = (hinge_a * mask).sum()
     if symmetric:

@@ -69,6 +69,48 @@ class BatchShards(Sampler[list[int]]):
         return len(self.mine)
 
 
+class ResumableSampler(Sampler[int]):
+    """The training order of one epoch, resumable in the middle of it.
+
+    Wraps a RandomSampler (one process) or a DistributedSampler (DDP). For a RandomSampler the
+    epoch's permutation comes from a seed drawn from torch's global generator exactly as
+    RandomSampler draws it, so the order is the one RandomSampler alone would give; the seed is
+    kept. `position(batches)` is what a checkpoint stores: the epoch, its seed and the batches
+    already trained. Given one (`resume`), the next epoch this sampler starts is that epoch again
+    (Lightning creates the first iterator before it sets the epoch), with the same order, minus the
+    batches already trained; an epoch that was complete resumes as the next one, in full.
+    """
+
+    def __init__(self, base: RandomSampler | DistributedSampler, batch_size: int, resume: dict | None = None) -> None:
+        self.base, self.batch_size, self.resume = base, batch_size, resume
+        self.epoch, self.seed = 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.base, DistributedSampler):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def position(self, batches: int) -> dict:
+        return {"epoch": self.epoch, "seed": self.seed, "batches": int(batches)}
+
+    def __iter__(self):
+        resume, self.resume = self.resume, None
+        skip, seed = 0, None
+        if resume is not None:
+            if resume["batches"] >= len(self.base) // self.batch_size:
+                self.set_epoch(resume["epoch"] + 1)
+            else:
+                self.set_epoch(resume["epoch"])
+                skip, seed = resume["batches"] * self.batch_size, resume["seed"]
+        if isinstance(self.base, RandomSampler):
+            self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+            self.base.generator = torch.Generator().manual_seed(self.seed)
+        return iter(list(self.base)[skip:])
+
+
 def _distributed() -> tuple[int, int] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_world_size(), dist.get_rank()
@@ -111,6 +153,8 @@ class PairDataModule(L.LightningDataModule):
         self.demo = dict(demo) if demo else None
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
+        self._train_sampler: ResumableSampler | None = None
+        self._resume: dict | None = None
 
     def prepare_data(self) -> None:
         if self.demo is not None and not (self.root / "demo.json").exists():
@@ -140,10 +184,23 @@ class PairDataModule(L.LightningDataModule):
         if not train:
             return DataLoader(dataset, batch_sampler=BatchShards(len(dataset), self.batch_size, world, rank), **common)
         if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
+            base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
         else:
-            sampler = RandomSampler(dataset)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common)
+            base = RandomSampler(dataset)
+        self._train_sampler = ResumableSampler(base, self.batch_size, self._resume)
+        self._resume = None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True, **common)
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data stream (stored in every checkpoint, so that a run
+        resumed from a mid-epoch checkpoint trains the rest of that epoch's pairs, not a new shuffle)."""
+        if self._train_sampler is None or self.trainer is None:
+            return {}
+        batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_position": self._train_sampler.position(batches)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict.get("train_position")
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """data.decoder=device: decode the batch's JPEGs on the training device (flips in training only)."""

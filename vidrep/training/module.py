@@ -63,26 +63,25 @@ class LossConfig:
         """This rank's pairs as anchors, the patches of all ranks as candidate negatives.
 
         The gather keeps autograd (its backward sums every rank's gradient into the local
-        embeddings), and the loss is over this rank's pairs, scaled by the world size: after DDP
-        averages the ranks' gradients, they equal those of one process on the concatenated
-        batch (tested). Equal batch sizes on every rank are assumed (drop_last=True gives them).
+        embeddings). Each rank selects and scores its own pairs only, against all 2 x world x N
+        patches, and averages over its own pairs: after DDP averages the ranks' gradients, they
+        equal those of one process on the concatenated batch (tested). Equal batch sizes on every
+        rank are assumed (drop_last=True gives them).
         """
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_gather
 
-        world, rank, n = dist.get_world_size(), dist.get_rank(), anchor.shape[0]
-        all_anchor = torch.cat(all_gather(anchor))
-        all_positive = torch.cat(all_gather(positive))
+        world = dist.get_world_size()
+        patches = torch.cat([torch.cat(all_gather(anchor)), torch.cat(all_gather(positive))])
         ids = [torch.empty_like(video_ids) for _ in range(world)]
         dist.all_gather(ids, video_ids)
-        mask = select_negatives(all_anchor, all_positive, torch.cat(ids), margin=self.margin, num_negatives=self.num_negatives,
-                                hard_ratio=hard_ratio, violators_only=self.violators_only)
-        own = torch.zeros(mask.shape[0], 1, dtype=torch.bool, device=mask.device)
-        own[rank * n : (rank + 1) * n] = True
-        loss = ranking_loss_from_mask(all_anchor, all_positive, mask & own, margin=self.margin,
-                                      num_negatives=self.num_negatives, symmetric=self.symmetric) * world
-        patches = torch.cat([all_anchor, all_positive]).detach()
-        return loss, triplet_stats(anchor, positive, mask[rank * n : (rank + 1) * n], patches)
+        all_ids = torch.cat(ids)
+        patch_ids = torch.cat([all_ids, all_ids])
+        mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
+                                hard_ratio=hard_ratio, violators_only=self.violators_only, patches=patches, patch_ids=patch_ids)
+        loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
+                                      symmetric=self.symmetric, patches=patches)
+        return loss, triplet_stats(anchor, positive, mask, patches.detach())
 
 
 class TripletModule(L.LightningModule):
