@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -201,6 +202,10 @@ class PairDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("train_position")
+        if self._resume is not None:
+            # Lightning looks for the resume state on the DataLoader only and would warn that a
+            # mid-epoch resume is unreliable; here the position travels with the datamodule.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """data.decoder=device: decode the batch's JPEGs on the training device (flips in training only)."""
