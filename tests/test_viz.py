@@ -259,3 +259,11 @@ def test_render_eval_pictures(tmp_path):
     assert {p.name for p in (tmp_path / "one" / "pictures").iterdir() if p.is_file()} == {"per_class_ap.png", "pr_curves.png"}
     assert {p.name for p in (tmp_path / "one" / "pictures" / "comparison").iterdir()} == {"paper_table.png", "per_class_ap.png"}
     assert read_png(tmp_path / "two" / "pictures" / "pr_curves.png").shape == (round(100 * (2.2 + 0.8)), 1200, 3)
+
+
+def test_render_command_errors_name_the_input(tmp_path):
+    for args, message in ((["corpus", str(tmp_path / "nope")], "is not a vidrep corpus"),
+                          (["train", "--ckpt", str(tmp_path / "nope.ckpt")], "does not exist"),
+                          (["eval", str(tmp_path / "nope.json")], "not found")):
+        out = subprocess.run([sys.executable, "-m", "vidrep.viz", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr

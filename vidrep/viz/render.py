@@ -118,7 +118,7 @@ def render_evaluations(results: Sequence[str | Path], out: str | Path | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vidrep.viz", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m vidrep.viz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="pictures of a checkpoint: triplets, retrieval, conv1, top responses, embedding")
@@ -140,13 +140,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "train":
-        written = render_training(args.ckpt, args.corpus, args.out, num_heldout=args.num_heldout,
-                                  val_fraction=args.val_fraction, seed=args.seed, embedding=args.embedding)
-    elif args.command == "corpus":
-        written = render_corpus(args.corpus, args.videos, args.out, args.max_videos, args.max_pairs)
-    else:
-        written = render_evaluations(args.results, args.out)
+    from vidrep.data.corpus import CorpusError
+    from vidrep.eval.features import CheckpointError
+    from vidrep.mining.inputs import InputError
+
+    try:
+        if args.command == "train":
+            written = render_training(args.ckpt, args.corpus, args.out, num_heldout=args.num_heldout,
+                                      val_fraction=args.val_fraction, seed=args.seed, embedding=args.embedding)
+        elif args.command == "corpus":
+            written = render_corpus(args.corpus, args.videos, args.out, args.max_videos, args.max_pairs)
+        else:
+            written = render_evaluations(args.results, args.out)
+    except (CheckpointError, CorpusError, InputError, FileNotFoundError) as e:
+        raise SystemExit(f"python -m vidrep.viz {args.command}: {e}") from None
     for path in written:
         print(path)
     if not written:
