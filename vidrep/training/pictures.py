@@ -100,9 +100,9 @@ class TrainingPictures:
     def _draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str, title: str, sink: PictureSink,
               step: int | None, tag: str) -> None:
         n = len(heldout)
-        emb, pool5 = _features(module, torch.cat([heldout.anchor, heldout.positive]))
-        anchor, positive = emb[:n], emb[n:]
         patches = torch.cat([heldout.anchor, heldout.positive])
+        emb, pool5 = _features(module, patches)
+        anchor, positive = emb[:n], emb[n:]
         videos = torch.cat([heldout.video_id, heldout.video_id])
         add = lambda name, image, caption: sink.add(f"pictures/{name}", image, caption, step, tag)  # noqa: E731
         if "triplets" in self.pictures:
@@ -177,7 +177,8 @@ class PicturesCallback(L.Callback):
                 log.warning("pictures: the datamodule has no val_set to draw from; drawing nothing")
                 self.every_n_epochs = 0
                 return
-            self.heldout = HeldOut.from_dataset(dataset, self.num_heldout)
+            # The data seed, as `python -m vidrep.viz train` uses: both draw the same held-out pairs.
+            self.heldout = HeldOut.from_dataset(dataset, self.num_heldout, getattr(dm, "seed", 0))
         epoch = trainer.current_epoch
         loss = pl_module.loss_cfg
         sink = PictureSink(self.folder, wandb_loggers_of(trainer.loggers))
