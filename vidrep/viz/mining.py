@@ -112,41 +112,39 @@ def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, m
 
         config = MinerConfig(**json.loads(settings.read_text()))
     index = PairIndex(root, manifest)
-    video_names = np.asarray(manifest.column("video").to_pylist(), dtype=object)
-    query_frames = manifest.column("query_frame").to_numpy()
-    tracked_frames = manifest.column("tracked_frame").to_numpy()
-    boxes_q = np.asarray(manifest.column("query_box").to_pylist())
-    boxes_t = np.asarray(manifest.column("tracked_box").to_pylist())
-    # Ids sort as the corpus keys (fixed-width hex of the same non-negative ints) sort.
+    # Ids sort as the corpus keys (fixed-width hex of the same non-negative ints) sort. Only the
+    # chosen videos' rows are converted to Python below: a corpus holds millions of pairs.
     ids, first = np.unique(index.video_id, return_index=True)
-    chosen = list(zip(ids.tolist(), video_names[first].tolist()))
+    chosen = list(zip(ids.tolist(), manifest.column("video").take(first).to_pylist()))
     if names is not None:
-        unknown = sorted(set(names) - {n for _, n in chosen})
+        wanted = set(names)
+        unknown = sorted(wanted - {n for _, n in chosen})
         if unknown:
             log.info("corpus %s has no pairs of %d of the videos asked for (e.g. %s)", root, len(unknown), unknown[0])
-        chosen = [(i, n) for i, n in chosen if n in set(names)]
+        chosen = [(i, n) for i, n in chosen if n in wanted]
     chosen = chosen[:max_videos]
     miner = VideoMiner(config) if config is not None and video_paths else None
     written = []
     for video_id, name in chosen:
         rows = np.nonzero(index.video_id == video_id)[0]
-        rows = rows[np.argsort(query_frames[rows], kind="stable")]
+        rows = rows[np.argsort(index.query_frame[rows], kind="stable")]
+        pairs_of_video = manifest.take(rows).select(["query_frame", "tracked_frame", "query_box", "tracked_box"]).to_pylist()
         key = f"{video_id:016x}"
         shown = rows[:max_pairs]
         pairs = [index.read_pair(int(i)) for i in shown]
         what = f"{len(shown)} of {len(rows)}" if len(rows) > len(shown) else f"all {len(rows)}"
         sheet = contact_sheet([_rgb(q) for q, _ in pairs], [_rgb(t) for _, t in pairs],
-                              [(int(query_frames[i]), int(tracked_frames[i])) for i in shown],
+                              [(p["query_frame"], p["tracked_frame"]) for p in pairs_of_video[: len(shown)]],
                               f"{name} (video {key}): {what} mined pairs, query and tracked patch")
         written.append(save_png(out / key / "pairs.png", sheet))
         path = (video_paths or {}).get(name)
         if miner is None or path is None:
             continue
-        first = int(rows[0])
+        p = pairs_of_video[0]
         try:
-            written.append(save_png(out / key / "frame.png", video_frame_picture(miner, path, name, int(query_frames[first]),
-                                                                                 int(tracked_frames[first]), boxes_q[first],
-                                                                                 boxes_t[first])))
+            written.append(save_png(out / key / "frame.png", video_frame_picture(miner, path, name, p["query_frame"],
+                                                                                 p["tracked_frame"], p["query_box"],
+                                                                                 p["tracked_box"])))
         except Exception as e:  # noqa: BLE001 - a picture must not end a run; say which video and why
             log.warning("no frame picture for %s: %s: %s", name, type(e).__name__, e)
     if not chosen:
