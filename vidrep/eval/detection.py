@@ -31,7 +31,7 @@ from torchvision.ops import box_iou, nms, roi_pool
 from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
-from vidrep.eval.metrics import thin_curve, voc_detection_ap, voc_detection_pr
+from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
 from vidrep.eval.svm import fit_svm
 
 log = logging.getLogger(__name__)
@@ -300,9 +300,9 @@ class DetectionProtocol:
             preds.append({"boxes": torch.from_numpy(boxes[top] + 1.0).float(), "scores": torch.from_numpy(s_all[top]).float(),
                           "labels": torch.from_numpy(labels[top]).long()})
             targets.append(im.target())
-        ap = voc_detection_ap(preds, targets, iou_threshold=self.iou_threshold, use_07_metric=self.use_07_metric,
-                              num_classes=len(classes))
+        # The curves once, for the AP (voc_detection_ap's computation) and for results.json.
         curves = voc_detection_pr(preds, targets, iou_threshold=self.iou_threshold, num_classes=len(classes))
+        ap = ap_of_curves(curves, self.use_07_metric)
         per_class = [{"class": name, "ap": a, "pr": thin_curve(curve)} for name, a, curve in zip(classes, ap["ap"], curves)]
         layer = "pool5" if self.finetune == "none" else "fc7"
         return {"layers": {layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}}, "best_layer": layer, "map": ap["map"]}

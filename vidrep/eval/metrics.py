@@ -101,23 +101,28 @@ def _ap_of(curve: tuple[np.ndarray, np.ndarray] | None, use_07_metric: bool) -> 
     return average_precision(recall, precision, use_07_metric) if len(recall) else 0.0
 
 
+def voc_detection_pr(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
+                     num_classes: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per class, the (recall, precision) curve behind `voc_detection_ap` (None for a class without
+    a non-difficult object)."""
+    if len(preds) != len(targets):
+        raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no detection")
+    return [_class_pr(preds, targets, c, iou_threshold) for c in range(num_classes)]
+
+
+def ap_of_curves(curves: Sequence[tuple[np.ndarray, np.ndarray] | None], use_07_metric: bool = False) -> dict:
+    """{"map", "ap"} from per-class PR curves: NaN for a class without a curve, kept out of the mean."""
+    ap = [_ap_of(curve, use_07_metric) for curve in curves]
+    valid = [a for a in ap if not np.isnan(a)]
+    return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
+
+
 def voc_detection_ap(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
                      use_07_metric: bool = False, num_classes: int) -> dict:
     """{"map": mean AP over classes with a non-difficult object, "ap": [AP per class]} (NaN for a
     class without any non-difficult object). preds/targets: one dict per image, boxes x1, y1, x2, y2
     in inclusive pixel coordinates, labels in [0, num_classes)."""
-    if len(preds) != len(targets):
-        raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no detection")
-    ap = [_ap_of(_class_pr(preds, targets, c, iou_threshold), use_07_metric) for c in range(num_classes)]
-    valid = [a for a in ap if not np.isnan(a)]
-    return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
-
-
-def voc_detection_pr(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
-                     num_classes: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per class, the (recall, precision) curve behind `voc_detection_ap` (None for a class without
-    a non-difficult object)."""
-    return [_class_pr(preds, targets, c, iou_threshold) for c in range(num_classes)]
+    return ap_of_curves(voc_detection_pr(preds, targets, iou_threshold=iou_threshold, num_classes=num_classes), use_07_metric)
 
 
 def classification_pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
