@@ -51,8 +51,8 @@ def _file_key(path: Path) -> str:
     return hashlib.blake2b(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
 
 
-def load_checkpoint_trunk(path: str | Path) -> Network:
-    """The CaffeNet trunk of a train.py checkpoint, loaded with weights_only=True."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A train.py checkpoint, loaded with weights_only=True; errors name the file and the fix."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, ckpt=random or ckpt=imagenet:<file>")
@@ -61,10 +61,17 @@ def load_checkpoint_trunk(path: str | Path) -> Network:
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind mean the same here
         raise CheckpointError(f"{path} cannot be loaded with weights_only=True ({type(e).__name__}); evaluate.py takes checkpoints written by train.py") from None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not state or "net.trunk.conv1.weight" not in state or "net.trunk.fc7.weight" not in state:
+        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint (no net.trunk.conv1..fc7 weights in its state_dict)")
+    return ckpt
+
+
+def load_checkpoint_trunk(path: str | Path, ckpt: dict | None = None) -> Network:
+    """The CaffeNet trunk of a train.py checkpoint (`ckpt`: the checkpoint already read from `path`)."""
+    path = Path(path).expanduser()
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     prefix = "net.trunk."
-    if not state or f"{prefix}conv1.weight" not in state or f"{prefix}fc7.weight" not in state:
-        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint (no {prefix}conv1..fc7 weights in its state_dict)")
-    trunk_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    trunk_state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     hp = ckpt.get("hyper_parameters", {})
     input_size = int(hp.get("input_size", 227))
     fc6_dim, fc7_dim = trunk_state["fc6.weight"].shape[0], trunk_state["fc7.weight"].shape[0]

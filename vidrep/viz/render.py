@@ -13,7 +13,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from vidrep.viz.canvas import PictureSink
@@ -40,12 +39,12 @@ def _run_data(ckpt: Path) -> dict:
 def triplet_module_from_checkpoint(ckpt: str | Path):
     """A TripletModule holding a train.py checkpoint's trunk, loss settings and preprocessing
     (weights_only loading, like evaluate.py), and the (epoch, step) it was saved at."""
-    from vidrep.eval.features import load_checkpoint_trunk
+    from vidrep.eval.features import load_checkpoint_trunk, read_checkpoint
     from vidrep.models import EmbeddingNet
     from vidrep.training.module import LossConfig, TripletModule
 
-    network = load_checkpoint_trunk(ckpt)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(ckpt)
+    network = load_checkpoint_trunk(ckpt, saved)
     hp = saved.get("hyper_parameters", {})
     module = TripletModule(EmbeddingNet(network.trunk), LossConfig(**hp.get("loss", {})), optimizer=None,
                            pixel_mean=hp.get("pixel_mean", (107.99, 102.75, 96.64)), input_size=network.input_size)
