@@ -80,6 +80,7 @@ class TrainingPictures:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.pictures = tuple(self.pictures)  # a ListConfig from Hydra
         unknown = set(self.pictures) - set(PICTURES)
         if unknown:
             raise ValueError(f"unknown pictures {sorted(unknown)}; choose from {PICTURES}")
@@ -155,7 +156,7 @@ class PicturesCallback(L.Callback):
         self.folder = Path(folder)
         self.every_n_epochs = every_n_epochs
         self.num_heldout = num_heldout
-        self.pictures = TrainingPictures(**{k: tuple(v) if k == "pictures" else v for k, v in pictures.items()})
+        self.pictures = TrainingPictures(**pictures)
         self.heldout: HeldOut | None = None
         self.drawn_epochs: list[int] = []
 

@@ -90,11 +90,9 @@ class PictureSink:
 
 def wandb_loggers_of(loggers: Sequence) -> list:
     """The W&B loggers among Lightning loggers (none when W&B is disabled)."""
-    try:
-        from lightning.pytorch.loggers import WandbLogger
-    except ImportError:  # pragma: no cover - lightning is a dependency
-        return []
     import os
+
+    from lightning.pytorch.loggers import WandbLogger
 
     if os.environ.get("WANDB_MODE") == "disabled":
         return []
