@@ -3,7 +3,7 @@
     source /work/venv/bin/activate && cd /work/main && python bench/storage.py
     python bench/storage.py --pairs 1000 --rounds 1        # a quick look
 
-The same synthetic pairs (`ground_truth_pairs` below: 227x227 JPEGs of ~10 KB at quality 90, the
+The same synthetic pairs (`synthetic_corpus.py`: 227x227 JPEGs of ~11 KB at quality 90, the
 consecutive pairs of one video together, a few videos per shard as mining writes them) go
 (a) through vidrep's `write_shard` and (b) through `litdata.optimize` with one chunk per shard.
 Then, in interleaved rounds so that a neighbour's load hits both formats alike, each is read in a
@@ -29,17 +29,16 @@ from pathlib import Path
 # Before litdata is imported: its import-time version check would otherwise query PyPI.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
-import cv2  # noqa: E402
 import litdata  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
-from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pairs, write_shard  # noqa: E402
+from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pairs  # noqa: E402
 from vidrep.data.datamodule import PairDataModule, PairDataset  # noqa: E402
-from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
 from vidrep.data.transforms import PatchTransform  # noqa: E402
 from _table import markdown_table  # noqa: E402
+from synthetic_corpus import make_pairs, write_corpus  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,39 +57,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _jpeg(img: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-
-
-def ground_truth_pairs(seed: int, num_pairs: int) -> list[PairRecord]:
-    """Pairs of one synthetic video cut along its true object tracks (a perfect miner): pair m
-    follows object m mod (objects) from frame 31m to 31m + 30. Quicker to make than mining."""
-    video = SyntheticVideo(seed, num_frames=num_pairs * 31)
-    records = []
-    for m in range(num_pairs):
-        boxes = []
-        for t in (31 * m, 31 * m + 30):
-            x, y, w, h = video.boxes(t)[m % len(video.sizes)]
-            boxes.append((min(max(x + w // 2 - 113, 0), video.width - 227), min(max(y + h // 2 - 113, 0), video.height - 227), 227, 227))
-        (qx, qy, _, _), (tx, ty, _, _) = boxes
-        records.append(PairRecord(
-            video=f"synthetic://bench/{seed:05d}", query_frame=31 * m, tracked_frame=31 * m + 30,
-            query_box=boxes[0], tracked_box=boxes[1], num_points=0, num_moving=0,
-            query_jpeg=_jpeg(video.frame(31 * m)[qy : qy + 227, qx : qx + 227]),
-            tracked_jpeg=_jpeg(video.frame(31 * m + 30)[ty : ty + 227, tx : tx + 227]),
-        ))
-    return records
-
-
-def make_pairs(num_pairs: int, pairs_per_video: int) -> list[PairRecord]:
-    records: list[PairRecord] = []
-    seed = 0
-    while len(records) < num_pairs:
-        records += ground_truth_pairs(seed, min(pairs_per_video, num_pairs - len(records)))
-        seed += 1
-    return records
-
-
 def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -102,11 +68,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 # --- writing -------------------------------------------------------------------------------------
-
-def write_ours(root: Path, records: list[PairRecord], pairs_per_shard: int) -> None:
-    for start in range(0, len(records), pairs_per_shard):
-        write_shard(root, f"bench-{start // pairs_per_shard:05d}", records[start : start + pairs_per_shard])
-
 
 def litdata_sample(r: PairRecord) -> dict:
     # Module level so that LitData's writer process can unpickle it.
@@ -250,7 +211,7 @@ def main() -> None:
 
         for rnd in range(args.rounds):
             ours, lit = tmp / f"ours-{rnd}", tmp / f"litdata-{rnd}"
-            record("write ours", timed(lambda: write_ours(ours, records, args.pairs_per_shard))[0])
+            record("write ours", timed(lambda: write_corpus(ours, records, args.pairs_per_shard))[0])
             record("write litdata", timed(lambda: write_litdata(lit, records, args.pairs_per_shard))[0])
             raw.append(read_raw(ours, rnd))
             for workers in args.workers:

@@ -177,20 +177,23 @@ def test_decoders_give_the_same_patches(tiny_corpus, size):
 @pytest.mark.parametrize("size", [227, 99])
 def test_batches_decoded_on_the_device_match_the_worker_decoder(tiny_corpus, size):
     from vidrep.data.datamodule import PairDataModule
-    from vidrep.data.transforms import decode_batch
+    from vidrep.data.transforms import decode_batch, unpack_jpegs
 
     common = dict(batch_size=6, num_workers=0, input_size=size, val_fraction=0.25, pin_memory=False, persistent_workers=False)
     on_device = PairDataModule(str(tiny_corpus), decoder="device", **common)
     in_workers = PairDataModule(str(tiny_corpus), decoder="torchvision", **common)
     on_device.setup(), in_workers.setup()
     raw, reference = next(iter(on_device.val_dataloader())), next(iter(in_workers.val_dataloader()))
-    assert isinstance(raw["anchor"], list) and raw["anchor"][0].dim() == 1  # the workers did not decode
+    data, lengths = raw["anchor"]  # the workers did not decode: one tensor of bytes per side
+    assert data.dim() == 1 and data.dtype == torch.uint8 and lengths.shape == (6,) and int(lengths.sum()) == len(data)
+    jpegs = unpack_jpegs(data, lengths)
+    assert [bytes(j[:2].tolist()) for j in jpegs] == [b"\xff\xd8"] * 6  # each view starts a JPEG
     decoded = on_device.on_before_batch_transfer(raw, 0)  # no trainer: the CPU, no flips
     for key in ("anchor", "positive"):
         assert decoded[key].shape == (6, 3, size, size) and decoded[key].dtype == torch.uint8
         assert torch.equal(decoded[key], reference[key])
     assert torch.equal(decoded["video_id"], reference["video_id"])
-    flipped = decode_batch(raw["anchor"], size, "cpu", flip_p=1.0)
+    flipped = decode_batch(jpegs, size, "cpu", flip_p=1.0)
     assert torch.equal(flipped, reference["anchor"].flip(-1))
     with pytest.raises(ValueError, match="not a decodable JPEG"):
         decode_batch([torch.frombuffer(bytearray(b"not a jpeg at all"), dtype=torch.uint8)], size, "cpu")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 
 from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
-from vidrep.data.transforms import PatchTransform, decode_batch
+from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class PairDataset(Dataset):
 
 
 def collate_jpegs(items: list[dict]) -> dict:
-    """Batches of undecoded patches (data.decoder=device): lists of byte tensors of any length."""
-    return {"anchor": [it["anchor"] for it in items], "positive": [it["positive"] for it in items],
+    """Batches of undecoded patches (data.decoder=device), each side packed by `pack_jpegs`."""
+    return {"anchor": pack_jpegs([it["anchor"] for it in items]), "positive": pack_jpegs([it["positive"] for it in items]),
             "video_id": torch.stack([it["video_id"] for it in items])}
 
 
@@ -213,9 +213,12 @@ class PairDataModule(L.LightningDataModule):
             return batch
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        flip_p = self.flip_p if trainer is not None and trainer.training else 0.0
-        return {**batch, "anchor": decode_batch(batch["anchor"], self.input_size, device, flip_p),
-                "positive": decode_batch(batch["positive"], self.input_size, device, flip_p)}
+        return self.decode(batch, device, self.flip_p if trainer is not None and trainer.training else 0.0)
+
+    def decode(self, batch: dict, device: torch.device | str, flip_p: float) -> dict:
+        """A batch of packed JPEGs (data.decoder=device) -> the decoded batch on `device`."""
+        return {**batch, **{key: decode_batch(unpack_jpegs(*batch[key]), self.input_size, device, flip_p)
+                            for key in ("anchor", "positive")}}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

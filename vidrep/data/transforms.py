@@ -62,6 +62,18 @@ class PatchTransform:
         return img.contiguous()
 
 
+def pack_jpegs(jpegs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """JPEG byte tensors -> (their bytes end to end, their lengths). A batch crosses from a loader
+    worker to the trainer, and is pinned, one tensor at a time: two tensors instead of hundreds
+    of small ones (each a shared-memory segment and a pinned buffer of its own)."""
+    return torch.cat(jpegs), torch.tensor([len(j) for j in jpegs], dtype=torch.int64)
+
+
+def unpack_jpegs(data: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of `pack_jpegs`: views into `data`, no copies."""
+    return list(torch.split(data, lengths.tolist()))
+
+
 def decode_batch(jpegs: list[torch.Tensor], size: int, device: torch.device | str, flip_p: float = 0.0) -> torch.Tensor:
     """JPEG byte tensors (on the CPU) -> uint8 [N, 3, size, size] RGB on `device`: decoded there in
     one batched call (nvJPEG on CUDA), resized like the "torchvision" decoder, each flipped
