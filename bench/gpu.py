@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from _table import markdown_table
 from loader import loader_rate
-from synthetic_corpus import make_pairs, write_corpus
+from synthetic_corpus import PAIRS_PER_VIDEO, make_pairs, write_corpus
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -55,7 +55,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--synthetic-pairs", type=int, default=20_000, help="pairs of the synthetic corpus made when --corpus is not given")
     p.add_argument("--decoders", nargs="*", default=["opencv", "device"],
                    help="data.decoder values for (b) and (c): opencv (in the workers) | device (nvJPEG, batched); none: (a) only")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.steps <= args.warmup:
+        p.error(f"--steps {args.steps} leaves nothing to time after --warmup {args.warmup}; raise --steps")
+    return args
 
 
 class Timer(L.Callback):
@@ -141,7 +144,7 @@ def main() -> None:
         return measure(args, args.corpus)
     with tempfile.TemporaryDirectory(prefix="vidrep-bench-gpu-") as tmp:
         start = time.perf_counter()
-        write_corpus(Path(tmp), make_pairs(args.synthetic_pairs, 20, os.cpu_count() or 1), 500)
+        write_corpus(Path(tmp), make_pairs(args.synthetic_pairs, PAIRS_PER_VIDEO, os.cpu_count() or 1))
         print(f"synthetic corpus: {args.synthetic_pairs} pairs in {time.perf_counter() - start:.0f} s")
         measure(args, Path(tmp))
 

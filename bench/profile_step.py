@@ -31,7 +31,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=5)
     p.add_argument("--top", type=int, default=15, help="rows of the profiler's table")
     p.add_argument("--channels-last", action="store_true")
-    return p.parse_args()
+    args = p.parse_args()
+    if min(args.steps, args.profile_steps) < 1:
+        p.error("--steps and --profile-steps must be at least 1")
+    return args
 
 
 def main() -> None:

@@ -38,14 +38,14 @@ from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pair
 from vidrep.data.datamodule import PairDataModule, PairDataset  # noqa: E402
 from vidrep.data.transforms import PatchTransform  # noqa: E402
 from _table import markdown_table  # noqa: E402
-from synthetic_corpus import make_pairs, write_corpus  # noqa: E402
+from synthetic_corpus import PAIRS_PER_SHARD, PAIRS_PER_VIDEO, make_pairs, write_corpus  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=4000, help="pairs in the corpus (2 JPEGs each)")
-    p.add_argument("--pairs-per-video", type=int, default=20)
-    p.add_argument("--pairs-per-shard", type=int, default=500, help="also LitData's chunk_size")
+    p.add_argument("--pairs-per-video", type=int, default=PAIRS_PER_VIDEO)
+    p.add_argument("--pairs-per-shard", type=int, default=PAIRS_PER_SHARD, help="also LitData's chunk_size")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to measure")
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; median (min-max) is reported")

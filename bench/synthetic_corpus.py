@@ -20,6 +20,10 @@ import numpy as np
 from vidrep.data.corpus import PairRecord, write_shard
 from vidrep.data.synthetic import SyntheticVideo
 
+# As mining writes them: a few videos' consecutive pairs per shard.
+PAIRS_PER_VIDEO = 20
+PAIRS_PER_SHARD = 500
+
 
 def _jpeg(img: np.ndarray) -> bytes:
     return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
@@ -60,7 +64,7 @@ def make_pairs(num_pairs: int, pairs_per_video: int, processes: int = 1) -> list
     return [r for video in videos for r in video]
 
 
-def write_corpus(root: Path, records: list[PairRecord], pairs_per_shard: int) -> None:
+def write_corpus(root: Path, records: list[PairRecord], pairs_per_shard: int = PAIRS_PER_SHARD) -> None:
     for start in range(0, len(records), pairs_per_shard):
         write_shard(root, f"bench-{start // pairs_per_shard:05d}", records[start : start + pairs_per_shard])
 
@@ -69,16 +73,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("root", type=Path, help="corpus folder to write (must not hold a corpus yet)")
     p.add_argument("--pairs", type=int, default=20_000)
-    p.add_argument("--pairs-per-video", type=int, default=20)
-    p.add_argument("--pairs-per-shard", type=int, default=500)
+    p.add_argument("--pairs-per-video", type=int, default=PAIRS_PER_VIDEO)
+    p.add_argument("--pairs-per-shard", type=int, default=PAIRS_PER_SHARD)
     p.add_argument("--processes", type=int, default=mp.cpu_count())
     args = p.parse_args()
+    if min(args.pairs, args.pairs_per_video, args.pairs_per_shard, args.processes) < 1:
+        p.error("--pairs, --pairs-per-video, --pairs-per-shard and --processes must be at least 1")
     if (args.root / "shards").exists():
         p.error(f"{args.root} already holds a corpus; pick an empty folder")
     start = time.perf_counter()
     records = make_pairs(args.pairs, args.pairs_per_video, args.processes)
     write_corpus(args.root, records, args.pairs_per_shard)
-    print(f"{len(records)} pairs of {len(records) // args.pairs_per_video} videos written to {args.root} "
+    print(f"{len(records)} pairs of {-(-len(records) // args.pairs_per_video)} videos written to {args.root} "
           f"in {time.perf_counter() - start:.1f} s")
 
 
