@@ -169,6 +169,24 @@ def _evaluate(tmp_path, ckpt, *extra):
     return out
 
 
+def test_weight_change_per_layer():
+    import copy
+
+    from vidrep.eval.demo import format_weight_change, weight_change
+
+    initial = CaffeNet(input_size=99, fc6_dim=16, fc7_dim=8)
+    trained = copy.deepcopy(initial)
+    with torch.no_grad():
+        trained.conv2.weight.mul_(1.25)
+        trained.fc7.weight.add_(initial.fc7.weight.flip(0) * 0.1)
+    change = weight_change(trained, initial)
+    assert list(change) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
+    assert change["conv2"] == pytest.approx(0.25, rel=1e-5) and change["conv1"] == change["fc6"] == 0.0
+    expected = float((initial.fc7.weight.flip(0) * 0.1).norm() / initial.fc7.weight.norm())
+    assert change["fc7"] == pytest.approx(expected, rel=1e-5)
+    assert "conv2 25.0 %" in format_weight_change(change)
+
+
 def test_svm_protocol_single_and_ensemble(tiny_voc, tmp_path):
     (tmp_path / "voc").symlink_to(tiny_voc)
     a, b = _checkpoint(tmp_path / "a.ckpt", 1), _checkpoint(tmp_path / "b.ckpt", 2)

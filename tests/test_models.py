@@ -52,6 +52,20 @@ def test_released_initialisation():
         assert torch.all(getattr(net, name).bias == bias), name
 
 
+def test_kaiming_initialisation_scales_each_layer_by_its_fan_in():
+    torch.manual_seed(0)
+    net = CaffeNet(init="kaiming", bias_one=False)
+    # fan_in of a grouped convolution counts only its group's input channels.
+    fan_in = {"conv1": 3 * 121, "conv2": 48 * 25, "conv3": 256 * 9, "conv4": 192 * 9, "conv5": 192 * 9, "fc6": 9216, "fc7": 4096}
+    for name, n in fan_in.items():
+        layer = getattr(net, name)
+        assert layer.weight.std().item() == pytest.approx((2 / n) ** 0.5, rel=0.03), name
+        assert torch.all(layer.bias == 0), name
+    assert torch.all(CaffeNet(input_size=99, fc6_dim=8, fc7_dim=8, init="kaiming").conv2.bias == 1)
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        CaffeNet(input_size=99, fc6_dim=8, fc7_dim=8, init="xavier")
+
+
 def test_embedding_is_unit_norm_and_small_inputs():
     assert pool5_size(227) == 6 and pool5_size(99) == 2
     net = EmbeddingNet(CaffeNet(input_size=99, fc6_dim=64, fc7_dim=32, bias_one=False))

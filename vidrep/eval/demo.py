@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from vidrep.data.synthetic import SHAPES
@@ -37,6 +38,20 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
             report[name] = {"layer": result["best_layer"], "map": result["map"],
                             "per_layer": {k: v["map"] for k, v in result["layers"].items()}}
     return report
+
+
+def weight_change(trained: nn.Module, initial: nn.Module) -> dict[str, float]:
+    """{layer: ||W - W0|| / ||W0||} over each layer's weights: how far training moved the trunk
+    from its initialisation (biases left out: they start at zero)."""
+    start = dict(initial.named_parameters())
+    with torch.no_grad():
+        return {name.removesuffix(".weight"): float((w.cpu() - start[name].cpu()).norm() / start[name].cpu().norm())
+                for name, w in trained.named_parameters() if name.endswith(".weight")}
+
+
+def format_weight_change(change: dict[str, float]) -> str:
+    return "Weights moved from their initialisation (||W - W0|| / ||W0||): " + ", ".join(
+        f"{name} {100 * v:.1f} %" for name, v in change.items())
 
 
 def format_report(report: dict[str, dict]) -> str:

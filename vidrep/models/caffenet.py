@@ -39,12 +39,21 @@ def _check_layers(layers: Iterable[str]) -> set[str]:
     return wanted
 
 
-def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one: bool) -> None:
+INITS = ("gaussian", "kaiming")
+
+
+def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one: bool, init: str = "gaussian") -> None:
     """The released initialisation of conv1..conv5, fc6, fc7: Gaussian weights (std `conv_std` for
     convolutions, `fc_std` for fc layers); bias 0 for conv1 and conv3, 1 elsewhere (0 everywhere
-    when `bias_one` is false)."""
+    when `bias_one` is false). `init="kaiming"` draws each layer's weights with std sqrt(2 / fan_in)
+    instead, so that activations keep their scale through the layers."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {INITS}")
     for i, layer in enumerate(layers, start=1):
-        nn.init.normal_(layer.weight, std=conv_std if isinstance(layer, nn.Conv2d) else fc_std)
+        if init == "kaiming":
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+        else:
+            nn.init.normal_(layer.weight, std=conv_std if isinstance(layer, nn.Conv2d) else fc_std)
         nn.init.constant_(layer.bias, 1.0 if bias_one and i not in (1, 3) else 0.0)
 
 
@@ -59,6 +68,7 @@ class CaffeNet(nn.Module):
         conv_std: float = 0.01,
         fc_std: float = 0.005,
         bias_one: bool = True,
+        init: str = "gaussian",
     ) -> None:
         super().__init__()
         self.input_size = input_size
@@ -74,11 +84,11 @@ class CaffeNet(nn.Module):
         side = pool5_size(input_size)
         self.fc6 = nn.Linear(256 * side * side, fc6_dim)
         self.fc7 = nn.Linear(fc6_dim, fc7_dim)
-        self.reset_parameters(conv_std, fc_std, bias_one)
+        self.reset_parameters(conv_std, fc_std, bias_one, init)
 
-    def reset_parameters(self, conv_std: float, fc_std: float, bias_one: bool) -> None:
+    def reset_parameters(self, conv_std: float, fc_std: float, bias_one: bool, init: str = "gaussian") -> None:
         layers = [self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7]
-        caffe_init(layers, conv_std, fc_std, bias_one)
+        caffe_init(layers, conv_std, fc_std, bias_one, init)
 
     @property
     def out_dim(self) -> int:
@@ -135,6 +145,7 @@ class TorchvisionAlexNet(nn.Module):
         conv_std: float = 0.01,
         fc_std: float = 0.005,
         bias_one: bool = True,
+        init: str = "gaussian",
     ) -> None:
         super().__init__()
         from torchvision.models import alexnet
@@ -148,7 +159,7 @@ class TorchvisionAlexNet(nn.Module):
             side = self._trunk(torch.zeros(1, 3, input_size, input_size))["pool5"].shape[1]
         self.fc6 = nn.Linear(side, fc6_dim)
         self.fc7 = nn.Linear(fc6_dim, fc7_dim)
-        caffe_init([*self.convs, self.fc6, self.fc7], conv_std, fc_std, bias_one)
+        caffe_init([*self.convs, self.fc6, self.fc7], conv_std, fc_std, bias_one, init)
 
     @property
     def out_dim(self) -> int:

@@ -35,13 +35,13 @@ def check_config(cfg: DictConfig) -> None:
 
 def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers) -> dict[str, float]:
     """The demo's last word: do the learned features beat their own random initialisation?"""
-    from vidrep.eval.demo import format_report, frozen_svm_report
+    from vidrep.eval.demo import format_report, format_weight_change, frozen_svm_report, weight_change
 
     d = cfg.demo_eval
     log.info("frozen-feature SVMs on the demo VOC set (%s), trained vs random-init trunk", d.voc_root)
     report = frozen_svm_report(model.net.trunk, initial_trunk, cfg.model.input_size, list(cfg.model.pixel_mean),
                                d.voc_root, d.num_images, list(d.layers), list(d.costs), cfg.seed or 0)
-    table = format_report(report)
+    table = format_report(report) + "\n\n" + format_weight_change(weight_change(model.net.trunk, initial_trunk))
     print("\nDemo check: frozen-feature SVM mAP (%) on held-out synthetic objects, 5 shape classes\n" + table)
     (Path(cfg.paths.output_dir) / "demo_eval.md").write_text(table + "\n")
     out = {"demo_eval/map_trained": report["trained"]["map"], "demo_eval/map_random_init": report["random init"]["map"]}
