@@ -43,9 +43,9 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
 def weight_change(trained: nn.Module, initial: nn.Module) -> dict[str, float]:
     """{layer: ||W - W0|| / ||W0||} over each layer's weights: how far training moved the trunk
     from its initialisation (biases left out: they start at zero)."""
-    start = dict(initial.named_parameters())
+    start = {name: w.detach().cpu() for name, w in initial.named_parameters()}
     with torch.no_grad():
-        return {name.removesuffix(".weight"): float((w.cpu() - start[name].cpu()).norm() / start[name].cpu().norm())
+        return {name.removesuffix(".weight"): float((w.cpu() - start[name]).norm() / start[name].norm())
                 for name, w in trained.named_parameters() if name.endswith(".weight")}
 
 
