@@ -56,10 +56,13 @@ def load_images(images: list[VOCImage], size: int) -> tuple[torch.Tensor, np.nda
     return x, np.stack([im.class_labels(len(SHAPES)) for im in images])
 
 
+def class_logits(trunk, head, preprocess, x: torch.Tensor) -> torch.Tensor:
+    return head(F.relu(trunk.forward_features(preprocess(x), ["fc7"])["fc7"]))
+
+
 @torch.no_grad()
 def head_map(trunk, head, preprocess, x: torch.Tensor, labels: np.ndarray) -> float:
-    scores = torch.cat([head(F.relu(trunk.forward_features(preprocess(x[i : i + BATCH]), ["fc7"])["fc7"]))
-                        for i in range(0, len(x), BATCH)]).numpy()
+    scores = torch.cat([class_logits(trunk, head, preprocess, x[i : i + BATCH]) for i in range(0, len(x), BATCH)]).numpy()
     return float(np.nanmean([voc_classification_ap(scores[:, c], labels[:, c], True) for c in range(len(SHAPES))]))
 
 
@@ -71,7 +74,8 @@ def main() -> None:
     trunk = hydra.utils.instantiate(cfg.model.net.trunk)
     initial = copy.deepcopy(trunk)
     head = torch.nn.Linear(cfg.model.net.trunk.fc7_dim, len(SHAPES))
-    size, preprocess = cfg.model.input_size, mean_subtract(cfg.model.pixel_mean)
+    size, pixel_mean = cfg.model.input_size, list(cfg.model.pixel_mean)
+    preprocess = mean_subtract(pixel_mean)
     d = cfg.demo_eval
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +90,7 @@ def main() -> None:
     for step in range(args.steps):
         idx = torch.randint(0, len(x), (BATCH,))
         batch = x[idx].flip(-1) if torch.rand(()) < 0.5 else x[idx]
-        logits = head(F.relu(trunk.forward_features(preprocess(batch), ["fc7"])["fc7"]))
-        loss = F.binary_cross_entropy_with_logits(logits, present[idx])
+        loss = F.binary_cross_entropy_with_logits(class_logits(trunk, head, preprocess, batch), present[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -95,7 +98,7 @@ def main() -> None:
             print(f"step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     trunk.eval()
 
-    report = frozen_svm_report(trunk, initial, size, cfg.model.pixel_mean, d.voc_root, d.num_images, d.layers, d.costs)
+    report = frozen_svm_report(trunk, initial, size, pixel_mean, d.voc_root, d.num_images, list(d.layers), list(d.costs))
     test_x, test_labels = load_images(read_voc(d.voc_root, 2007, "test", SHAPES), size)
     seen = slice(0, min(len(x), 600))
     print(f"\nThe demo check's probe ({d.num_images} + {d.num_images} images), trunk trained supervised on "
