@@ -42,7 +42,8 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
 
 def weight_change(trained: nn.Module, initial: nn.Module) -> dict[str, float]:
     """{layer: ||W - W0|| / ||W0||} over each layer's weights: how far training moved the trunk
-    from its initialisation (biases left out: they start at zero)."""
+    from its initialisation (biases left out: the demo starts them at zero, where a relative change
+    means nothing)."""
     start = {name: w.detach().cpu() for name, w in initial.named_parameters()}
     with torch.no_grad():
         return {name.removesuffix(".weight"): float((w.cpu() - start[name]).norm() / start[name].norm())
