@@ -3,7 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
+from vidrep.eval.checks import check_evaluate
 from vidrep.eval.run import evaluate
+from vidrep.preflight import preflight
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -12,4 +14,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight("evaluate", check_evaluate)
     main()

@@ -9,7 +9,9 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vidrep.mining.checks import check_mine  # noqa: E402
 from vidrep.mining.cli import mine  # noqa: E402
+from vidrep.preflight import preflight  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="mine")
@@ -18,4 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight("mine", check_mine)
     main()

@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+from vidrep.preflight import preflight
+from vidrep.training.checks import check_train
 from vidrep.training.run import train
 
 
@@ -12,4 +14,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight("train", check_train)
     main()

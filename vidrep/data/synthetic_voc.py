@@ -4,6 +4,8 @@ few `difficult` flags. Used by the tests and by the demo's frozen-feature check.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -61,5 +63,33 @@ def write_synthetic_voc(root: str | Path, num_trainval: int = 60, num_test: int 
         splits["trainval" if n < num_trainval else "test"].append(image_id)
     for split, ids in splits.items():
         (tmp / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (tmp / MARKER).write_text(json.dumps({"generator": "vidrep.data.synthetic_voc", "seed": seed, "classes": list(classes),
+                                          "trainval": num_trainval, "test": num_test}, indent=2) + "\n")
     os.replace(tmp, final)
     return root
+
+
+# Marks a tree as synthetic, so that its results are never labelled as PASCAL VOC.
+MARKER = "synthetic.json"
+
+
+def is_synthetic(root: str | Path, year: int | str) -> bool:
+    return (Path(root).expanduser() / f"VOC{year}" / MARKER).exists()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vidrep.data.synthetic_voc",
+                                     description="Write a synthetic VOC-format set (<out>/VOC2007, trainval and test) of the "
+                                                 "demo world's shape classes, for trying evaluate.py without PASCAL VOC.")
+    parser.add_argument("out", help="folder to write (it gets VOC2007/ inside)")
+    parser.add_argument("--trainval", type=int, default=150, help="trainval images (default 150)")
+    parser.add_argument("--test", type=int, default=150, help="test images (default 150)")
+    parser.add_argument("--seed", type=int, default=12345)
+    args = parser.parse_args(argv)
+    root = write_synthetic_voc(args.out, num_trainval=args.trainval, num_test=args.test, seed=args.seed)
+    print(f"synthetic VOC-format set: {Path(root).resolve() / 'VOC2007'} ({args.trainval} trainval, {args.test} test images)\n"
+          f"evaluate on it: python evaluate.py ckpt=<checkpoint> voc.root={root} voc.classes='[{','.join(SHAPES)}]'")
+
+
+if __name__ == "__main__":
+    main()

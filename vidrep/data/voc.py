@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vidrep.data.synthetic import SHAPES
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -61,7 +63,8 @@ def _parse(xml_path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.nda
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in classes:
-            raise VOCError(f"{xml_path}: object class {name!r} is not in the configured classes {list(classes)}")
+            hint = f"voc.classes='[{','.join(SHAPES)}]' (a synthetic set's)" if name in SHAPES else "voc.classes='[...]' with this set's classes"
+            raise VOCError(f"{xml_path}: object class {name!r} is not in the configured classes {list(classes)}; set {hint}")
         bb = obj.find("bndbox")
         try:
             boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])

@@ -67,14 +67,25 @@ def write_results(run_dir: Path, result: dict) -> None:
     (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{per_class_table(result)}\n")
 
 
+def data_name(result: dict) -> str:
+    """"VOC2007", or what results.json names its data (a synthetic set is never called VOC)."""
+    return result["data"].get("name") or f"VOC{result['data']['year']}"
+
+
+def _paper_figure(result: dict) -> str:
+    if result["data"].get("synthetic"):
+        return "- (synthetic data)"
+    return PAPER_MAP.get(result["row"], "-") if result["protocol"]["name"] == "detection" else "- (detection only)"
+
+
 def comparison_rows(results: Sequence[dict], paths: Sequence[Path]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of several evaluations in the paper's row order, with the paper's figure."""
     rows = []
     for r, p in zip(results, paths):
         order = ROW_ORDER.index(r["row"]) if r["row"] in ROW_ORDER else len(ROW_ORDER)
-        data = f"VOC{r['data']['year']} {r['data']['test_split']}"
+        data = f"{data_name(r)} {r['data']['test_split']}"
         rows.append((order, [r["row"], r["label"], r["protocol"]["name"], data, r.get("best_layer") or "", _fmt(r["map"]),
-                             PAPER_MAP.get(r["row"], "-") if r["protocol"]["name"] == "detection" else "- (detection only)", str(p)]))
+                             _paper_figure(r), str(p)]))
     rows.sort(key=lambda x: x[0])
     header = ["setting", "label", "protocol", "test data", "layer", "mAP", "paper (VOC2012 det.)", "results"]
     return header, [row for _, row in rows]

@@ -10,6 +10,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vidrep.data.synthetic_voc import is_synthetic
 from vidrep.data.voc import read_voc
 from vidrep.eval.features import load_network
 from vidrep.eval.report import default_row, per_class_table, write_results
@@ -54,6 +55,12 @@ def _data_key(root, year, classes) -> str:
     return f"VOC{year}-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+def _data_name(voc: DictConfig) -> dict:
+    """A synthetic VOC-format set is labelled as such in every table and picture, never as VOC."""
+    synthetic = is_synthetic(voc.root, voc.year)
+    return {"name": "synthetic VOC-format" if synthetic else f"VOC{voc.year}", "synthetic": synthetic}
+
+
 def evaluate(cfg: DictConfig) -> dict:
     checkpoints = _checkpoints(cfg.ckpt)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "label": cfg.label or f"{row} ({', '.join(Path(c).parent.parent.name or c for c in checkpoints)})",
         "protocol": protocol.settings(),
         "checkpoints": [n.name for n in networks],
-        "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year,
+        "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year, **_data_name(cfg.voc),
                  "train_split": cfg.voc.train_split, "test_split": cfg.voc.test_split, "classes": list(classes),
                  "num_train_images": len(train), "num_test_images": len(test)},
         "seed": cfg.seed,

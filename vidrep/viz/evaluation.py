@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidrep.eval.report import data_name
 from vidrep.viz.canvas import PictureSink, figure_to_array, pyplot, wrap
 
 
@@ -42,7 +43,7 @@ def ap_bar_chart(results: Sequence[dict], title: str = "") -> np.ndarray:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.25 if len(classes) > 6 else -0.12), ncol=1, frameon=False)
     metric = "11-point" if results[0]["protocol"].get("use_07_metric") else "all-point"
-    ax.set_title(wrap(title or f"per-class AP ({results[0]['protocol']['name']} protocol, VOC{results[0]['data']['year']} "
+    ax.set_title(wrap(title or f"per-class AP ({results[0]['protocol']['name']} protocol, {data_name(results[0])} "
                       f"{results[0]['data']['test_split']}, {metric} AP)", 110), fontsize=10)
     fig.tight_layout()
     return figure_to_array(fig)
@@ -75,7 +76,7 @@ def pr_curves_figure(result: dict, columns: int = 5) -> np.ndarray:
             ax.set_xlabel("recall", fontsize=8)
     for c in range(len(classes), rows * columns):
         axes[c // columns][c % columns].axis("off")
-    fig.suptitle(wrap(f"precision-recall on VOC{result['data']['year']} {result['data']['test_split']}: {_name(result)}, "
+    fig.suptitle(wrap(f"precision-recall on {data_name(result)} {result['data']['test_split']}: {_name(result)}, "
                       f"mAP {100 * result['map']:.1f}", int(13 * fig.get_figwidth())), fontsize=10)
     fig.tight_layout()
     return figure_to_array(fig)

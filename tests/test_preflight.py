@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from vidrep.eval.checks import check_evaluate
+from vidrep.mining.checks import check_mine
+from vidrep.preflight import PreflightError, compose, did_you_mean, first_values, preflight
+from vidrep.training.checks import check_train
+
+
+def errors(config, check, *overrides):
+    with pytest.raises(SystemExit) as e:
+        preflight(config, check, list(overrides))
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("override, suggestion", [("trainer.max_step=5", "trainer.max_steps"),
+                                                   ("model.loss.marjin=1", "model.loss.margin"),
+                                                   ("dat.root=/x", "data.root")])
+def test_an_unknown_key_gets_the_nearest_valid_one(override, suggestion):
+    with pytest.raises(PreflightError, match=f"unknown key {override.split('=')[0]}: did you mean {suggestion}\\?"):
+        compose("train", [override])
+
+
+def test_did_you_mean_prefers_siblings():
+    keys = ["trainer", "trainer.max_steps", "trainer.max_epochs", "trainer.strategy", "data", "data.max_step_x"]
+    assert did_you_mean("trainer.max_step", keys)[0] == "trainer.max_steps"
+    assert did_you_mean("trainer.zzz", keys) == []
+
+
+def test_sweeps_are_checked_with_their_first_value():
+    overrides, swept = first_values(["data=1.5M,5M", "seed=range(0,3)", "trainer.devices=1"])
+    assert overrides == ["data=1.5M", "seed=0", "trainer.devices=1"] and swept == {"data", "seed"}
+
+
+def test_paths_and_missing_values_are_named(tmp_path, capsys):
+    errors("train", check_train, "data=corpus", f"data.root={tmp_path / 'nope'}")
+    assert f"data.root={tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    errors("train", check_train, "data=8M")
+    assert "needs a mined corpus: add data.root=" in capsys.readouterr().err
+    errors("train", check_train, f"ckpt_path={tmp_path / 'last.ckpt'}")
+    assert "ckpt_path=" in capsys.readouterr().err
+    errors("evaluate", check_evaluate)
+    err = capsys.readouterr().err
+    assert "ckpt is not set" in err and "ckpt=random" in err and "imagenet:" in err
+    errors("evaluate", check_evaluate, "ckpt=random")
+    assert "voc.root is not set" in capsys.readouterr().err
+    errors("evaluate", check_evaluate, f"ckpt=[random,{tmp_path / 'a.ckpt'}]", f"voc.root={tmp_path}")
+    assert "a.ckpt' does not exist" in capsys.readouterr().err
+    errors("mine", check_mine, f"videos={tmp_path / 'v'}", f"out={tmp_path / 'c'}")
+    assert "videos=" in capsys.readouterr().err
+    # a valid command passes, and a swept path is left to each job
+    preflight("evaluate", check_evaluate, ["ckpt=random", f"voc.root={tmp_path}"])
+    preflight("train", check_train, ["-m", "data=corpus", f"data.root={tmp_path / 'a'},{tmp_path / 'b'}"])
+
+
+def test_train_py_stops_before_any_run_directory(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer.max_step=5"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and "did you mean trainer.max_steps?" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "outputs").exists()

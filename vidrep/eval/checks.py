@@ -1,0 +1,33 @@
+"""evaluate.py's checks before anything starts (vidrep.preflight runs them on the composed config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vidrep.preflight import PreflightError, is_missing, require_path
+
+# What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
+CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
+              "network), ckpt=imagenet:<torchvision AlexNet weights file>, or ckpt='[a,b,c]' (an ensemble)")
+KEYWORDS = ("random",)
+
+
+def checkpoint_files(ckpt) -> list[str]:
+    """The file paths among ckpt's values (keywords and imagenet:<file> resolved to their files)."""
+    values = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, list | tuple) else [ckpt]
+    return [str(v).removeprefix("imagenet:") for v in values if str(v) not in KEYWORDS]
+
+
+def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise PreflightError(f"ckpt is not set: {CKPT_FORMS}")
+    if "ckpt" not in swept:
+        for path in checkpoint_files(cfg.ckpt):
+            if not path or not Path(path).expanduser().exists():
+                raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
+    if is_missing(cfg, "voc.root"):
+        raise PreflightError("voc.root is not set: voc.root=<the VOCdevkit folder holding VOC2007/ or VOC2012/>, or a "
+                             "synthetic VOC-format set written by `python -m vidrep.data.synthetic_voc <folder>`")
+    require_path(cfg, "voc.root", "give the VOCdevkit folder (holding VOC2007/ or VOC2012/)", swept)
