@@ -232,7 +232,9 @@ def test_mine_viz_draws_frames_and_contact_sheets(tiny_corpus, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     drawn = sorted((corpus / "pictures").iterdir())
     assert len(drawn) == 3
+    names = {p.stem for p in videos.iterdir()}
     for folder in drawn:
+        assert folder.name.rsplit("-", 1)[0] in names and len(folder.name.rsplit("-", 1)[1]) == 16  # <video name>-<id>
         assert {p.name for p in folder.iterdir()} == {"frame.png", "pairs.png"}
         assert read_png(folder / "frame.png").shape == (round(100 * (12 * 448 / 1200 + 1.1)), 1200, 3)
         assert read_png(folder / "pairs.png").shape[1] == round(100 * 1.6 * 8)  # 4 pairs (8 patches) per row

@@ -1,3 +1,18 @@
 """vidrep: visual representations learned from tracked patches in unlabelled video."""
 
+import os
+
+from omegaconf import OmegaConf
+
 __version__ = "0.1.0"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and SLURM set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ${vidrep.workers:8} in the configs: 8 loader workers, or fewer on a machine with fewer cores
+# (PyTorch warns, and the workers only contend, when there are more). Registered on import, as
+# every entry point imports vidrep before it composes a config.
+OmegaConf.register_new_resolver("vidrep.workers", lambda at_most=8: max(1, min(int(at_most), usable_cores())), replace=True)

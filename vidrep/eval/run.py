@@ -55,6 +55,29 @@ def _data_key(root, year, classes) -> str:
     return f"VOC{year}-" + hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
+# Overrides that say where a run's files are, not what it trained.
+_NOT_A_NAME = ("data.root", "hydra.", "paths.", "ckpt_path", "logger.", "trainer.devices", "trainer.num_nodes", "data.num_workers")
+
+
+def checkpoint_name(ckpt: str) -> str:
+    """A readable name for a network: what its train.py run changed (its .hydra/overrides.yaml, e.g.
+    "experiment=paper_8M"), else its data option ("demo"), else its run directory's name; "random"
+    and "imagenet" as given."""
+    if ckpt == "random" or ckpt.startswith("imagenet:"):
+        return ckpt.split(":")[0]
+    run = Path(ckpt).expanduser().resolve().parent.parent
+    overrides_file, hydra_file = run / ".hydra" / "overrides.yaml", run / ".hydra" / "hydra.yaml"
+    if overrides_file.exists():
+        kept = [o for o in OmegaConf.load(overrides_file) if not str(o).lstrip("+~").startswith(_NOT_A_NAME)]
+        if kept:
+            return ",".join(map(str, kept))
+    if hydra_file.exists():
+        data = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices.data")
+        if data:
+            return str(data)
+    return run.name or ckpt
+
+
 def _data_name(voc: DictConfig) -> dict:
     """A synthetic VOC-format set is labelled as such in every table and picture, never as VOC."""
     synthetic = is_synthetic(voc.root, voc.year)
@@ -76,7 +99,7 @@ def evaluate(cfg: DictConfig) -> dict:
     row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
     result = {
         "row": row,
-        "label": cfg.label or f"{row} ({', '.join(Path(c).parent.parent.name or c for c in checkpoints)})",
+        "label": cfg.label or f"{protocol.settings()['name']}:{'+'.join(checkpoint_name(c) for c in checkpoints)}",
         "protocol": protocol.settings(),
         "checkpoints": [n.name for n in networks],
         "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year, **_data_name(cfg.voc),

@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vidrep import usable_cores
 from vidrep.data.corpus import (
     check_settings, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
 )
@@ -173,7 +174,7 @@ def _done_keys(root: Path, retry_failures: bool) -> set[str]:
 
 
 def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def mine_corpus(

@@ -10,6 +10,7 @@ contact sheet needs only the corpus.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,12 +96,18 @@ def _rgb(jpeg: bytes) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
+def picture_folder(name: str, key: str) -> str:
+    """A video's picture folder: its file name (readable) and its id (unique among same-named files)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).stem)[:60]
+    return f"{stem}-{key}"
+
+
 def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, max_videos: int = 8,
                            max_pairs: int = 24, video_paths: dict[str, Path] | None = None,
                            names: Sequence[str] | None = None) -> list[Path]:
     """Per video with pairs (the first `max_videos` by corpus key, or those `names`): a contact sheet
-    of up to `max_pairs` pairs (<out>/<key>/pairs.png) and, where `video_paths` maps the video's
-    corpus name to its file, the frame picture of its first pair (<out>/<key>/frame.png).
+    of up to `max_pairs` pairs (<out>/<name>-<key>/pairs.png) and, where `video_paths` maps the video's
+    corpus name to its file, the frame picture of its first pair (<out>/<name>-<key>/frame.png).
     `out` defaults to <root>/pictures. Returns the files written."""
     root = Path(root)
     out = root / "pictures" if out is None else Path(out)
@@ -130,19 +137,20 @@ def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, m
         rows = rows[np.argsort(index.query_frame[rows], kind="stable")]
         pairs_of_video = manifest.take(rows).select(["query_frame", "tracked_frame", "query_box", "tracked_box"]).to_pylist()
         key = f"{video_id:016x}"
+        folder = picture_folder(name, key)
         shown = rows[:max_pairs]
         pairs = [index.read_pair(int(i)) for i in shown]
         what = f"{len(shown)} of {len(rows)}" if len(rows) > len(shown) else f"all {len(rows)}"
         sheet = contact_sheet([_rgb(q) for q, _ in pairs], [_rgb(t) for _, t in pairs],
                               [(p["query_frame"], p["tracked_frame"]) for p in pairs_of_video[: len(shown)]],
                               f"{name} (video {key}): {what} mined pairs, query and tracked patch")
-        written.append(save_png(out / key / "pairs.png", sheet))
+        written.append(save_png(out / folder / "pairs.png", sheet))
         path = (video_paths or {}).get(name)
         if miner is None or path is None:
             continue
         p = pairs_of_video[0]
         try:
-            written.append(save_png(out / key / "frame.png", video_frame_picture(miner, path, name, p["query_frame"],
+            written.append(save_png(out / folder / "frame.png", video_frame_picture(miner, path, name, p["query_frame"],
                                                                                  p["tracked_frame"], p["query_box"],
                                                                                  p["tracked_box"])))
         except Exception as e:  # noqa: BLE001 - a picture must not end a run; say which video and why

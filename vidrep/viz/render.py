@@ -93,8 +93,18 @@ def render_corpus(root: str | Path, videos: str | Path | None = None, out: str |
     return render_corpus_pictures(root, out, max_videos=max_videos, max_pairs=max_pairs, video_paths=paths)
 
 
+def _folder_names(results: Sequence[Path]) -> list[str]:
+    """One folder per results.json, named after its run directory (suffixed -2, -3 on a clash)."""
+    names, seen = [], {}
+    for path in results:
+        base = path.resolve().parent.name or "results"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+    return names
+
+
 def render_evaluations(results: Sequence[str | Path], out: str | Path | None = None) -> list[Path]:
-    """Per results.json: AP bars and PR curves (in its folder's pictures/, or `out`/<n>/); with
+    """Per results.json: AP bars and PR curves (in its folder's pictures/, or `out`/<its run directory's name>/); with
     several, the paper-table image and the side-by-side AP bars in `out` (default: the first's)."""
     from vidrep.viz.evaluation import comparison_pictures, evaluation_pictures
 
@@ -104,8 +114,9 @@ def render_evaluations(results: Sequence[str | Path], out: str | Path | None = N
         raise FileNotFoundError(f"not found: {', '.join(missing)} (evaluate.py writes <run dir>/results.json)")
     loaded = [json.loads(r.read_text()) for r in results]
     written = []
-    for i, (path, result) in enumerate(zip(results, loaded)):
-        target = path.parent / "pictures" if out is None else Path(out) / (f"{i}" if len(results) > 1 else "")
+    names = _folder_names(results)
+    for path, result, name in zip(results, loaded, names):
+        target = path.parent / "pictures" if out is None else Path(out) / (name if len(results) > 1 else "")
         sink = PictureSink(target)
         evaluation_pictures(result, sink)
         written += sink.written

@@ -65,3 +65,32 @@ def test_callback_warns_at_the_end_of_a_short_collapsed_run(caplog):
     caplog.set_level(logging.WARNING, logger="vidrep.training.collapse")
     run(CollapseWarning(warmup_steps=1000), [collapsed() for _ in range(3)])
     assert len(caplog.records) == 1 and "at the end of training" in caplog.records[0].getMessage()
+
+
+def test_progress_bar_counts_epochs_from_one_and_hides_a_negative_total():
+    from vidrep.training.progress import ProgressBar
+
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=14)
+    assert bar._get_train_description(0).strip() == "Epoch 1/14"
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # training bounded by max_steps
+    assert bar._get_train_description(2).strip() == "Epoch 3"
+
+
+def test_report_rows_and_render_folders_have_readable_names(tmp_path):
+    from pathlib import Path
+
+    from vidrep.eval.run import checkpoint_name
+    from vidrep.viz.render import _folder_names
+
+    run = tmp_path / "2026-12-01_10-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=paper_8M\n- data.root=/data/corpus\n- trainer.devices=4\n")
+    assert checkpoint_name(str(run / "checkpoints" / "last.ckpt")) == "experiment=paper_8M"
+    (run / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      data: demo\n")
+    assert checkpoint_name(str(run / "checkpoints" / "last.ckpt")) == "demo"
+    assert checkpoint_name("random") == "random" and checkpoint_name("imagenet:/w/alexnet.pth") == "imagenet"
+    assert checkpoint_name(str(tmp_path / "bare" / "checkpoints" / "x.ckpt")) == "bare"
+    assert _folder_names([Path("/r/svm-run/results.json"), Path("/s/svm-run/results.json"), Path("/t/det/results.json")]) \
+        == ["svm-run", "svm-run-2", "det"]
