@@ -1,10 +1,13 @@
 """Train the siamese-triplet network: python train.py [data=8M data.root=...] [trainer.devices=4]."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from vidrep.preflight import preflight
 from vidrep.training.checks import check_train
+from vidrep.training.resume import with_run_overrides
 from vidrep.training.run import train
 
 
@@ -14,5 +17,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_run_overrides(sys.argv[1:])
     preflight("train", check_train)
     main()

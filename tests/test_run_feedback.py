@@ -94,3 +94,16 @@ def test_report_rows_and_render_folders_have_readable_names(tmp_path):
     assert checkpoint_name(str(tmp_path / "bare" / "checkpoints" / "x.ckpt")) == "bare"
     assert _folder_names([Path("/r/svm-run/results.json"), Path("/s/svm-run/results.json"), Path("/t/det/results.json")]) \
         == ["svm-run", "svm-run-2", "det"]
+
+
+def test_resume_takes_the_runs_own_overrides(tmp_path):
+    from vidrep.training.resume import with_run_overrides
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- data=8M\n- data.root=/c\n- trainer.devices=4\n- ckpt_path=/old.ckpt\n")
+    argv = [f"resume={run}", "trainer.devices=2"]
+    expanded = with_run_overrides(argv)
+    assert expanded == ["data=8M", "data.root=/c", f"resume={run}", "trainer.devices=2"]
+    assert with_run_overrides(expanded) == expanded  # DDP ranks expand it again to the same
+    assert with_run_overrides(["seed=1"]) == ["seed=1"]

@@ -16,3 +16,6 @@ def usable_cores() -> int:
 # (PyTorch warns, and the workers only contend, when there are more). Registered on import, as
 # every entry point imports vidrep before it composes a config.
 OmegaConf.register_new_resolver("vidrep.workers", lambda at_most=8: max(1, min(int(at_most), usable_cores())), replace=True)
+# ckpt_path's default: resume=<run dir> resumes from that run's last checkpoint.
+OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if run is None else f"{run}/checkpoints/last.ckpt",
+                                replace=True)

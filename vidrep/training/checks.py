@@ -15,6 +15,7 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
                              "(made by `python mine.py videos=<videos> out=<corpus>`)")
     if cfg.data.get("demo") is None:  # the demo builds its corpus on first use
         require_path(cfg, "data.root", "point it at a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept)
+    require_path(cfg, "resume", "give the run directory of an earlier train.py run (outputs/train/<run>)", swept)
     require_path(cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept)
     _note_cpu_ddp(cfg)
 
