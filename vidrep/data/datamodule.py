@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from vidrep.data.corpora import as_roots, corpus_settings, open_index
 from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
 from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
@@ -128,7 +129,7 @@ class PairDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | list[str],
         num_patches: int | None = None,
         val_fraction: float = 0.05,
         batch_size: int = 50,
@@ -142,11 +143,10 @@ class PairDataModule(L.LightningDataModule):
         demo: dict | None = None,
     ) -> None:
         super().__init__()
-        if root is None or str(root) in ("", "???"):
-            raise CorpusError("data.root is not set: point it at a mined corpus, e.g. `python train.py data=8M data.root=/data/corpus`")
         if num_patches is not None and num_patches < 2:
             raise ValueError(f"data.num_patches must be >= 2 (2 patches per pair); got {num_patches}")
-        self.root = Path(root).expanduser()
+        self.roots = as_roots(root)
+        self.root = self.roots[0]
         self.num_patches, self.val_fraction, self.seed = num_patches, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
@@ -165,17 +165,29 @@ class PairDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        if not self.root.exists():
-            raise CorpusError(f"data.root {self.root} does not exist; mine a corpus there with mine.py or fix the path")
-        index = PairIndex(self.root)
+        index = open_index(self.roots)
+        self.corpora = corpus_settings(self.roots)
+        self._record_corpora()
         num_pairs = None if self.num_patches is None else self.num_patches // 2
         sel = select_pairs(index.video_id, index.query_frame, num_pairs, self.val_fraction, self.seed)
         if len(sel.train) < self.batch_size:
-            raise CorpusError(f"corpus {self.root} gives {len(sel.train)} training pairs, fewer than one batch of {self.batch_size}")
+            raise CorpusError(f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
+                              f"of {self.batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
         self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder))
         self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder))
-        log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", self.root, len(sel.train), len(sel.val),
+        log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", ", ".join(map(str, self.roots)), len(sel.train), len(sel.val),
                  len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
+
+    def _record_corpora(self) -> None:
+        """Several corpora may have been mined with different settings: say which differ, and keep
+        each one's settings with the run (hparams.yaml, the W&B config)."""
+        if len(self.corpora) > 1:
+            keys = sorted({k for s in self.corpora.values() for k in s})
+            differ = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in self.corpora.values()}) > 1]
+            if differ:
+                log.warning("the corpora were mined with different settings (%s); each one's are logged as `corpora`", ", ".join(differ))
+        for lg in (self.trainer.loggers if self.trainer is not None else []):
+            lg.log_hyperparams({"corpora": self.corpora})
 
     def _loader(self, dataset: PairDataset, train: bool) -> DataLoader:
         world, rank = _distributed() or (1, 0)

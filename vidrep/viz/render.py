@@ -57,7 +57,8 @@ def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str
     """The training pictures of a checkpoint, drawn from the held-out pairs of its own run (the
     corpus, split and seed in <run>/.hydra/config.yaml; or those given). Written to
     <run>/pictures/render-stepNNNNNNN/ unless `out` is given."""
-    from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
+    from vidrep.data.corpora import open_index
+    from vidrep.data.corpus import CorpusError, select_pairs
     from vidrep.data.datamodule import PairDataset
     from vidrep.data.transforms import PatchTransform
     from vidrep.training.pictures import HeldOut, TrainingPictures
@@ -71,7 +72,7 @@ def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str
     val_fraction = data.get("val_fraction") or 0.05 if val_fraction is None else val_fraction
     seed = data.get("seed") or 0 if seed is None else seed
     num_patches = data.get("num_patches")
-    index = PairIndex(root)
+    index = open_index(root)
     sel = select_pairs(index.video_id, index.query_frame, None if num_patches is None else num_patches // 2, val_fraction, seed)
     heldout = HeldOut.from_dataset(PairDataset(index, sel.val, PatchTransform(module.input_size, 0.0, data.get("decoder") or "opencv")), num_heldout, seed)
     out = Path(out) if out is not None else ckpt.resolve().parent.parent / "pictures" / f"render-step{step:07d}"
