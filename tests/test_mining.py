@@ -295,6 +295,43 @@ def test_a_worker_crash_costs_only_the_video_that_caused_it(tmp_path):
     assert summary.run["videos_mined"] == 4 and summary.run["videos_failed"] == 1
 
 
+@pytest.mark.slow
+def test_a_hanging_video_is_stopped_and_recorded_as_timeout(tmp_path):
+    """A hang next to a crash: the hung video's worker is killed at its limit (in the pool and
+    when retried alone), the crash is still found, and every other video is mined."""
+    from conftest import HangingMiner
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(3):
+        SyntheticVideo(200 + i, num_frames=40).write(folder / f"ok{i}.avi")
+    SyntheticVideo(300, num_frames=40).write(folder / "crash.avi")
+    SyntheticVideo(301, num_frames=40).write(folder / "hang.avi")
+    start = time.perf_counter()
+    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(video_timeout=3), workers=2, progress=False,
+                          miner_factory=HangingMiner)
+    failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert failures == {"crash.avi": "worker_crashed", "hang.avi": "timeout"}
+    assert summary.run["videos_mined"] == 3 and summary.failures == {"worker_crashed": 1, "timeout": 1}
+    assert time.perf_counter() - start < 120
+    # the limit is not a corpus setting: a rerun with another one resumes the same corpus
+    again = mine_corpus(folder, tmp_path / "corpus", MinerConfig(video_timeout=60), workers=1, progress=False)
+    assert again.run["videos_skipped_done"] == 5
+
+
+def test_default_video_timeout_follows_the_declared_length(tmp_path):
+    from vidrep.mining.watchdog import TIMEOUT_FLOOR_S, TIMEOUT_UNKNOWN_LENGTH_S, declared_frames, default_timeout
+
+    assert default_timeout(None) == TIMEOUT_UNKNOWN_LENGTH_S
+    assert default_timeout(100) == TIMEOUT_FLOOR_S
+    assert default_timeout(36_000) == 36_000 / 5.0
+    assert declared_frames(SyntheticVideo(7, num_frames=60).write(tmp_path / "v.avi")) == 60
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert declared_frames(tmp_path / "text.mp4") is None
+    with pytest.raises(ValueError, match="video_timeout"):
+        MinerConfig(video_timeout=0)
+
+
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list_videos(tmp_path / "nowhere")

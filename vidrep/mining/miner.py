@@ -63,6 +63,9 @@ class MinerConfig:
     ransac_px: float = 0.5
     cut_threshold: float = 0.7
     jpeg_quality: int = 90
+    # Seconds one video may take before its worker is stopped and the video recorded as `timeout`
+    # (vidrep/mining/watchdog.py); None: derived from the length the container declares.
+    video_timeout: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", tuple(self.grid))
@@ -76,10 +79,19 @@ class MinerConfig:
             raise ValueError(f"window {self.window} does not fit frames of {self.height}x{self.width}")
         if self.track_length < 1 or self.candidate_every < 1 or self.min_gap < 0:
             raise ValueError("need track_length >= 1, candidate_every >= 1 and min_gap >= 0")
+        if self.video_timeout is not None and self.video_timeout <= 0:
+            raise ValueError(f"miner.video_timeout must be > 0 seconds (or null: from the video's length); got {self.video_timeout}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["grid"] = list(self.grid)
+        return d
+
+    def corpus_settings(self) -> dict:
+        """The settings that decide which pairs a video gives: what mining.json pins. The time
+        limit only decides when to give up on a video, so a rerun may change it."""
+        d = self.to_dict()
+        del d["video_timeout"]
         return d
 
 
