@@ -182,3 +182,28 @@ def test_conv1_padded_to_four_channels_gives_equal_outputs_and_grads():
     g_alt = torch.autograd.grad(y_alt.sum(), [x, alt.weight])
     for a, b in zip(g_alt, g_ref):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_sgd_takes_the_released_solvers_steps():
+    """model.optimizer.fused=true: the same updates of both parameter groups (weights with decay,
+    biases at 2x lr without) as torch's default SGD kernels."""
+    from functools import partial
+
+    from vidrep.models.embedding import EmbeddingNet
+    from vidrep.training.module import TripletModule
+
+    x = torch.randint(0, 255, (4, 3, 67, 67), dtype=torch.uint8)
+    params = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = TripletModule(EmbeddingNet(CaffeNet(67, 32, 16)), {},
+                               partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=0.0005, fused=fused), scheduler=None,
+                               input_size=67)
+        optimizer = module.configure_optimizers()
+        for _ in range(3):
+            optimizer.zero_grad()
+            module(x).square().sum().backward()
+            optimizer.step()
+        params.append([p.detach().clone() for p in module.net.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -134,6 +134,7 @@ def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers
     try:
         while queue:
             broken: list[VideoInput] = []
+            finished: list[VideoOutcome] = []
             with _pool(workers, config, root, factory, watch) as pool:
                 running: dict = {}
                 try:
@@ -148,8 +149,14 @@ def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers
                             yield outcome
                         watch.kill_overdue({v.key for v in running.values()})
                 except BrokenProcessPool:
-                    broken = list(running.values())
+                    # A video may have finished between the last wait and a kill: it is done, not late.
+                    for future, v in running.items():
+                        if future.done() and not future.cancelled() and future.exception() is None:
+                            finished.append(future.result())
+                        else:
+                            broken.append(v)
             watch.forget_workers()
+            yield from finished
             late = [v for v in broken if v.key in watch.killed]
             suspects = [v for v in broken if v.key not in watch.killed]
             for v in late:
