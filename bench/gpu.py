@@ -50,6 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--override", nargs="*", default=[],
+                   help="more config overrides of the model, e.g. model.net.trunk.lrn=slices model.net.trunk.conv1_in_channels=4")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--corpus", type=Path, default=None)
     p.add_argument("--synthetic-pairs", type=int, default=20_000, help="pairs of the synthetic corpus made when --corpus is not given")
@@ -110,7 +112,8 @@ class Repeat(Dataset):
 def module(args):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["data=corpus", f"model.input_size={args.input_size}",
-                                          f"model.channels_last={args.channels_last}", f"model.compile={args.compile}"])
+                                          f"model.channels_last={args.channels_last}", f"model.compile={args.compile}",
+                                          *args.override])
     return hydra.utils.instantiate(cfg.model)
 
 
@@ -167,7 +170,7 @@ def measure(args, corpus: Path) -> None:
                          f"{both.rate(2 * pairs):,.0f}", f"{100 * both.wait / both.wall:.0f} %"])
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
-          f"compile={args.compile}, {args.workers} loader workers")
+          f"compile={args.compile}, {args.workers} loader workers, overrides {args.override or 'none'}")
     print(markdown_table(["patches per batch", "compute alone (patches/s)", "data.decoder", "loader alone (patches/s)",
                           "step with loader (patches/s)", "main thread getting data"], rows))
 

@@ -3,6 +3,16 @@
     source /work/venv/bin/activate && cd /work/main && python bench/mine.py
     python bench/mine.py --videos /data/some/videos --synthetic 0     # your own footage
     python bench/mine.py --detectors                                  # + the SURF-substitute table
+    python bench/mine.py --ratio-only --film fetch --synthetic 0 --hd 0 --rounds 3   # mining vs decoding, the film + opencv-doc
+
+--ratio-only measures just mining against decoding alone, side by side: each round decodes every
+video (PyAV, 600x448 BGR, as the miner reads them) and mines it with the legacy settings
+(homography_method=ransac, motion_sample=0) and with today's defaults, in one process; the medians
+over --rounds are reported in CPU time (what a core spends; on a machine shared with other jobs
+wall time charges their preemptions to whichever stage is running) and in wall time, with the
+per-stage table in CPU ms per frame. --film adds Big Buck Bunny (10 min, 1280x720 H.264, from PyPI's
+moviepy==2.2.1 sdist; `fetch` downloads it into the cache) as --film-segments evenly spaced clips of
+--segment-seconds (remuxed, not re-encoded), so that a round stays short.
 
 Videos: the opencv-doc samples (vtest.avi, Megamind.avi, Megamind_bugy.avi, cached by the tests in
 ~/.cache/vidrep/opencv-sample-videos) plus --synthetic demo-like synthetic videos of 220 frames
@@ -51,7 +61,125 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--detectors", action="store_true", help="also compare the interest point detectors")
     p.add_argument("--video-minutes", type=float, default=4.0, help="mean video length assumed for the 100K projection")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate assumed for the 100K projection")
+    p.add_argument("--ratio-only", action="store_true", help="only mining vs decoding alone, side by side (see above)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --ratio-only (medians reported)")
+    p.add_argument("--film", default=None, help="path of bbb.mp4, or `fetch` (cached in $VIDREP_CACHE_DIR or ~/.cache/vidrep)")
+    p.add_argument("--film-segments", type=int, default=4)
+    p.add_argument("--segment-seconds", type=float, default=30.0, help="0: the whole film")
     return p.parse_args()
+
+
+CACHE = Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep"))
+
+
+def fetch_film(dest: Path = CACHE / "bbb.mp4") -> Path:
+    """Big Buck Bunny (1280x720 H.264, 10 min) from the moviepy 2.2.1 sdist on PyPI (its docs ship
+    it in a zip), fetched once with pip, the only network this machine has."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+
+    if dest.exists():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "moviepy==2.2.1",
+                        "-d", tmp], check=True, capture_output=True, timeout=600)
+        with tarfile.open(next(Path(tmp).glob("moviepy-*.tar.gz"))) as tar:
+            member = next(m for m in tar.getmembers() if m.name.endswith("moviepy_10_minutes.zip"))
+            tar.extract(member, tmp, filter="data")
+        with zipfile.ZipFile(Path(tmp) / member.name) as z:
+            name = next(n for n in z.namelist() if n.endswith("resources/bbb.mp4"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = dest.with_name(f".{dest.name}.tmp")
+            staging.write_bytes(z.read(name))
+            staging.rename(dest)
+    return dest
+
+
+def film_segments(film: Path, out: Path, segments: int, seconds: float) -> list[Path]:
+    """`segments` clips of `seconds`, evenly spaced over the film, copied packet for packet (each
+    starts at the keyframe before its position)."""
+    import av
+
+    if seconds <= 0:
+        return [film]
+    out.mkdir(parents=True, exist_ok=True)
+    with av.open(str(film)) as probe:
+        length = probe.duration / 1e6
+    paths = []
+    for i in range(segments):
+        start = (i + 0.5) * length / segments - seconds / 2
+        path = out / f"{film.stem}_{int(start):04d}s.mp4"
+        with av.open(str(film)) as src, av.open(str(path), "w") as dst:
+            stream = src.streams.video[0]
+            copy = dst.add_stream_from_template(stream)
+            src.seek(int(max(start, 0) / stream.time_base), stream=stream)
+            first = None
+            for packet in src.demux(stream):
+                if packet.dts is None or packet.pts is None:
+                    continue
+                first = packet.pts if first is None else first
+                if (packet.pts - first) * stream.time_base > seconds:
+                    break
+                packet.pts -= first
+                packet.dts -= first
+                packet.stream = copy
+                dst.mux(packet)
+        paths.append(path)
+    return paths
+
+
+LEGACY = dict(homography_method="ransac", motion_sample=0)
+
+
+def timed_rounds(paths: list[Path], rounds: int) -> tuple[dict, Counter, dict]:
+    """Per round, side by side: decoding alone, mining with the legacy settings, mining with the
+    defaults. Returns {variant: [(cpu s, wall s), ...]}, the frame count, and per variant the
+    per-stage CPU seconds and counters of the first round."""
+    configs = {"mining, legacy settings": MinerConfig(**LEGACY), "mining, defaults": MinerConfig()}
+    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], **{k: [] for k in configs}}
+    first: dict = {}
+    frames = 0
+    for r in range(rounds):
+        cpu, wall = time.process_time(), time.perf_counter()
+        frames = sum(1 for path in paths for _ in read_frames(path))
+        times["decoding alone"].append((time.process_time() - cpu, time.perf_counter() - wall))
+        for name, config in configs.items():
+            miner, stats, seconds = VideoMiner(config), Counter(), Counter()
+            cpu, wall = time.process_time(), time.perf_counter()
+            for path in paths:
+                result = miner.mine(path)
+                stats.update(result.stats)
+                seconds.update(result.clock.seconds)
+            times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+            first.setdefault(name, (seconds, stats))
+    return times, frames, first
+
+
+def ratio_tables(label: str, paths: list[Path], rounds: int) -> str:
+    import statistics
+
+    times, frames, first = timed_rounds(paths, rounds)
+    base = [t for t in times["decoding alone"]]
+    rows = []
+    for name, ts in times.items():
+        cpu = statistics.median(t[0] for t in ts)
+        wall = statistics.median(t[1] for t in ts)
+        cpu_ratio = [t[0] / b[0] for t, b in zip(ts, base)]
+        wall_ratio = [t[1] / b[1] for t, b in zip(ts, base)]
+        rows.append([name, f"{1000 * cpu / frames:.2f}", f"{statistics.median(cpu_ratio):.2f}x",
+                     f"{min(cpu_ratio):.2f}-{max(cpu_ratio):.2f}", f"{1000 * wall / frames:.2f}", f"{statistics.median(wall_ratio):.2f}x"])
+    out = [f"{label}: {len(paths)} videos, {frames} frames, median of {rounds} rounds",
+           markdown_table(["", "CPU ms per frame", "CPU time / decoding alone (target <= 2x)", "range over rounds",
+                           "wall ms per frame", "wall time / decoding alone"], rows), ""]
+    stage_rows = []
+    for s in STAGES:
+        stage_rows.append([s, *(f"{1000 * first[name][0][s] / frames:.2f}" for name in first)])
+    out.append(markdown_table(["stage (CPU ms per frame, round 1)", *first], stage_rows))
+    counters = ["candidates", "rejected_static", "rejected_camera_motion", "tracks", "pairs"]
+    out.append(markdown_table(["counter", *first], [[k, *(str(first[name][1][k]) for name in first)] for k in counters]))
+    return "\n".join(out)
 
 
 def write_h264(path: Path, seed: int, num_frames: int = 220) -> Path:
@@ -114,6 +242,20 @@ def detector_rows(paths: list[Path]) -> list[list[str]]:
 def main() -> None:
     args = parse_args()
     cv2.setNumThreads(1)
+    if args.ratio_only:
+        import datetime
+        import platform
+
+        print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.film is not None:
+                film = fetch_film() if args.film == "fetch" else Path(args.film)
+                clips = film_segments(film, Path(tmp) / "film", args.film_segments, args.segment_seconds)
+                print(ratio_tables(f"{film.name} (1280x720 H.264)", clips, args.rounds), "\n")
+            if args.videos is not None:
+                print(ratio_tables(str(args.videos), [v.path for v in list_videos(args.videos)], args.rounds))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths: list[Path] = []

@@ -85,3 +85,15 @@ class CrashingMiner:
         if Path(path).name.startswith("crash"):
             os._exit(139)
         return self.inner.mine(path, name)
+
+
+class HangingMiner(CrashingMiner):
+    """Also never returns (as a hung native decoder would not) on videos named hang*."""
+
+    def mine(self, path, name=None):
+        if Path(path).name.startswith("hang"):
+            import time
+
+            while True:
+                time.sleep(60)
+        return super().mine(path, name)

@@ -124,12 +124,13 @@ def _grey(img):
     return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
 
 
-def test_pure_camera_pan_moves_almost_no_point():
+@pytest.mark.parametrize("method", ["ransac", "usac", "usac_fast"])
+def test_pure_camera_pan_moves_almost_no_point(method):
     video = SyntheticVideo(11, num_frames=30, num_objects=0, pan=(1.7, -0.9))
     detect = VideoMiner(MinerConfig()).detect
     for t in (5, 15, 25):
         prev, cur = _grey(video.frame(t - 1)), _grey(video.frame(t))
-        motion = point_motion(prev, cur, detect(cur))
+        motion = point_motion(prev, cur, detect(cur), homography_method=method)
         assert len(motion.points) > 100
         assert (motion.residual > 0.5).mean() < 0.05
         # The camera model recovered the pan: frame t -> t-1 shifts by +pan.
@@ -295,6 +296,43 @@ def test_a_worker_crash_costs_only_the_video_that_caused_it(tmp_path):
     assert summary.run["videos_mined"] == 4 and summary.run["videos_failed"] == 1
 
 
+@pytest.mark.slow
+def test_a_hanging_video_is_stopped_and_recorded_as_timeout(tmp_path):
+    """A hang next to a crash: the hung video's worker is killed at its limit (in the pool and
+    when retried alone), the crash is still found, and every other video is mined."""
+    from conftest import HangingMiner
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(3):
+        SyntheticVideo(200 + i, num_frames=40).write(folder / f"ok{i}.avi")
+    SyntheticVideo(300, num_frames=40).write(folder / "crash.avi")
+    SyntheticVideo(301, num_frames=40).write(folder / "hang.avi")
+    start = time.perf_counter()
+    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(video_timeout=3), workers=2, progress=False,
+                          miner_factory=HangingMiner)
+    failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert failures == {"crash.avi": "worker_crashed", "hang.avi": "timeout"}
+    assert summary.run["videos_mined"] == 3 and summary.failures == {"worker_crashed": 1, "timeout": 1}
+    assert time.perf_counter() - start < 120
+    # the limit is not a corpus setting: a rerun with another one resumes the same corpus
+    again = mine_corpus(folder, tmp_path / "corpus", MinerConfig(video_timeout=60), workers=1, progress=False)
+    assert again.run["videos_skipped_done"] == 5
+
+
+def test_default_video_timeout_follows_the_declared_length(tmp_path):
+    from vidrep.mining.watchdog import TIMEOUT_FLOOR_S, TIMEOUT_UNKNOWN_LENGTH_S, declared_frames, default_timeout
+
+    assert default_timeout(None) == TIMEOUT_UNKNOWN_LENGTH_S
+    assert default_timeout(100) == TIMEOUT_FLOOR_S
+    assert default_timeout(36_000) == 36_000 / 5.0
+    assert declared_frames(SyntheticVideo(7, num_frames=60).write(tmp_path / "v.avi")) == 60
+    (tmp_path / "text.mp4").write_text("not a video")
+    assert declared_frames(tmp_path / "text.mp4") is None
+    with pytest.raises(ValueError, match="video_timeout"):
+        MinerConfig(video_timeout=0)
+
+
 def test_missing_or_empty_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         list_videos(tmp_path / "nowhere")
@@ -407,6 +445,54 @@ def test_real_videos_give_pairs_of_the_same_thing_and_damage_never_stops_the_run
 def test_orb_finds_the_pedestrians_of_a_static_camera(sample_videos):
     result = VideoMiner(MinerConfig(detector="orb")).mine(sample_videos / "vtest.avi", "vtest.avi")
     assert result.stats["pairs"] >= 10, dict(result.stats)
+
+
+def test_motion_screen_settles_only_beyond_doubt():
+    from vidrep.mining.motion import MotionScreen
+
+    screen = MotionScreen(200, moving_px=0.5, min_moving=0.25, max_moving=0.75)
+    assert screen.indices(399) is None and len(np.unique(screen.indices(1000))) == 200
+    residual = lambda moving, n=200: np.r_[np.ones(moving), np.zeros(n - moving)]  # noqa: E731
+    # 4 sigma of a 200-point sample at a share of 0.25 is 0.12: shares under 0.13 (or over 0.87) settle
+    assert screen.settled(residual(20)) and screen.settled(residual(190))
+    assert not screen.settled(residual(30)) and not screen.settled(residual(100)) and not screen.settled(residual(170))
+    assert not screen.settled(residual(0, n=80))  # most of the sample lost: not enough to judge
+
+
+def test_screened_motion_gives_the_verdicts_of_all_points(sample_videos):
+    """On real footage (a static camera, a moving one), every candidate frame's verdict is the same
+    whether the screen settles it on a sample or all points are followed, and a frame it does not
+    settle gets exactly the motion of all points."""
+    from vidrep.mining.motion import MotionScreen
+    from vidrep.mining.points import gftt_with_weak_corners
+
+    config = MinerConfig(detector="gftt")
+    screen = MotionScreen(config.motion_sample, config.moving_px, config.min_moving, config.max_moving)
+    settled = judged = 0
+    for name in ("vtest.avi", "Megamind.avi"):
+        frames = [_grey(f) for f, _ in zip(read_frames(sample_videos / name), range(121))]
+        for t in range(5, len(frames), 5):
+            points, weak = gftt_with_weak_corners(frames[t], config.max_points)
+            args = (frames[t - 1], frames[t], points)
+            full = point_motion(*args, weak_corners=weak, homography_method="usac")
+            fast = point_motion(*args, weak_corners=weak, homography_method="usac", screen=screen)
+            assert frame_verdict(fast, config) == frame_verdict(full, config), (name, t)
+            if len(fast.points) < len(full.points):
+                settled += 1
+            else:
+                np.testing.assert_array_equal(fast.residual, full.residual)
+            judged += 1
+    assert settled >= judged // 4  # the screen does save work on this footage
+
+
+def test_settings_added_later_keep_older_corpora_resumable():
+    legacy = MinerConfig(homography_method="ransac", motion_sample=0)
+    assert "homography_method" not in legacy.corpus_settings() and "motion_sample" not in legacy.corpus_settings()
+    assert MinerConfig().corpus_settings()["homography_method"] == "usac"
+    old_file = legacy.corpus_settings()  # what mining.json held before these keys existed
+    assert MinerConfig.from_corpus_settings(old_file) == legacy
+    with pytest.raises(ValueError, match="homography_method"):
+        MinerConfig(homography_method="lmeds")
 
 
 def test_one_corner_pass_gives_exactly_the_gftt_detector_points():

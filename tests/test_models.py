@@ -98,3 +98,112 @@ def test_channels_last_and_compile_keep_outputs_and_checkpoint_keys():
     plain, fast = module(), module(channels_last=True, compile=True)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
     assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+# ---------------------------------------------------------------- equal-output implementations
+
+
+@pytest.mark.parametrize("size", [5, 4, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_slices_equals_torch_local_response_norm(size, channels_last):
+    from vidrep.models.ops import lrn_slices
+
+    torch.manual_seed(0)
+    # post-ReLU, post-pool activations of the scale CaffeNet's first layers produce
+    x = (torch.randn(3, 16, 9, 11) * 40).relu()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ref = torch.nn.LocalResponseNorm(size, alpha=1e-4, beta=0.75, k=1.0)(x)
+    out = lrn_slices(x, size, 1e-4, 0.75, 1.0)
+    assert (out - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+    g_ref, = torch.autograd.grad(ref.square().sum(), x)
+    g_out, = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", ["split", "dense"])
+def test_grouped_convolution_implementations_agree(impl):
+    from vidrep.models.ops import GroupedConv2d
+
+    torch.manual_seed(0)
+    ref = GroupedConv2d(8, 12, 3, padding=1, groups=2)
+    alt = GroupedConv2d(8, 12, 3, padding=1, groups=2, impl=impl)
+    alt.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    y_ref, y_alt = ref(x), alt(x)
+    torch.testing.assert_close(y_alt, y_ref, rtol=1e-5, atol=1e-5)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, ref.weight, ref.bias])
+    g_alt = torch.autograd.grad(y_alt.square().sum(), [x, alt.weight, alt.bias])
+    for a, b in zip(g_alt, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # the block-diagonal weight is exactly the groups' weights on the diagonal
+    dense = alt.block_diagonal_weight()
+    assert torch.equal(dense[:6, :4], ref.weight[:6]) and torch.equal(dense[6:, 4:], ref.weight[6:])
+    assert not dense[:6, 4:].any() and not dense[6:, :4].any()
+
+
+def test_caffenet_implementations_give_equal_outputs_and_share_state_dicts():
+    torch.manual_seed(0)
+    kw = dict(input_size=67, fc6_dim=32, fc7_dim=16)
+    ref = CaffeNet(**kw).eval()
+    alt = CaffeNet(**kw, lrn="slices", conv1_in_channels=4, grouped_conv="dense").eval()
+    state = ref.state_dict()
+    assert {k: v.shape for k, v in alt.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    alt.load_state_dict(state)
+    ref.load_state_dict(alt.state_dict())  # and back
+    x = torch.randn(2, 3, 67, 67) * 50
+    with torch.no_grad():
+        want = ref.forward_features(x)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            got = alt.to(memory_format=fmt).forward_features(x.contiguous(memory_format=fmt))
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="LRN"):
+        CaffeNet(**kw, lrn="pool")
+    with pytest.raises(ValueError, match="grouped"):
+        CaffeNet(**kw, grouped_conv="fast")
+
+
+def test_conv1_padded_to_four_channels_gives_equal_outputs_and_grads():
+    from vidrep.models.ops import PaddedInputConv2d
+
+    torch.manual_seed(0)
+    ref = PaddedInputConv2d(3, 8, 11, stride=4)
+    alt = PaddedInputConv2d(3, 8, 11, stride=4, pad_to=4)
+    alt.load_state_dict(ref.state_dict())
+    assert alt.weight.shape == (8, 3, 11, 11)
+    x = torch.randn(2, 3, 31, 31, requires_grad=True)
+    y_ref, y_alt = ref(x), alt(x)
+    torch.testing.assert_close(y_alt, y_ref)
+    g_ref = torch.autograd.grad(y_ref.sum(), [x, ref.weight])
+    g_alt = torch.autograd.grad(y_alt.sum(), [x, alt.weight])
+    for a, b in zip(g_alt, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_sgd_takes_the_released_solvers_steps():
+    """model.optimizer.fused=true: the same updates of both parameter groups (weights with decay,
+    biases at 2x lr without) as torch's default SGD kernels."""
+    from functools import partial
+
+    from vidrep.models.embedding import EmbeddingNet
+    from vidrep.training.module import TripletModule
+
+    x = torch.randint(0, 255, (4, 3, 67, 67), dtype=torch.uint8)
+    params = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = TripletModule(EmbeddingNet(CaffeNet(67, 32, 16)), {},
+                               partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=0.0005, fused=fused), scheduler=None,
+                               input_size=67)
+        optimizer = module.configure_optimizers()
+        for _ in range(3):
+            optimizer.zero_grad()
+            module(x).square().sum().backward()
+            optimizer.step()
+        params.append([p.detach().clone() for p in module.net.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -15,6 +15,11 @@ import cv2
 import numpy as np
 
 _LK = dict(winSize=(15, 15), maxLevel=3, criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03))
+# The camera model's robust fit. OpenCV's classic RANSAC at a 0.5 px threshold costs ~12 ms per
+# candidate frame (~180 support points, measured on Big Buck Bunny); its USAC framework fits the same
+# model with the same threshold in ~2.3 ms (USAC_DEFAULT: RANSAC with local optimisation, seeded,
+# so mining stays deterministic) or ~1.3 ms (USAC_FAST). bench/mine.py --homography compares them.
+HOMOGRAPHY_METHODS = {"ransac": cv2.RANSAC, "usac": cv2.USAC_DEFAULT, "usac_fast": cv2.USAC_FAST}
 
 
 def balanced_subset(points: np.ndarray, height: int, width: int, grid: tuple[int, int], per_cell: int) -> np.ndarray:
@@ -40,6 +45,46 @@ def residual_flow(points: np.ndarray, matched: np.ndarray, homography: np.ndarra
     return np.linalg.norm(matched - projected, axis=1)
 
 
+def _follow(prev_gray: np.ndarray, gray: np.ndarray, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lucas-Kanade from frame t to t-1: matched positions [N, 2] and a found mask [N]. Each point
+    is solved on its own, so following a set in parts gives what one call gives."""
+    if len(query) == 0:
+        return np.zeros((0, 2), np.float32), np.zeros(0, bool)
+    matched, status, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, query.reshape(-1, 1, 2), None, **_LK)
+    return matched.reshape(-1, 2), status.reshape(-1).astype(bool)
+
+
+@dataclass(frozen=True)
+class MotionScreen:
+    """Settles a frame's verdict on a sample of its points when the sample leaves no doubt: the
+    sample's moving share is more than `sigmas` binomial standard deviations (of a sample of a
+    frame whose share is at the band's edge) outside [min_moving, max_moving]. The rest of the points are then not followed: the
+    frame is rejected as static or camera motion either way (most candidate frames are: 85 % of
+    them on Big Buck Bunny), and a whole-set share on the other side of the band would need a
+    `sigmas`-sigma sampling accident."""
+
+    sample: int
+    moving_px: float
+    min_moving: float
+    max_moving: float
+    sigmas: float = 4.0
+
+    def indices(self, n: int) -> np.ndarray | None:
+        """Which of n points (strongest first) to sample: spread evenly over the strengths; None
+        when too few points for a sample to save anything."""
+        if self.sample <= 0 or n < 2 * self.sample:
+            return None
+        return np.linspace(0, n - 1, self.sample).round().astype(np.int64)
+
+    def settled(self, residual: np.ndarray) -> bool:
+        if len(residual) < self.sample // 2:  # too many points lost: judge on all of them
+            return False
+        share, n = float((residual > self.moving_px).mean()), len(residual)
+        below = self.min_moving - self.sigmas * np.sqrt(self.min_moving * (1 - self.min_moving) / n)
+        above = self.max_moving + self.sigmas * np.sqrt(self.max_moving * (1 - self.max_moving) / n)
+        return share < below or share > above
+
+
 @dataclass(frozen=True)
 class PointMotion:
     points: np.ndarray  # [N, 2] points of frame t that Lucas-Kanade could follow
@@ -56,27 +101,43 @@ def point_motion(
     per_cell: int = 4,
     ransac_px: float = 0.5,
     weak_corners: np.ndarray | None = None,
+    homography_method: str = "ransac",
+    screen: MotionScreen | None = None,
 ) -> PointMotion:
     """Motion of `points` (of frame `gray`) relative to `prev_gray`. The camera model is fitted on
     up to `per_cell` of the strongest `weak_corners` (all corners down to a low quality, strongest
-    first; searched here when not given) in each grid cell."""
+    first; searched here when not given) in each grid cell. With a `screen`, a frame whose verdict
+    a sample of the points settles gets the motion of that sample only."""
     height, width = gray.shape
     if weak_corners is None:
         weak_corners = cv2.goodFeaturesToTrack(gray, maxCorners=0, qualityLevel=0.001, minDistance=5)
         weak_corners = np.zeros((0, 2), np.float32) if weak_corners is None else weak_corners.reshape(-1, 2)
     support = weak_corners[balanced_subset(weak_corners, height, width, grid, per_cell)]
-    query = np.concatenate([points.astype(np.float32), support]).reshape(-1, 1, 2)
-    if len(query) == 0:
+    points = points.astype(np.float32).reshape(-1, 2)
+    if len(points) + len(support) == 0:
         return PointMotion(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), None)
-    matched, status, _ = cv2.calcOpticalFlowPyrLK(gray, prev_gray, query, None, **_LK)
-    query, matched, ok = query.reshape(-1, 2), matched.reshape(-1, 2), status.reshape(-1).astype(bool)
-    n = len(points)
+    sampled = None if screen is None else screen.indices(len(points))
+    first = points if sampled is None else points[sampled]
+    # One call for the support set and the points (or their sample): each call builds the pyramids.
+    matched, ok = _follow(prev_gray, gray, np.concatenate([first, support]))
+    n = len(first)
     s_ok = ok[n:]
     homography = None
     if s_ok.sum() >= 8:
-        homography, _ = cv2.findHomography(query[n:][s_ok], matched[n:][s_ok], cv2.RANSAC, ransac_px)
-    p_ok = ok[:n]
-    pts, moved = query[:n][p_ok], matched[:n][p_ok]
+        homography, _ = cv2.findHomography(support[s_ok], matched[n:][s_ok], HOMOGRAPHY_METHODS[homography_method], ransac_px)
+    matched, ok = matched[:n], ok[:n]
+    if sampled is not None:
+        if homography is not None:
+            residual = residual_flow(first[ok], matched[ok], homography).astype(np.float32)
+            if screen.settled(residual):
+                return PointMotion(first[ok], residual, homography)
+        rest = np.ones(len(points), bool)
+        rest[sampled] = False
+        all_matched, all_ok = np.empty_like(points), np.empty(len(points), bool)
+        all_matched[sampled], all_ok[sampled] = matched, ok
+        all_matched[rest], all_ok[rest] = _follow(prev_gray, gray, points[rest])
+        matched, ok = all_matched, all_ok
     if homography is None:
-        return PointMotion(pts, np.full(len(pts), np.nan, np.float32), None)
-    return PointMotion(pts, residual_flow(pts, moved, homography).astype(np.float32), homography)
+        return PointMotion(points[ok], np.full(int(ok.sum()), np.nan, np.float32), None)
+    pts = points[ok]
+    return PointMotion(pts, residual_flow(pts, matched[ok], homography).astype(np.float32), homography)

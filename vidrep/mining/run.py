@@ -27,6 +27,7 @@ from vidrep.data.corpus import (
 from vidrep.mining.decode import VideoError
 from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
 from vidrep.mining.miner import STAT_KEYS, MinerConfig, VideoMiner
+from vidrep.mining.watchdog import POLL_S, TIMEOUT_FLOOR_S, Watchdog, declared_frames, default_timeout, report_started
 
 log = logging.getLogger(__name__)
 # KCF's PCA runs on OpenBLAS, which otherwise spins a second core per process for no gain.
@@ -66,30 +67,39 @@ def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
     return VideoOutcome(video.key, video.name, False, stats, reason, detail, seconds)
 
 
-_worker: tuple[VideoMiner, Path] | None = None
+_worker: tuple[VideoMiner, Path, MinerConfig, str | None] | None = None
 MinerFactory = Callable[[MinerConfig], VideoMiner]
 
 
-def _init_worker(config: MinerConfig, root: Path, factory: MinerFactory = VideoMiner) -> None:
+def _init_worker(config: MinerConfig, root: Path, factory: MinerFactory = VideoMiner, watch: str | None = None) -> None:
     import cv2
 
     cv2.setNumThreads(1)
     global _worker
-    _worker = (factory(config), root)
+    _worker = (factory(config), root, config, watch)
 
 
 def _work(video: VideoInput) -> VideoOutcome:
-    return mine_one(_worker[0], _worker[1], video)
+    miner, root, config, watch = _worker
+    if watch is not None:
+        start = time.time()
+        if config.video_timeout is not None:
+            report_started(watch, video.key, start, config.video_timeout)
+        else:
+            # The floor until the length is known: the probe opens the file and could hang too.
+            report_started(watch, video.key, start, TIMEOUT_FLOOR_S)
+            report_started(watch, video.key, start, default_timeout(declared_frames(video.path)))
+    return mine_one(miner, root, video)
 
 
-def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory) -> ProcessPoolExecutor:
+def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory, watch: Watchdog) -> ProcessPoolExecutor:
     if mp.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
         # Inside a job of Hydra's joblib launcher the default is 'loky': a spawned child is told to
         # use that start method and cannot resolve the name. This process only mines; reset it.
         mp.set_start_method("spawn", force=True)
     # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(config, root, factory))
+                               initargs=(config, root, factory, str(watch.folder)))
 
 
 def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
@@ -98,12 +108,22 @@ def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
     return VideoOutcome(video.key, video.name, False, {}, "worker_crashed", detail)
 
 
+def _timed_out(root: Path, video: VideoInput, limit: float) -> VideoOutcome:
+    detail = (f"{video.path}: still not mined after {limit:.0f} s (a hanging decoder?); its worker was stopped. "
+              "Set miner.video_timeout (seconds) higher and rerun with retry_failures=true if the video is just long")
+    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "timeout", "detail": detail})
+    return VideoOutcome(video.key, video.name, False, {}, "timeout", detail, limit)
+
+
 def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers: int,
               factory: MinerFactory = VideoMiner) -> Iterator[VideoOutcome]:
     """Outcomes in completion order. Videos run in worker processes (workers=0: in this process,
     for debugging), at most 2 per worker queued, so that when a native crash kills a worker only
     the videos in flight are suspects: each is then retried alone in a fresh process, and the one
-    that kills that too is recorded as a failure. A multiprocessing.Pool would hang instead."""
+    that kills that too is recorded as a failure. A multiprocessing.Pool would hang instead.
+    A video past its time limit (vidrep.mining.watchdog) has its worker killed and is recorded as
+    `timeout`; the others in flight are then innocent and go back to the queue. workers=0 has
+    no time limit."""
     if workers <= 0:
         _init_worker(config, root, factory)
         for v in videos:
@@ -111,29 +131,58 @@ def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers
         return
     os.environ.update(SINGLE_THREAD_ENV)  # inherited by the workers before they load OpenCV
     queue = deque(videos)
-    while queue:
-        suspects: list[VideoInput] = []
-        with _pool(workers, config, root, factory) as pool:
-            running: dict = {}
-            try:
-                while queue or running:
-                    while queue and len(running) < 2 * workers:
-                        v = queue.popleft()
-                        running[pool.submit(_work, v)] = v
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        outcome = future.result()
-                        del running[future]
-                        yield outcome
-            except BrokenProcessPool:
-                suspects = list(running.values())
-        for v in suspects:
-            with _pool(1, config, root, factory) as alone:
+    watch = Watchdog()
+    try:
+        while queue:
+            broken: list[VideoInput] = []
+            finished: list[VideoOutcome] = []
+            with _pool(workers, config, root, factory, watch) as pool:
+                running: dict = {}
                 try:
-                    outcome = alone.submit(_work, v).result()
+                    while queue or running:
+                        while queue and len(running) < 2 * workers:
+                            v = queue.popleft()
+                            running[pool.submit(_work, v)] = v
+                        done, _ = wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            outcome = future.result()
+                            del running[future]
+                            yield outcome
+                        watch.kill_overdue({v.key for v in running.values()})
                 except BrokenProcessPool:
-                    outcome = _crashed(root, v)
-            yield outcome
+                    # A video may have finished between the last wait and a kill: it is done, not late.
+                    for future, v in running.items():
+                        if future.done() and not future.cancelled() and future.exception() is None:
+                            finished.append(future.result())
+                        else:
+                            broken.append(v)
+            watch.forget_workers()
+            yield from finished
+            late = [v for v in broken if v.key in watch.killed]
+            suspects = [v for v in broken if v.key not in watch.killed]
+            for v in late:
+                yield _timed_out(root, v, watch.killed[v.key])
+            if late:
+                queue.extendleft(reversed(suspects))
+                continue
+            for v in suspects:
+                yield _alone(v, config, root, factory, watch)
+    finally:
+        watch.close()
+
+
+def _alone(video: VideoInput, config: MinerConfig, root: Path, factory: MinerFactory, watch: Watchdog) -> VideoOutcome:
+    """One suspect of a crash, retried in a process of its own, under the same time limit."""
+    with _pool(1, config, root, factory, watch) as alone:
+        future = alone.submit(_work, video)
+        try:
+            while not wait([future], timeout=POLL_S).done:
+                watch.kill_overdue({video.key})
+            outcome = future.result()
+        except BrokenProcessPool:
+            outcome = _timed_out(root, video, watch.killed[video.key]) if video.key in watch.killed else _crashed(root, video)
+    watch.forget_workers()
+    return outcome
 
 
 @dataclass
@@ -196,7 +245,7 @@ def mine_corpus(
     worker's miner from the config (VideoMiner; a subclass can change the per-video work)."""
     listed = select_shard(list_videos(videos, extensions), shard, num_shards)
     root = init_corpus(out)
-    check_settings(root, miner.to_dict())
+    check_settings(root, miner.corpus_settings())
     done = _done_keys(root, retry_failures)
     todo = [v for v in listed if v.key not in done]
     summary = RunSummary()

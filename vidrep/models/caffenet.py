@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from vidrep.models.ops import GroupedConv2d, LRN, PaddedInputConv2d
+
 FEATURE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
 
 
@@ -58,7 +60,11 @@ def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one
 
 
 class CaffeNet(nn.Module):
-    """96-256-384-384-256 convolutions with LRN and 2 groups, then fc6 and fc7 (ReLU, no dropout)."""
+    """96-256-384-384-256 convolutions with LRN and 2 groups, then fc6 and fc7 (ReLU, no dropout).
+
+    Equal-output implementation choices (vidrep/models/ops.py; parameters and state dicts are the
+    same for all): `lrn` torch | slices, `conv1_in_channels` 3 | 4 (RGB plus a zero channel with
+    zero weights), `grouped_conv` grouped | split | dense for conv2, conv4 and conv5."""
 
     def __init__(
         self,
@@ -69,17 +75,20 @@ class CaffeNet(nn.Module):
         fc_std: float = 0.005,
         bias_one: bool = True,
         init: str = "gaussian",
+        lrn: str = "torch",
+        conv1_in_channels: int = 3,
+        grouped_conv: str = "grouped",
     ) -> None:
         super().__init__()
         self.input_size = input_size
-        self.conv1 = nn.Conv2d(3, 96, 11, stride=4)
-        self.conv2 = nn.Conv2d(96, 256, 5, padding=2, groups=2)
+        self.conv1 = PaddedInputConv2d(3, 96, 11, stride=4, pad_to=conv1_in_channels)
+        self.conv2 = GroupedConv2d(96, 256, 5, padding=2, groups=2, impl=grouped_conv)
         self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
-        self.conv4 = nn.Conv2d(384, 384, 3, padding=1, groups=2)
-        self.conv5 = nn.Conv2d(384, 256, 3, padding=1, groups=2)
+        self.conv4 = GroupedConv2d(384, 384, 3, padding=1, groups=2, impl=grouped_conv)
+        self.conv5 = GroupedConv2d(384, 256, 3, padding=1, groups=2, impl=grouped_conv)
         self.pool = nn.MaxPool2d(3, stride=2)
         # Caffe's LRN divides alpha by the window size, as PyTorch's LocalResponseNorm does.
-        self.norm = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
+        self.norm = LRN(5, alpha=1e-4, beta=0.75, k=1.0, impl=lrn)
         self.relu = nn.ReLU(inplace=False)
         side = pool5_size(input_size)
         self.fc6 = nn.Linear(256 * side * side, fc6_dim)
@@ -146,7 +155,12 @@ class TorchvisionAlexNet(nn.Module):
         fc_std: float = 0.005,
         bias_one: bool = True,
         init: str = "gaussian",
+        lrn: str = "torch",
+        conv1_in_channels: int = 3,
+        grouped_conv: str = "grouped",
     ) -> None:
+        # The CaffeNet implementation choices are accepted so that conf/model/torchvision_alexnet.yaml
+        # composes on caffenet.yaml; this net has no LRN and no groups, and they change nothing here.
         super().__init__()
         from torchvision.models import alexnet
 

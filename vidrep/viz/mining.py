@@ -117,7 +117,7 @@ def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, m
     if settings.exists():
         import json
 
-        config = MinerConfig(**json.loads(settings.read_text()))
+        config = MinerConfig.from_corpus_settings(json.loads(settings.read_text()))
     index = PairIndex(root, manifest)
     # Ids sort as the corpus keys (fixed-width hex of the same non-negative ints) sort. Only the
     # chosen videos' rows are converted to Python below: a corpus holds millions of pairs.
