@@ -3,6 +3,7 @@ import sys
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
@@ -62,7 +63,8 @@ def test_presets_hold_the_documented_settings(tmp_path):
     paper = compose_train(["experiment=paper_8M", "data.root=/x"], tmp_path)
     assert paper.data.num_patches == 8_000_000 and paper.data.batch_size == 50
     assert paper.model.loss.margin == 0.5 and not paper.model.loss.symmetric and not paper.model.loss.violators_only
-    assert paper.model.loss.hard_after_steps == 150_000 and paper.model.loss.hard_ratio == 1.0
+    assert paper.model.loss.hard_after_pairs == 7_500_000 and paper.model.loss.hard_after_epochs == 10
+    assert paper.model.loss.hard_ratio == 1.0 and paper.model.loss.gather_across_ranks and paper.scaling == "paper"
     assert paper.model.input_size == 227 and paper.model.net.trunk.fc6_dim == 4096 and paper.model.net.trunk.fc7_dim == 1024
     assert paper.trainer.max_steps == 400_000
     assert compose_train(["experiment=paper_1.5M", "data.root=/x"], tmp_path).model.loss.hard_after_epochs == 10
@@ -126,3 +128,103 @@ def test_slurm_gpu_launcher_follows_the_trainer():
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
+
+
+def _schedule(overrides, tmp_path, world, train_pairs, val_pairs=0):
+    from vidrep.training.plan import settings_of
+    from vidrep.training.schedule import compute_schedule
+
+    cfg = compose_train(overrides, tmp_path)
+    return compute_schedule(settings_of(cfg), world, cfg.scaling, train_pairs, val_pairs)
+
+
+def test_one_negative_switch_for_every_preset_data_size_and_gpu_count(tmp_path):
+    """Random negatives for 10 epochs of the training pairs or 7.5M pairs, whichever comes first."""
+    for world in (1, 4, 8):
+        alone = _schedule(["data=8M", "data.root=/x", f"trainer.devices={world}"], tmp_path, world, 4_000_000)
+        preset = _schedule(["experiment=paper_8M", "data.root=/x", f"trainer.devices={world}"], tmp_path, world, 4_000_000)
+        assert alone.hard_negatives_from_step == preset.hard_negatives_from_step == 150_000
+        assert alone == preset
+        for size, pairs in (("1.5M", 750_000), ("5M", 2_500_000)):
+            s = _schedule([f"experiment=paper_{size}", "data.root=/x"], tmp_path, world, pairs)
+            assert s.hard_negatives_from_step == 150_000  # 10 epochs of 1.5M = 7.5M pairs; 3 epochs of 5M
+        linear = _schedule(["data=8M", "data.root=/x", "scaling=linear"], tmp_path, world, 4_000_000)
+        assert linear.hard_negatives_from_step * linear.global_batch_pairs == 7_500_000
+    small = _schedule(["data=corpus", "data.root=/x"], tmp_path, 1, 100_000)
+    assert small.hard_negatives_from_step == 10 * 2_000  # 10 epochs come first
+
+
+def test_data_sizes_count_training_patches(tmp_path):
+    import numpy as np
+
+    from vidrep.data.corpus import CorpusError, select_pairs
+
+    cfg = compose_train(["data=1.5M", "data.root=/x"], tmp_path)
+    videos = np.repeat(np.arange(20_000), 40)  # 800K pairs
+    sel = select_pairs(videos, np.tile(np.arange(40), 20_000), cfg.data.num_patches // 2, cfg.data.val_fraction, cfg.data.seed)
+    assert 2 * len(sel.train) == 1_500_000
+    assert 0.04 < len(sel.val) / len(sel.train) < 0.065  # 5 % of the videos, on top
+    assert not set(videos[sel.val]) & set(videos[sel.train])
+    with pytest.raises(CorpusError, match=r"800,000 pairs: .* in training videos"):
+        select_pairs(videos, np.tile(np.arange(40), 20_000), 790_000, cfg.data.val_fraction, cfg.data.seed)
+
+
+def _dry_run(tmp_path, corpus, *extra):
+    import json
+
+    from conftest import TINY
+    from vidrep.training.run import train
+
+    out = tmp_path / "_".join(e.replace("=", "-") for e in extra)
+    tiny = [o for o in TINY if o != "~demo_eval"]  # data=corpus: the paper's settings, not the demo's
+    cfg = compose_train(["data=corpus", *tiny, f"data.root={corpus}", "logger=csv", "dry_run=true", *extra], out)
+    assert train(cfg) == {}
+    assert sorted(p.name for p in out.iterdir()) == ["schedule.json"]  # no checkpoints, no logs: nothing ran
+    return json.loads((out / "schedule.json").read_text())
+
+
+KEYS = ["world_size", "scaling", "global_batch_pairs", "per_rank_pairs", "lr", "max_steps", "lr_drops_at_steps", "train_pairs",
+        "val_pairs", "steps_per_epoch", "epochs", "hard_negatives_from_step", "negative_pool"]
+
+
+def test_dry_run_schedule_for_1_2_and_4_devices(tmp_path, tiny_corpus):
+    paper = {d: _dry_run(tmp_path, tiny_corpus, f"trainer.devices={d}") for d in (1, 2, 4)}
+    for d, s in paper.items():
+        assert list(s) == KEYS
+        assert s["world_size"] == d and len(s["per_rank_pairs"]) == d and sum(s["per_rank_pairs"]) == 8
+        rest = {k: v for k, v in s.items() if k not in ("world_size", "per_rank_pairs")}
+        assert rest == {k: v for k, v in paper[1].items() if k not in ("world_size", "per_rank_pairs")}
+    one = paper[1]
+    assert (one["global_batch_pairs"], one["lr"], one["max_steps"], one["lr_drops_at_steps"]) == (8, 0.001, 400_000, [100_000, 200_000, 300_000])
+    assert one["steps_per_epoch"] == one["train_pairs"] // 8 and one["negative_pool"] == 14
+    assert one["hard_negatives_from_step"] == 10 * one["steps_per_epoch"]
+    assert one["epochs"] == pytest.approx(400_000 * 8 / one["train_pairs"])
+    for d in (2, 4):
+        s = _dry_run(tmp_path, tiny_corpus, f"trainer.devices={d}", "scaling=linear")
+        assert s["global_batch_pairs"] == 8 * d and s["per_rank_pairs"] == [8] * d
+        assert s["lr"] == pytest.approx(0.001 * d) and s["max_steps"] == 400_000 // d
+        assert s["lr_drops_at_steps"] == [100_000 // d * k for k in (1, 2, 3)]
+        assert s["steps_per_epoch"] == one["train_pairs"] // (8 * d)
+        assert s["hard_negatives_from_step"] == 10 * s["steps_per_epoch"]
+        assert s["epochs"] == pytest.approx(one["epochs"], rel=0.01)  # the same pairs seen
+
+
+def test_dry_run_needs_an_integer_device_count(tmp_path, tiny_corpus):
+    with pytest.raises(ValueError, match="trainer.devices=4"):
+        _dry_run(tmp_path, tiny_corpus, "trainer.devices=auto")
+
+
+def test_linear_scaling_warms_up_then_drops_the_lr(tmp_path):
+    from vidrep.training.plan import apply_schedule
+
+    cfg = compose_train(["data=8M", "data.root=/x", "scaling=linear", "trainer.devices=4"], tmp_path)
+    schedule = _schedule(["data=8M", "data.root=/x", "scaling=linear"], tmp_path, 4, 4_000_000)
+    run = apply_schedule(cfg, schedule, warmup=5_000)
+    assert run.trainer.max_steps == 100_000 and run.model.optimizer.lr == pytest.approx(0.004)
+    assert run.model.loss.hard_after_steps == 37_500
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=run.model.optimizer.lr)
+    scheduler = hydra.utils.instantiate(run.model.scheduler)(optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)  # the warm-up starts at one GPU's lr
+    factor = scheduler.lr_lambdas[0]
+    assert factor(0) == pytest.approx(0.25) and factor(2_500) == pytest.approx(0.625) and factor(5_000) == 1.0
+    assert factor(24_999) == 1.0 and factor(25_000) == pytest.approx(0.1) and factor(75_000) == pytest.approx(0.001)

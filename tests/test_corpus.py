@@ -70,14 +70,14 @@ def test_selection_is_deterministic_nested_and_split_by_video():
     small = select_pairs(videos, frames, 1000, 0.1, seed=0)
     again = select_pairs(videos, frames, 1000, 0.1, seed=0)
     np.testing.assert_array_equal(small.train, again.train)
-    assert len(small.train) + len(small.val) == 1000
+    assert len(small.train) == 1000 and len(big.train) == 3000  # training pairs; validation videos on top
     assert set(small.train) <= set(big.train) and set(small.val) <= set(big.val)
     assert not set(videos[small.train]) & set(videos[small.val])
     assert 0.05 < len(set(videos[big.val])) / len(set(videos[np.concatenate([big.train, big.val])])) < 0.15
     other = select_pairs(videos, frames, 1000, 0.1, seed=1)
     assert set(other.train) != set(small.train)
-    with pytest.raises(CorpusError, match="holds only"):
-        select_pairs(videos, frames, 5000, 0.1, seed=0)
+    with pytest.raises(CorpusError, match=r"4,000 pairs: 3,\d+ in training videos and \d+ in the validation videos"):
+        select_pairs(videos, frames, 3800, 0.1, seed=0)
 
 
 def test_dataset_items_and_flip(tiny_corpus):
@@ -104,25 +104,29 @@ def test_demo_pairs_show_the_same_object(tiny_corpus):
     assert closer / len(items) > 0.9
 
 
-def _shares(dm, world, epoch):
-    from torch.utils.data import DistributedSampler
+def test_ranks_train_the_global_batches_of_one_process():
+    """Each global batch is dealt across the ranks (10 on 3: 4 + 3 + 3); the ranks' shares, put
+    together, are the batches one process trains, in its order, every epoch."""
+    from vidrep.data.datamodule import ResumableSampler
+    from vidrep.training.schedule import rank_shares
 
-    shares = []
-    for rank in range(world):
-        s = DistributedSampler(dm.train_set, num_replicas=world, rank=rank, shuffle=True, seed=0, drop_last=True)
-        s.set_epoch(epoch)
-        shares.append(list(s))
-    return shares
-
-
-def test_ddp_shares_are_disjoint_and_equal(tiny_corpus):
-    dm = PairDataModule(str(tiny_corpus), batch_size=4, num_workers=0, input_size=67, val_fraction=0.25)
-    dm.setup()
-    for world in (2, 3, 5):
-        shares = _shares(dm, world, epoch=1)
-        assert len({len(s) for s in shares}) == 1
-        flat = [i for s in shares for i in s]
-        assert len(flat) == len(set(flat)) and len(flat) > len(dm.train_set) - world
+    assert rank_shares(50, 4) == [13, 13, 12, 12] and rank_shares(10, 3) == [4, 3, 3] and rank_shares(8, 1) == [8]
+    for epoch in (0, 3):
+        one = ResumableSampler(47, 10, seed=5)
+        one.set_epoch(epoch)
+        reference = list(one)
+        assert len(reference) == 4 and all(len(b) == 10 for b in reference)
+        assert len({i for b in reference for i in b}) == 40  # 4 whole batches, each pair once
+        for world in (2, 3, 4):
+            ranks = [ResumableSampler(47, 10, world, rank, seed=5) for rank in range(world)]
+            for r in ranks:
+                r.set_epoch(epoch)
+            shares = [list(r) for r in ranks]
+            assert [len(s[0]) for s in shares] == rank_shares(10, world)
+            assert [sum(parts, []) for parts in zip(*shares)] == reference
+    other = ResumableSampler(47, 10, seed=5)
+    other.set_epoch(1)
+    assert list(other) != reference  # a new order every epoch
 
 
 def test_batches_mix_many_videos(tmp_path):
@@ -154,11 +158,34 @@ def test_truncated_shard_is_reported(tmp_path):
 def test_validation_batches_do_not_depend_on_the_number_of_ranks():
     from vidrep.data.datamodule import BatchShards
 
-    reference = [tuple(b) for b in BatchShards(23, 5)]
-    assert reference[-1] == (20, 21, 22) and len(reference) == 5
+    ids = np.repeat(np.arange(6), 4)[:23]  # sorted by video, as select_pairs returns them
+    reference = [tuple(b) for b in BatchShards(ids, 5)]
+    assert len(reference) == 5 and sorted(i for b in reference for i in b) == list(range(23))
+    assert {len(b) for b in reference} <= {4, 5}  # near-equal sizes: no short tail without candidates
     for world in (2, 3, 4, 8):
-        shards = [[tuple(b) for b in BatchShards(23, 5, world, rank)] for rank in range(world)]
-        assert sorted(b for s in shards for b in s) == reference  # the same batches, each once
+        shards = [[tuple(b) for b in BatchShards(ids, 5, world, rank)] for rank in range(world)]
+        assert sorted(b for s in shards for b in s) == sorted(reference)  # the same batches, each once
+
+
+def _expected_videos_of_a_uniform_draw(videos: int, per_video: int, batch: int) -> float:
+    n = videos * per_video
+    absent = np.prod([(n - per_video - i) / (n - i) for i in range(batch)])
+    return videos * (1 - absent)
+
+
+def test_validation_batches_span_many_videos_and_each_has_candidates():
+    from vidrep.data.datamodule import BatchShards
+
+    ids = np.repeat(np.arange(100), 40)  # 40 pairs per video, in video order
+    batches = [ids[b] for b in BatchShards(ids, 50)]
+    per_batch = np.mean([len(np.unique(b)) for b in batches])
+    uniform = _expected_videos_of_a_uniform_draw(100, 40, 50)  # ~40.2 of 50 pairs
+    assert per_batch >= 0.8 * uniform, (per_batch, uniform)
+    assert all(len(np.unique(b)) >= 2 for b in batches)
+    # one video dominates: batches of it alone are merged until each has a candidate
+    skewed = np.array([7] * 45 + [3, 9])
+    batches = [skewed[b] for b in BatchShards(skewed, 5)]
+    assert all(len(np.unique(b)) >= 2 for b in batches) and sum(map(len, batches)) == 47
 
 
 @pytest.mark.parametrize("size", [227, 99])

@@ -1,10 +1,9 @@
-"""Negatives gathered across ranks: 2 processes (gloo, CPU) with gathering give the loss and the
-gradients of one process on the concatenated batch."""
+"""Negatives gathered across ranks: 3 processes (gloo, CPU) with unequal shares of one global batch
+(4 + 3 + 3 pairs) give the loss and the gradients of one process on the whole batch."""
 
 import os
 import tempfile
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
@@ -12,13 +11,14 @@ import torch.nn.functional as F
 
 from vidrep.training.module import LossConfig
 
-N_PER_RANK, WORLD, DIM_IN, DIM = 6, 2, 12, 8
+SHARES, DIM_IN, DIM = [4, 3, 3], 12, 8
+WORLD, GLOBAL = len(SHARES), sum(SHARES)
 
 
 def _data():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, WORLD * N_PER_RANK, DIM_IN, generator=g)  # anchors, positives
-    video_ids = torch.arange(WORLD * N_PER_RANK) // 2  # two pairs per video: some same-video patches
+    x = torch.randn(2, GLOBAL, DIM_IN, generator=g)  # anchors, positives
+    video_ids = torch.arange(GLOBAL) // 2  # two pairs per video, one of them split across ranks 0 and 1
     return x, video_ids
 
 
@@ -33,45 +33,52 @@ def _loss(model, x, video_ids, cfg):
     return cfg.loss(a, p, video_ids, cfg.hard_ratio)[0]
 
 
-def _rank(rank, init_file, out_file, cfg):
+CONFIGS = [LossConfig(margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=symmetric, gather_across_ranks=True)
+           for symmetric in (False, True)]
+
+
+def _rank(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     x, video_ids = _data()
-    rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-    model = _model()
-    loss = _loss(model, x[:, rows], video_ids[rows], cfg)
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    for g in grads:  # what DDP does: average the gradients over ranks
-        dist.all_reduce(g)
-        g /= WORLD
-    mean_loss = loss.detach().clone()
-    dist.all_reduce(mean_loss)
-    mean_loss /= WORLD
+    start = sum(SHARES[:rank])
+    rows = slice(start, start + SHARES[rank])
+    results = []
+    for cfg in CONFIGS:  # one start of the processes for both settings (starting them is the slow part)
+        model = _model()
+        loss = _loss(model, x[:, rows], video_ids[rows], cfg)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        for g in grads:  # what DDP does: average the gradients over ranks
+            dist.all_reduce(g)
+            g /= WORLD
+        # each rank's loss is the mean over its own pairs: the global batch's is their weighted mean
+        global_loss = loss.detach() * SHARES[rank] / GLOBAL
+        dist.all_reduce(global_loss)
+        results.append({"loss": global_loss, "grads": grads})
     if rank == 0:
-        torch.save({"loss": mean_loss, "grads": grads}, out_file)
+        torch.save(results, out_file)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_gathered_negatives_equal_one_process_on_the_whole_batch(symmetric):
-    cfg = LossConfig(margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=symmetric, gather_across_ranks=True)
-    x, video_ids = _data()
-    model = _model()
-    expected = _loss(model, x, video_ids, cfg)  # no process group: the plain loss on all 12 pairs
-    expected.backward()
+def test_gathered_negatives_with_unequal_shares_equal_one_process_on_the_global_batch():
     with tempfile.TemporaryDirectory() as tmp:
         init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
-        tmp_mp.spawn(_rank, args=(init, out, cfg), nprocs=WORLD, join=True)
-        got = torch.load(out)
-    torch.testing.assert_close(got["loss"], expected.detach())
-    for g, p in zip(got["grads"], model.parameters()):
-        torch.testing.assert_close(g, p.grad)
+        tmp_mp.spawn(_rank, args=(init, out), nprocs=WORLD, join=True)
+        results = torch.load(out)
+    x, video_ids = _data()
+    for cfg, got in zip(CONFIGS, results):
+        model = _model()
+        expected = _loss(model, x, video_ids, cfg)  # no process group: the plain loss on all 10 pairs
+        expected.backward()
+        torch.testing.assert_close(got["loss"], expected.detach(), rtol=1e-5, atol=1e-7, msg=f"symmetric={cfg.symmetric}")
+        for g, p in zip(got["grads"], model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7, msg=f"symmetric={cfg.symmetric}")
 
 
 def test_without_gathering_each_rank_sees_only_its_own_negatives():
-    cfg = LossConfig(margin=0.5, num_negatives=4, hard_ratio=1.0)
+    cfg = LossConfig(margin=0.5, num_negatives=4, hard_ratio=1.0, gather_across_ranks=False)
     x, video_ids = _data()
     whole = _loss(_model(), x, video_ids, cfg)
-    halves = [_loss(_model(), x[:, r * N_PER_RANK : (r + 1) * N_PER_RANK], video_ids[r * N_PER_RANK : (r + 1) * N_PER_RANK], cfg)
-              for r in range(WORLD)]
-    assert not torch.isclose(sum(halves) / WORLD, whole)
+    bounds = [0, 5, 10]
+    halves = [_loss(_model(), x[:, a:b], video_ids[a:b], cfg) for a, b in zip(bounds, bounds[1:])]
+    assert not torch.isclose(sum(halves) / 2, whole)

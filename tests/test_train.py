@@ -106,11 +106,12 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_corpus, gather):
              f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # ranks made no folders of their own
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    # the training pairs split into 2 equal shares, each cut into whole batches of 8, for 2 epochs
-    assert ckpt["global_step"] == 2 * (train_pairs(tiny_corpus) // 2 // 8)
+    # global batches of 8 pairs (4 per rank), as many as one process trains, for 2 epochs
+    assert ckpt["global_step"] == 2 * (train_pairs(tiny_corpus) // 8)
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     negatives = [float(r["train/negatives_per_pair_step"]) for r in rows if r.get("train/negatives_per_pair_step")]
-    assert negatives and all(n == 4 for n in negatives)  # K = 4 found, from 8 (or 16 gathered) pairs
+    # K = 4 found among the 16 gathered patches; a rank's own 8 patches may hold fewer candidates
+    assert negatives and (all(n == 4 for n in negatives) if gather else min(negatives) >= 2)
 
 
 @pytest.mark.slow
@@ -163,7 +164,7 @@ def test_ddp_run_resumes(tmp_path, tiny_corpus):
     first = torch.load(last, weights_only=False)
     run_cli([*common, "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/second"], cwd=tmp_path)
     second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
-    per_epoch = train_pairs(tiny_corpus) // 2 // 8
+    per_epoch = train_pairs(tiny_corpus) // 8
     assert first["global_step"] == per_epoch and second["global_step"] == 2 * per_epoch
     assert second["epoch"] == first["epoch"] + 1 and second["negative_phase"] == "hard"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
@@ -244,28 +245,17 @@ def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epochs_order(tiny_corpu
     assert len(nxt) == n and sorted(sum(nxt, [])) == sorted(sum(full[:n], []))
 
 
-def test_the_resumable_sampler_keeps_the_plain_orders():
-    from torch.utils.data import DistributedSampler, RandomSampler
-
+def test_the_resumable_sampler_resumes_each_ranks_share():
     from vidrep.data.datamodule import ResumableSampler
 
-    data = list(range(40))
-    torch.manual_seed(3)
-    plain = [list(RandomSampler(data)) for _ in range(2)]
-    torch.manual_seed(3)
-    wrapped = ResumableSampler(RandomSampler(data), batch_size=4)
-    assert [list(wrapped) for _ in range(2)] == plain  # the same order RandomSampler alone gives
-    position = wrapped.position(batches=3)
-    again = ResumableSampler(RandomSampler(data), batch_size=4, resume=position)
-    assert list(again) == plain[1][12:]
-    for rank in range(2):
-        base = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True)
-        base.set_epoch(4)
-        expected = list(base)
-        resumed = ResumableSampler(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True), 4,
-                                   resume={"epoch": 4, "seed": None, "batches": 2})
-        assert list(resumed) == expected[8:] and resumed.epoch == 4
-        boundary = ResumableSampler(DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=5, drop_last=True), 4,
-                                    resume={"epoch": 4, "seed": None, "batches": 5})
-        base.set_epoch(5)
-        assert list(boundary) == list(base) and boundary.epoch == 5
+    for world in (1, 3):
+        for rank in range(world):
+            full = ResumableSampler(43, 6, world, rank, seed=5)
+            full.set_epoch(4)
+            expected = list(full)
+            assert len(expected) == 7 and full.position(batches=2) == {"epoch": 4, "seed": 5, "batches": 2}
+            resumed = ResumableSampler(43, 6, world, rank, seed=0, resume=full.position(batches=2))
+            assert list(resumed) == expected[2:] and resumed.epoch == 4 and resumed.seed == 5
+            boundary = ResumableSampler(43, 6, world, rank, seed=5, resume={"epoch": 4, "seed": 5, "batches": 7})
+            full.set_epoch(5)
+            assert list(boundary) == list(full) and boundary.epoch == 5

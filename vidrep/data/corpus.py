@@ -252,26 +252,30 @@ class Selection:
 
 
 def select_pairs(video_ids: np.ndarray, query_frames: np.ndarray, num_pairs: int | None, val_fraction: float, seed: int) -> Selection:
-    """Deterministically choose `num_pairs` pairs and split them by video into train and validation.
+    """Deterministically choose `num_pairs` training pairs, and the validation videos on top.
 
-    Videos are ordered by a seeded permutation and taken whole in that order (the last one cut
-    short), so for one corpus and seed a smaller selection is a subset of a larger one. A video
-    goes to validation when its place in that order falls in a `val_fraction` share (spread
-    evenly), so the validation videos of a small selection are also in every larger one.
+    Videos are ordered by a seeded permutation and taken whole in that order (the last training
+    video cut short), so for one corpus and seed a smaller selection is a subset of a larger one.
+    A video goes to validation when its place in that order falls in a `val_fraction` share
+    (spread evenly); the validation videos are those met before the training pairs are complete,
+    so they are also in every larger selection, and their pairs come on top of `num_pairs`.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1); got {val_fraction}")
     videos, inverse = np.unique(video_ids, return_inverse=True)
     rank = np.random.default_rng(seed).permutation(len(videos))
     order = np.lexsort((query_frames, rank[inverse]))
-    if num_pairs is not None:
-        if num_pairs > len(order):
-            raise CorpusError(
-                f"asked for {num_pairs:,} pairs ({2 * num_pairs:,} patches) but the corpus holds only "
-                f"{len(order):,}; mine more videos or lower data.num_patches"
-            )
-        order = order[:num_pairs]
     is_val = _spread(rank[inverse[order]]) < val_fraction
+    if num_pairs is not None:
+        train_so_far = np.cumsum(~is_val)
+        if num_pairs > train_so_far[-1]:
+            raise CorpusError(
+                f"asked for {num_pairs:,} training pairs ({2 * num_pairs:,} patches) but the corpus holds {len(order):,} "
+                f"pairs: {train_so_far[-1]:,} in training videos and {len(order) - train_so_far[-1]:,} in the "
+                f"validation videos (val_fraction={val_fraction}); mine more videos or lower data.num_patches"
+            )
+        end = int(np.searchsorted(train_so_far, num_pairs)) + 1
+        order, is_val = order[:end], is_val[:end]
     return Selection(train=order[~is_val], val=order[is_val])
 
 

@@ -10,12 +10,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidrep.data.corpora import as_roots, corpus_settings, open_index
 from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
 from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
+from vidrep.training.schedule import rank_shares
 
 log = logging.getLogger(__name__)
 
@@ -54,63 +55,95 @@ def collate_jpegs(items: list[dict]) -> dict:
 
 
 class BatchShards(Sampler[list[int]]):
-    """Validation batches that do not depend on the number of ranks: the dataset in order, cut
-    into batches of `batch_size` (the last one short), batch i to rank i mod world. Every pair is
-    seen once (no padding, unlike DistributedSampler) and every batch holds the same pairs, hence
-    the same in-batch negatives, whatever the world size; with means weighted by batch size the
-    validation metrics are then identical on 1 or N devices."""
+    """Validation batches that do not depend on the number of ranks: the pairs shuffled once with a
+    fixed seed (so that a batch spans many videos, as in training), cut into ceil(length /
+    batch_size) batches of near-equal size, batch i to rank i mod world. Every pair is seen once
+    (no padding, unlike DistributedSampler) and every batch holds the same pairs, hence the same
+    in-batch negatives, whatever the world size; with means weighted by batch size the validation
+    metrics are then identical on 1 or N devices. A batch of a single video (no candidate
+    negatives) is merged into its neighbour, so every batch has candidates when the validation
+    set holds two videos or more. Only the permutation and the cut points are kept (memory
+    linear in the validation pairs, 8 bytes each)."""
 
-    def __init__(self, length: int, batch_size: int, world: int = 1, rank: int = 0) -> None:
-        self.batches = [list(range(i, min(i + batch_size, length))) for i in range(0, length, batch_size)]
-        self.mine = self.batches[rank::world]
+    def __init__(self, video_ids: np.ndarray, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0) -> None:
+        video_ids = np.asarray(video_ids)
+        n = len(video_ids)
+        self.order = np.random.default_rng(seed).permutation(n)
+        cuts = np.linspace(0, n, -(-n // batch_size) + 1).round().astype(np.int64) if n else np.zeros(1, np.int64)
+        self.cuts = _merge_single_video_batches(video_ids[self.order], cuts)
+        self.mine = range(rank, len(self.cuts) - 1, world)
 
     def __iter__(self):
-        return iter(self.mine)
+        return (self.order[self.cuts[b] : self.cuts[b + 1]].tolist() for b in self.mine)
 
     def __len__(self) -> int:
         return len(self.mine)
 
 
-class ResumableSampler(Sampler[int]):
-    """The training order of one epoch, resumable in the middle of it.
+def _merge_single_video_batches(ids: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """Cut points without the batches of one video: each such batch joins the next (the last one
+    the previous), until the joined batch spans two videos."""
+    if len(cuts) < 3:
+        return cuts
+    lo, hi = np.minimum.reduceat(ids, cuts[:-1]), np.maximum.reduceat(ids, cuts[:-1])
+    if (lo != hi).all():
+        return cuts
+    keep = [0]
+    for b in range(len(cuts) - 1):
+        start, end = keep[-1], int(cuts[b + 1])
+        if end == len(ids) or ids[start:end].min() != ids[start:end].max():
+            keep.append(end)
+    if len(keep) > 2 and ids[keep[-2] : keep[-1]].min() == ids[keep[-2] : keep[-1]].max():
+        del keep[-2]  # the tail is one video: fold it into the batch before
+    return np.asarray(keep, np.int64)
 
-    Wraps a RandomSampler (one process) or a DistributedSampler (DDP). For a RandomSampler the
-    epoch's permutation comes from a seed drawn from torch's global generator exactly as
-    RandomSampler draws it, so the order is the one RandomSampler alone would give; the seed is
-    kept. `position(batches)` is what a checkpoint stores: the epoch, its seed and the batches
-    already trained. Given one (`resume`), the next epoch this sampler starts is that epoch again
-    (Lightning creates the first iterator before it sets the epoch), with the same order, minus the
-    batches already trained; an epoch that was complete resumes as the next one, in full.
+
+class ResumableSampler(Sampler[list[int]]):
+    """Training batches: one seeded permutation of the training pairs per epoch, cut into global
+    batches of `global_batch` pairs (the last partial one dropped), each dealt across the ranks
+    in shares of `rank_shares` (50 on 4 ranks: 13 + 13 + 12 + 12); this rank yields its share of
+    every global batch. The union of the ranks' shares is exactly what one process trains, in
+    the same order, whatever the world size.
+
+    The permutation is a function of `seed` (data.seed) and the epoch only, so every rank agrees
+    without communicating. `position(batches)` is what a checkpoint stores: the epoch, the seed
+    and the global batches already trained. Given one (`resume`), the next epoch this sampler
+    starts is that epoch again (Lightning creates the first iterator before it sets the epoch),
+    with the same order, minus the batches already trained; an epoch that was complete resumes as
+    the next one, in full. The position counts global batches, so under scaling=paper a run
+    resumes exactly on another number of devices too.
     """
 
-    def __init__(self, base: RandomSampler | DistributedSampler, batch_size: int, resume: dict | None = None) -> None:
-        self.base, self.batch_size, self.resume = base, batch_size, resume
-        self.epoch, self.seed = 0, None
+    def __init__(self, length: int, global_batch: int, world: int = 1, rank: int = 0, seed: int = 0,
+                 resume: dict | None = None) -> None:
+        shares = rank_shares(global_batch, world)
+        self.length, self.global_batch, self.seed, self.resume = length, global_batch, seed, resume
+        self.lo = sum(shares[:rank])
+        self.hi = self.lo + shares[rank]
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if isinstance(self.base, DistributedSampler):
-            self.base.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return self.length // self.global_batch
 
     def position(self, batches: int) -> dict:
         return {"epoch": self.epoch, "seed": self.seed, "batches": int(batches)}
 
     def __iter__(self):
         resume, self.resume = self.resume, None
-        skip, seed = 0, None
+        skip, seed = 0, self.seed
         if resume is not None:
-            if resume["batches"] >= len(self.base) // self.batch_size:
+            if resume["batches"] >= len(self):
                 self.set_epoch(resume["epoch"] + 1)
             else:
                 self.set_epoch(resume["epoch"])
-                skip, seed = resume["batches"] * self.batch_size, resume["seed"]
-        if isinstance(self.base, RandomSampler):
-            self.seed = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
-            self.base.generator = torch.Generator().manual_seed(self.seed)
-        return iter(list(self.base)[skip:])
+                skip = resume["batches"]
+            seed = self.seed = resume["seed"]
+        order = np.random.default_rng([seed, self.epoch]).permutation(self.length)
+        g, lo, hi = self.global_batch, self.lo, self.hi
+        return (order[b * g + lo : b * g + hi].tolist() for b in range(skip, len(self)))
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -120,11 +153,14 @@ def _distributed() -> tuple[int, int] | None:
 
 
 class PairDataModule(L.LightningDataModule):
-    """Batches of `batch_size` pairs (2 x batch_size patches) with their video ids.
+    """Batches of pairs (2 patches each) with their video ids.
 
-    `num_patches` counts patches as the paper does (2 per pair); None takes the whole corpus. Under
-    DDP every rank gets a disjoint, equal share of the training pairs each epoch (the remainder
-    that does not divide evenly is left out of that epoch), so no rank waits on another.
+    `batch_size` is the global batch in pairs, whatever the number of processes: under DDP each
+    rank trains its share of every global batch (`ResumableSampler`), so one process and N ranks
+    train the same batches. `train_batch_size` overrides it for training only (the run sets it
+    under scaling=linear, where the global batch is world x batch_size); validation batches are
+    always of `batch_size`. `num_patches` counts training patches as the paper does (2 per pair;
+    the validation videos come on top); None takes the whole corpus.
     """
 
     def __init__(
@@ -141,6 +177,7 @@ class PairDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         demo: dict | None = None,
+        train_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_patches is not None and num_patches < 2:
@@ -149,6 +186,7 @@ class PairDataModule(L.LightningDataModule):
         self.root = self.roots[0]
         self.num_patches, self.val_fraction, self.seed = num_patches, val_fraction, seed
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_batch_size = batch_size if train_batch_size is None else train_batch_size
         self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.demo = dict(demo) if demo else None
@@ -170,9 +208,9 @@ class PairDataModule(L.LightningDataModule):
         self._record_corpora()
         num_pairs = None if self.num_patches is None else self.num_patches // 2
         sel = select_pairs(index.video_id, index.query_frame, num_pairs, self.val_fraction, self.seed)
-        if len(sel.train) < self.batch_size:
+        if len(sel.train) < self.train_batch_size:
             raise CorpusError(f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
-                              f"of {self.batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
+                              f"of {self.train_batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
         self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder))
         self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder))
         log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", ", ".join(map(str, self.roots)), len(sel.train), len(sel.val),
@@ -195,14 +233,10 @@ class PairDataModule(L.LightningDataModule):
                       persistent_workers=self.persistent_workers and self.num_workers > 0,
                       collate_fn=collate_jpegs if self.decoder == "device" else None)
         if not train:
-            return DataLoader(dataset, batch_sampler=BatchShards(len(dataset), self.batch_size, world, rank), **common)
-        if world > 1:
-            base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True)
-        else:
-            base = RandomSampler(dataset)
-        self._train_sampler = ResumableSampler(base, self.batch_size, self._resume)
+            return DataLoader(dataset, batch_sampler=BatchShards(dataset.video_ids(), self.batch_size, world, rank, self.seed), **common)
+        self._train_sampler = ResumableSampler(len(dataset), self.train_batch_size, world, rank, self.seed, self._resume)
         self._resume = None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True, **common)
+        return DataLoader(dataset, batch_sampler=self._train_sampler, **common)
 
     def state_dict(self) -> dict:
         """Where training stands in the data stream (stored in every checkpoint, so that a run

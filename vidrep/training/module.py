@@ -14,32 +14,51 @@ from torchmetrics import MeanMetric
 from vidrep.losses import TripletStats, ranking_loss_from_mask, select_negatives, triplet_stats
 
 
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _weigh_by_share(loss: Tensor, share: int, total: int, world: int) -> Tensor:
+    """`loss` (the mean over this rank's `share` pairs) with its gradient scaled by
+    world x share / total and its value unchanged. DDP averages the ranks' gradients; with this
+    weight every pair of the global batch of `total` weighs 1 / total, as in one process, also
+    when the shares are unequal (50 pairs on 4 ranks: 13 + 13 + 12 + 12)."""
+    weight = world * share / total
+    return loss * weight - (loss * (weight - 1)).detach()
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Settings of `vidrep.losses.ranking_loss` plus the schedule of the negatives.
 
-    Negatives are chosen with `initial_hard_ratio` until epoch `hard_after_epochs` or optimiser
-    step `hard_after_steps` (whichever comes first; None disables a bound), with `hard_ratio` from
-    then on: the paper takes random negatives (ratio 0) for 10 epochs of 1.5M patches (150K
-    steps), then the top K (ratio 1); the released code uses 0.5 from the start.
+    Negatives are chosen with `initial_hard_ratio` until optimiser step `hard_after_steps`, with
+    `hard_ratio` from then on. The rule is stated in pairs seen: `hard_after_epochs` epochs of the
+    training pairs or `hard_after_pairs` pairs, whichever comes first (None disables a bound); the
+    run turns it into `hard_after_steps` for its global batch (`vidrep.training.schedule`), the
+    same for every data size and GPU count. Without `hard_after_steps` (the config used outside
+    train.py) the epoch bound alone decides. The paper takes random negatives (ratio 0) for 10
+    epochs of 1.5M patches (150K steps of 50 pairs = 7.5M pairs), then the top K (ratio 1); the
+    released code uses 0.5 from the start.
     """
 
     margin: float = 0.5
     num_negatives: int = 4
     hard_ratio: float = 1.0
     initial_hard_ratio: float = 0.0
-    hard_after_epochs: int | None = 10
+    hard_after_epochs: float | None = 10
+    hard_after_pairs: int | None = 7_500_000
     hard_after_steps: int | None = None
     symmetric: bool = False
     violators_only: bool = False
-    # Under DDP: draw negatives from every rank's batch (all_gather of embeddings and video ids),
-    # not only from this rank's. Off by default: the paper's batch is 100 patches on one GPU.
-    gather_across_ranks: bool = False
+    # Under DDP: draw negatives from the whole global batch (all_gather of embeddings and video
+    # ids), as one process would. False: from this rank's share only (a deviation: a smaller pool).
+    gather_across_ranks: bool = True
 
     def phase(self, epoch: int, step: int) -> str:
-        by_epoch = self.hard_after_epochs is not None and epoch >= self.hard_after_epochs
-        by_step = self.hard_after_steps is not None and step >= self.hard_after_steps
-        return "hard" if by_epoch or by_step else "random"
+        if self.hard_after_steps is not None:
+            return "hard" if step >= self.hard_after_steps else "random"
+        return "hard" if self.hard_after_epochs is not None and epoch >= self.hard_after_epochs else "random"
 
     def ratio(self, epoch: int, step: int) -> float:
         return self.hard_ratio if self.phase(epoch, step) == "hard" else self.initial_hard_ratio
@@ -47,41 +66,58 @@ class LossConfig:
     def loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float,
              gather: bool = True) -> tuple[Tensor, TripletStats]:
         """`ranking_loss` with these settings at `hard_ratio`, and the health stats of its selection.
-        `gather=False` keeps negatives local even when gather_across_ranks is set (validation: its
-        ranks may hold different numbers of batches, and a collective there would hang)."""
-        if gather and self.gather_across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+
+        Under DDP (`gather=True`) the loss's gradient is weighed so that DDP's average over the
+        ranks equals one process's gradient on the global batch (`_weigh_by_share`).
+        `gather=False` keeps negatives local and skips every collective (validation: its ranks
+        may hold different numbers of batches, and a collective there would hang)."""
+        world = _world() if gather else 1
+        if world > 1 and self.gather_across_ranks:
             return self._gathered_loss(anchor, positive, video_ids, hard_ratio)
         mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
                                 hard_ratio=hard_ratio, violators_only=self.violators_only)
         loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
                                       symmetric=self.symmetric)
+        if world > 1:
+            total = torch.tensor(anchor.shape[0], device=anchor.device)
+            torch.distributed.all_reduce(total)
+            loss = _weigh_by_share(loss, anchor.shape[0], int(total), world)
         return loss, triplet_stats(anchor, positive, mask)
 
-
     def _gathered_loss(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, hard_ratio: float) -> tuple[Tensor, TripletStats]:
-        """This rank's pairs as anchors, the patches of all ranks as candidate negatives.
+        """This rank's pairs as anchors, the patches of the whole global batch as candidate negatives.
 
-        The gather keeps autograd (its backward sums every rank's gradient into the local
-        embeddings). Each rank selects and scores its own pairs only, against all 2 x world x N
-        patches, and averages over its own pairs: after DDP averages the ranks' gradients, they
-        equal those of one process on the concatenated batch (tested). Equal batch sizes on every
-        rank are assumed (drop_last=True gives them).
+        all_gather needs equal sizes: every rank pads its share to the largest with zero rows,
+        and the padding is cut out of the gathered tensors, leaving the global batch's anchors
+        then positives in rank order (the candidates of one process on that batch). The gather
+        keeps autograd (its backward sums every rank's gradient into the local embeddings). Each
+        rank selects and scores its own pairs only, against all 2 x global patches; with
+        `_weigh_by_share`, DDP's average of the ranks' gradients equals one process's gradient
+        on the global batch (tested with 4 + 3 + 3 pairs on 3 ranks).
         """
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_gather
 
-        world = dist.get_world_size()
-        patches = torch.cat([torch.cat(all_gather(anchor)), torch.cat(all_gather(positive))])
-        ids = [torch.empty_like(video_ids) for _ in range(world)]
-        dist.all_gather(ids, video_ids)
-        all_ids = torch.cat(ids)
+        world, n = dist.get_world_size(), anchor.shape[0]
+        sizes = [torch.zeros(1, dtype=torch.int64, device=anchor.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=anchor.device))
+        sizes = [int(s) for s in sizes]
+        pad = max(sizes) - n
+
+        def gathered(x: Tensor) -> Tensor:
+            parts = all_gather(torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x)
+            return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+        patches = torch.cat([gathered(anchor), gathered(positive)])
+        ids = [torch.empty(max(sizes), dtype=video_ids.dtype, device=video_ids.device) for _ in range(world)]
+        dist.all_gather(ids, torch.cat([video_ids, video_ids.new_zeros(pad)]) if pad else video_ids)
+        all_ids = torch.cat([i[:size] for i, size in zip(ids, sizes)])
         patch_ids = torch.cat([all_ids, all_ids])
         mask = select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
                                 hard_ratio=hard_ratio, violators_only=self.violators_only, patches=patches, patch_ids=patch_ids)
         loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
                                       symmetric=self.symmetric, patches=patches)
-        return loss, triplet_stats(anchor, positive, mask, patches.detach())
+        return _weigh_by_share(loss, n, sum(sizes), world), triplet_stats(anchor, positive, mask, patches.detach())
 
 
 class TripletModule(L.LightningModule):

@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from vidrep.training import plan
 from vidrep.training.loggers import finish_wandb
 
 log = logging.getLogger(__name__)
@@ -102,15 +103,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_config(cfg)
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
-        datamodule = hydra.utils.instantiate(cfg.data)
+        cfg, schedule, warmup, datamodule = plan.prepare(cfg, dry_run=bool(cfg.get("dry_run")))
+        if cfg.get("dry_run"):
+            plan.report(schedule, warmup, cfg.paths.output_dir)
+            return {}
         model = hydra.utils.instantiate(cfg.model)
         loggers = _instantiate_list(cfg.get("logger"))
         callbacks = _instantiate_list(cfg.get("callbacks"))
         _ddp_children_run_this_job_only()
         trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        plan.check_world_size(trainer, schedule)
         if trainer.is_global_zero:
+            plan.report(schedule, warmup, cfg.paths.output_dir)
             for lg in loggers:
-                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+                lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "schedule": schedule.to_dict()})
         initial_trunk = copy.deepcopy(model.net.trunk) if cfg.get("demo_eval") else None
         if cfg.get("validate_only"):
             if not cfg.get("ckpt_path"):

@@ -1,0 +1,123 @@
+"""From a composed train config to the run it describes: the world size, the corpus counts, the
+effective schedule (`vidrep.training.schedule`) and the config that carries it out. Used by
+train() for the dry run (`dry_run=true`: print, write schedule.json, exit) and the real run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vidrep.training.schedule import Schedule, Settings, compute_schedule, format_table, global_batch, scaled_steps, warmup_steps
+
+log = logging.getLogger(__name__)
+
+STEP_LR = "torch.optim.lr_scheduler.StepLR"
+
+
+def world_size(trainer: DictConfig, dry_run: bool) -> int:
+    """trainer.devices x trainer.num_nodes. An integer (or a list of device indices) is needed in a
+    dry run; a real run resolves `auto`/-1 as Lightning does (every visible GPU, else 1 CPU process)
+    and checks the result against the trainer it builds."""
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1) or 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if OmegaConf.is_list(devices) or isinstance(devices, list):
+        return len(devices) * nodes
+    if isinstance(devices, int) and devices > 0:
+        return devices * nodes
+    if dry_run:
+        raise ValueError(f"trainer.devices={devices!r}: a dry run needs the number of devices, e.g. trainer.devices=4")
+    import torch
+
+    gpus = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return (torch.cuda.device_count() if gpus else 1) * nodes
+
+
+def settings_of(cfg: DictConfig) -> Settings:
+    sched = cfg.model.get("scheduler")
+    return Settings(
+        batch_size=int(cfg.data.batch_size), lr=float(cfg.model.optimizer.lr),
+        max_steps=int(cfg.trainer.get("max_steps") if cfg.trainer.get("max_steps") is not None else -1),
+        max_epochs=cfg.trainer.get("max_epochs"),
+        lr_step_size=None if sched is None else int(sched.step_size),
+        hard_after_epochs=cfg.model.loss.get("hard_after_epochs"), hard_after_pairs=cfg.model.loss.get("hard_after_pairs"),
+        gather_across_ranks=bool(cfg.model.loss.get("gather_across_ranks", True)),
+        warmup_pairs=int(cfg.get("warmup_pairs") or 0),
+    )
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    sched = cfg.model.get("scheduler")
+    if sched is not None and sched.get("_target_") != STEP_LR:
+        raise ValueError(f"model.scheduler is {sched.get('_target_')}; the schedule (and scaling) knows StepLR only: "
+                         "use model.scheduler._target_=" + STEP_LR + " or model.scheduler=null")
+
+
+def apply_schedule(cfg: DictConfig, schedule: Schedule, warmup: int) -> DictConfig:
+    """A copy of `cfg` that trains `schedule`: its lr, step bound, LR drops (with the warm-up under
+    scaling=linear) and the step of the negative switch, so that the logged config is what runs."""
+    cfg = copy.deepcopy(cfg)
+    world, scaling = schedule.world_size, schedule.scaling
+    with open_dict(cfg):
+        cfg.model.optimizer.lr = schedule.lr
+        if cfg.trainer.get("max_steps") is not None and cfg.trainer.max_steps > 0:
+            cfg.trainer.max_steps = schedule.max_steps
+        sched = cfg.model.get("scheduler")
+        if warmup:
+            cfg.model.scheduler = {
+                "_target_": "vidrep.training.schedule.warmup_step_lr", "_partial_": True,
+                "step_size": None if sched is None else scaled_steps(int(sched.step_size), world, scaling),
+                "gamma": 1.0 if sched is None else float(sched.gamma), "warmup": warmup, "start_factor": 1.0 / world,
+            }
+        elif sched is not None:
+            cfg.model.scheduler.step_size = scaled_steps(int(sched.step_size), world, scaling)
+        cfg.model.loss.hard_after_steps = schedule.hard_negatives_from_step
+    return cfg
+
+
+def _counts(datamodule) -> tuple[int, int]:
+    datamodule.setup("fit")
+    return len(datamodule.train_set), len(datamodule.val_set)
+
+
+def prepare(cfg: DictConfig, dry_run: bool = False):
+    """(effective cfg, schedule, warm-up steps, data module already set up)."""
+    scaling = cfg.get("scaling", "paper")
+    world = world_size(cfg.trainer, dry_run)
+    _check_scheduler(cfg)
+    settings = settings_of(cfg)
+    datamodule = hydra.utils.instantiate(cfg.data, train_batch_size=global_batch(settings.batch_size, world, scaling))
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    if not dry_run and local_rank == 0:
+        datamodule.prepare_data()  # the demo builds its corpus here; the counts need it
+    schedule = compute_schedule(settings, world, scaling, *_counts(datamodule))
+    warmup = warmup_steps(settings, world, scaling)
+    return apply_schedule(cfg, schedule, warmup), schedule, warmup, datamodule
+
+
+def report(schedule: Schedule, warmup: int, out_dir: str | Path) -> Path:
+    """Print the schedule's table and write <out_dir>/schedule.json (atomically)."""
+    print("\nEffective schedule (" + {"paper": "scaling=paper: one GPU's optimisation, dealt across the ranks",
+                                       "linear": "scaling=linear: Goyal et al. 2017's linear scaling rule"}[schedule.scaling]
+          + ")\n" + format_table(schedule, warmup) + "\n", flush=True)
+    out = Path(out_dir) / "schedule.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(".schedule.json.tmp")
+    tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n")
+    tmp.replace(out)
+    log.info("schedule: %s", out)
+    return out
+
+
+def check_world_size(trainer, schedule: Schedule) -> None:
+    if trainer.world_size != schedule.world_size:
+        raise ValueError(f"the trainer runs {trainer.world_size} processes but the schedule was worked out for "
+                         f"{schedule.world_size} (trainer.devices x trainer.num_nodes); set trainer.devices to an integer")
