@@ -85,3 +85,20 @@ class CrashingMiner:
         if Path(path).name.startswith("crash"):
             os._exit(139)
         return self.inner.mine(path, name)
+
+
+class KillAfterEpoch:
+    """A callback whose process kills itself with SIGKILL (as `kill -9` would) at the end of epoch
+    `epoch` (0-based), after the checkpoint callbacks listed before it. Run with tests/ on PYTHONPATH."""
+
+    def __new__(cls, epoch: int):
+        import signal
+
+        import lightning as L
+
+        class _Kill(L.Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                if trainer.current_epoch == epoch:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()
