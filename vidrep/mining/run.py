@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vidrep.data.corpus import (
-    check_settings, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
+    DamagedCorpusError, check_settings, damage_advice, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
 )
 from vidrep.mining.decode import VideoError
 from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
@@ -166,7 +166,11 @@ def corpus_totals(root: Path) -> dict:
 
 
 def _done_keys(root: Path, retry_failures: bool) -> set[str]:
-    done = {p.stem for p in (root / "videos").glob("*.parquet")} if (root / "videos").is_dir() else set()
+    marks = [p for p in (root / "videos").glob("*.parquet") if not p.name.startswith(".")] if (root / "videos").is_dir() else []
+    empty = [str(p) for p in marks if p.stat().st_size == 0]
+    if empty:
+        raise DamagedCorpusError(f"corpus {root}: {len(empty)} done mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}")
+    done = {p.stem for p in marks}
     if not retry_failures and (root / "failures").is_dir():
         done |= {p.stem for p in (root / "failures").glob("*.parquet")}
     return done
