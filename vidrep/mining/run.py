@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from itertools import chain
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -89,6 +90,13 @@ def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory) 
     # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                initargs=(config, root, factory))
+
+
+def _refused(root: Path, video: VideoInput) -> VideoOutcome:
+    """An input flagged before mining (not a regular file, a duplicate): recorded, never opened."""
+    reason, detail = video.problem
+    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail})
+    return VideoOutcome(video.key, video.name, False, {}, reason, detail)
 
 
 def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
@@ -212,7 +220,8 @@ def mine_corpus(
     bar = tqdm(total=len(todo), unit="video", desc="mining", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        for outcome in _outcomes(todo, miner, root, workers, miner_factory):
+        refused = (_refused(root, v) for v in todo if v.problem is not None)
+        for outcome in chain(refused, _outcomes([v for v in todo if v.problem is None], miner, root, workers, miner_factory)):
             summary.run["videos_mined" if outcome.ok else "videos_failed"] += 1
             summary.run.update(outcome.stats)
             if not outcome.ok:
