@@ -375,3 +375,37 @@ def test_kill_9_after_the_second_epoch_then_resume_into_the_same_run_dir(tmp_pat
     assert [r["train/loss_step"] for r in after[: len(before)] if r.get("train/loss_step")] == \
         [r["train/loss_step"] for r in before if r.get("train/loss_step")]
     assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, tiny_corpus):
+    from vidrep.training.checkpoints import DamagedCheckpointError
+
+    bad = tmp_path / "old" / "last.ckpt"
+    bad.parent.mkdir()
+    bad.write_text("not a checkpoint\n")
+    with pytest.raises(DamagedCheckpointError, match=r"last.ckpt is damaged .*ckpt_path="):
+        train(tiny_cfg(tmp_path / "run", tiny_corpus, "trainer.max_epochs=1", f"ckpt_path={bad}"))
+
+
+def test_damaged_pairs_stop_training_or_are_skipped_and_counted(tmp_path, tiny_corpus):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from vidrep.data.corpus import DamagedCorpusError
+
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    for manifest in sorted((root / "manifest").glob("*.parquet")):  # every pair but a video's last one damaged
+        for row in pq.read_table(manifest).to_pylist()[:-1]:
+            with open(root / "shards" / row["shard"], "r+b") as f:
+                f.seek(row["query_offset"] + 300)
+                f.write(bytes(600))
+    cfg = lambda *extra: compose_train([*TINY, f"data.root={root}", "~data.demo", "logger=csv", "trainer.max_epochs=1",  # noqa: E731
+                                        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=0", *extra],
+                                       tmp_path / extra[0].split("=")[-1])
+    with pytest.raises(DamagedCorpusError, match=r"pair \w+ in shard .*\.tar is damaged .*verify=true"):
+        train(cfg("data.skip_damaged=false"))
+    train(cfg("data.skip_damaged=true"))
+    skipped = [float(r["data/damaged_skipped"]) for r in read_metrics(tmp_path / "true" / "metrics.csv") if r.get("data/damaged_skipped")]
+    assert len(skipped) == 1 and skipped[0] >= 1
