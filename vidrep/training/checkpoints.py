@@ -209,7 +209,9 @@ def prepare_run_dir(output_dir: str | Path, ckpt_path: str | Path | None) -> Pat
     ckpt_dir = out / "checkpoints"
     metrics = out / "metrics.csv"
     source = Path(ckpt_path).expanduser().resolve() if ckpt_path else None
-    step = checkpoint_step(source) if source is not None and source.is_file() else 0
+    if source is not None and not source.is_file():
+        return None  # a wrong path must not move a run's files; loading it fails, naming it
+    step = checkpoint_step(source) if source is not None else 0
     existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     future = [p for p in existing if p.resolve() != source and checkpoint_step(p) > step]
     header, keep, drop = _rows_before(metrics, step) if metrics.is_file() else ("", [], [])
