@@ -88,8 +88,9 @@ class CrashingMiner:
 
 
 class KillAfterEpoch:
-    """A callback whose process kills itself with SIGKILL (as `kill -9` would) at the end of epoch
-    `epoch` (0-based), after the checkpoint callbacks listed before it. Run with tests/ on PYTHONPATH."""
+    """A callback whose process kills itself with SIGKILL (as `kill -9` would) once epoch `epoch`
+    (0-based) is over: as the next epoch starts, after every hook of that epoch's end. Run with
+    tests/ on PYTHONPATH."""
 
     def __new__(cls, epoch: int):
         import signal
@@ -97,8 +98,8 @@ class KillAfterEpoch:
         import lightning as L
 
         class _Kill(L.Callback):
-            def on_train_epoch_end(self, trainer, pl_module):
-                if trainer.current_epoch == epoch:
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == epoch + 1:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return _Kill()

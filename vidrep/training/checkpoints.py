@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +127,12 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
-class LastCheckpoint(L.Callback):
+class LastCheckpoint(Checkpoint):
     """<dirpath>/last.ckpt at the end of every training epoch (after its validation) and every
     `every_n_train_steps` steps, so a run killed at any point resumes from its latest epoch or
     periodic checkpoint. Weights that are no longer finite are not saved: they would overwrite
-    the last good state with a diverged one."""
+    the last good state with a diverged one. A `Checkpoint`, so Lightning runs it after the other
+    callbacks' hooks, as it runs ModelCheckpoint: their state at the epoch end is in the file."""
 
     def __init__(self, dirpath: str, every_n_train_steps: int | None = None) -> None:
         self.dirpath = Path(dirpath)
