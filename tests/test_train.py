@@ -409,3 +409,22 @@ def test_damaged_pairs_stop_training_or_are_skipped_and_counted(tmp_path, tiny_c
     train(cfg("data.skip_damaged=true"))
     skipped = [float(r["data/damaged_skipped"]) for r in read_metrics(tmp_path / "true" / "metrics.csv") if r.get("data/damaged_skipped")]
     assert len(skipped) == 1 and skipped[0] >= 1
+
+
+def test_weights_that_are_not_finite_never_overwrite_last_ckpt(tmp_path):
+    from types import SimpleNamespace
+
+    from vidrep.training.checkpoints import LastCheckpoint
+
+    saved = []
+    trainer = SimpleNamespace(sanity_checking=False, global_step=5, loggers=[], save_checkpoint=saved.append)
+    cb = LastCheckpoint(str(tmp_path), every_n_train_steps=5)
+    net = torch.nn.Linear(2, 2)
+    cb.on_train_batch_end(trainer, net, None, None, 4)
+    cb.on_train_epoch_end(trainer, net)  # the same step: not written twice
+    assert saved == [tmp_path / "last.ckpt"]
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    trainer.global_step = 10
+    cb.on_train_epoch_end(trainer, net)
+    assert saved == [tmp_path / "last.ckpt"]

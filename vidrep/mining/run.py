@@ -174,13 +174,16 @@ def corpus_totals(root: Path) -> dict:
 
 
 def _done_keys(root: Path, retry_failures: bool) -> set[str]:
-    marks = [p for p in (root / "videos").glob("*.parquet") if not p.name.startswith(".")] if (root / "videos").is_dir() else []
-    empty = [str(p) for p in marks if p.stat().st_size == 0]
+    marks = {d: [p for p in (root / d).glob("*.parquet") if not p.name.startswith(".")] if (root / d).is_dir() else []
+             for d in ("videos", "failures")}
+    # A 0-byte mark (a crash of the file system, not of mine.py: marks are renamed into place whole)
+    # would skip its video now and break the totals later: stop before mining, naming it.
+    empty = [str(p) for ps in marks.values() for p in ps if p.stat().st_size == 0]
     if empty:
-        raise DamagedCorpusError(f"corpus {root}: {len(empty)} done mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}")
-    done = {p.stem for p in marks}
-    if not retry_failures and (root / "failures").is_dir():
-        done |= {p.stem for p in (root / "failures").glob("*.parquet")}
+        raise DamagedCorpusError(f"corpus {root}: {len(empty)} mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}")
+    done = {p.stem for p in marks["videos"]}
+    if not retry_failures:
+        done |= {p.stem for p in marks["failures"]}
     return done
 
 
