@@ -97,3 +97,21 @@ class HangingMiner(CrashingMiner):
             while True:
                 time.sleep(60)
         return super().mine(path, name)
+
+
+class KillAfterEpoch:
+    """A callback whose process kills itself with SIGKILL (as `kill -9` would) once epoch `epoch`
+    (0-based) is over: as the next epoch starts, after every hook of that epoch's end. Run with
+    tests/ on PYTHONPATH."""
+
+    def __new__(cls, epoch: int):
+        import signal
+
+        import lightning as L
+
+        class _Kill(L.Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == epoch + 1:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()

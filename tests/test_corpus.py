@@ -224,3 +224,99 @@ def test_batches_decoded_on_the_device_match_the_worker_decoder(tiny_corpus, siz
     assert torch.equal(flipped, reference["anchor"].flip(-1))
     with pytest.raises(ValueError, match="not a decodable JPEG"):
         decode_batch([torch.frombuffer(bytearray(b"not a jpeg at all"), dtype=torch.uint8)], size, "cpu")
+
+
+# ---------------------------------------------------------------- damage: checksums, strict reads
+
+def _damage_first_jpeg(root, name="a", at=4, length=8):
+    """Overwrite bytes inside the first JPEG of shard `name` (the tar stays a valid tar)."""
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(root / "manifest" / f"{name}.parquet").to_pylist()[0]
+    with open(root / "shards" / f"{name}.tar", "r+b") as f:
+        f.seek(row["query_offset"] + at)
+        f.write(b"\x00" * length)
+    return row["pair_id"]
+
+
+def test_checksums_are_stored_and_checked(tmp_path):
+    from vidrep.data.corpus import DamagedCorpusError
+
+    write_shard(tmp_path, "a", [record("v1.mp4", 0), record("v1.mp4", 40)])
+    rows = read_manifest(tmp_path).to_pylist()
+    import zlib
+
+    assert rows[0]["query_crc32"] == zlib.crc32(b"x" * 10 + b"q") and rows[0]["tracked_crc32"] == zlib.crc32(b"x" * 20 + b"t")
+    pair = _damage_first_jpeg(tmp_path)
+    with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard .*a.tar is damaged .*CRC32.*mine.py out={tmp_path} verify=true"):
+        PairIndex(tmp_path).read_pair(0)
+    assert PairIndex(tmp_path).read_pair(1)  # the other pair is intact
+
+
+def test_a_corpus_without_checksums_still_reads(tmp_path):
+    import pyarrow.parquet as pq
+
+    write_shard(tmp_path, "a", [record("v1.mp4", 0)])
+    path = tmp_path / "manifest" / "a.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(["query_crc32", "tracked_crc32"]), path)  # as mined before
+    index = PairIndex(tmp_path)
+    assert list(index.query_crc) == [-1]
+    with pytest.raises(CorpusError, match="start or end marker"):  # not JPEGs: the marker check still runs
+        index.read_pair(0)
+
+
+def test_training_reads_strictly_or_skips_and_counts(tiny_corpus, tmp_path):
+    import shutil
+
+    from vidrep.data.corpus import DamagedCorpusError
+
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    index = PairIndex(root)
+    name = index.shards[index.shard_index[0]].removesuffix(".tar")
+    pair = _damage_first_jpeg(root, name, at=600, length=600)  # decodes "successfully" with OpenCV: wrong pixels
+    row = next(i for i in range(len(index)) if index.pair_id(i) == pair)
+    strict = PairDataset(PairIndex(root), np.array([row, (row + 1) % len(index)]), PatchTransform(67, 0.0))
+    with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard .*{name}.tar.*verify=true"):
+        strict[0]
+    lenient = PairDataset(PairIndex(root), np.array([row, (row + 1) % len(index)]), PatchTransform(67, 0.0), skip_damaged=True)
+    item = lenient[0]
+    assert int(item["damaged"]) == 1 and torch.equal(item["anchor"], strict[1]["anchor"])
+    # a zeroed JPEG header, in a corpus without checksums: the decode fails, the pair is named
+    with open(root / "shards" / f"{name}.tar", "r+b") as f:
+        f.seek(int(index.tracked_offset[row]))
+        f.write(b"\x00" * 64)
+    index = PairIndex(root)
+    index.query_crc = index.tracked_crc = np.full(len(index), -1)
+    with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard"):
+        PairDataset(index, np.array([row]), PatchTransform(67, 0.0))[0]
+
+
+def test_damaged_or_lost_manifests_are_named(tmp_path):
+    from vidrep.data.corpus import DamagedCorpusError, check_complete, write_json
+
+    write_shard(tmp_path, "a", [record("v1.mp4", 0)])
+    write_shard(tmp_path, "b", [record("v2.mp4", 0)])
+    write_json(tmp_path / "summary.json", {"pairs": 2})
+    check_complete(tmp_path, read_manifest(tmp_path).num_rows)
+    (tmp_path / "manifest" / "b.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(DamagedCorpusError, match=r"b.parquet.*verify=true.*verify=repair"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest" / "b.parquet").unlink()
+    with pytest.raises(DamagedCorpusError, match=r"hold 1 pairs but summary.json counts 2.*verify=true"):
+        check_complete(tmp_path, read_manifest(tmp_path).num_rows)
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from vidrep.data import corpus
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    corpus.init_corpus(tmp_path)
+    monkeypatch.setattr(corpus.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"cannot write .*a.tar \(No space left on device\).*rerun the same command"):
+        write_shard(tmp_path, "a", [record("v1.mp4", 0)])
+    assert not list((tmp_path / "shards").iterdir()), "no partial file left"

@@ -395,6 +395,69 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(video_dir, refer
     assert _pairs(root) == _pairs(reference_corpus)
 
 
+
+# ---------------------------------------------------------------- identity, verify, repair
+
+def test_one_video_one_identity(tmp_path):
+    import shutil
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    SyntheticVideo(21, num_frames=40).write(folder / "a.avi")
+    SyntheticVideo(22, num_frames=40).write(folder / "d_other.avi")
+    shutil.copy(folder / "a.avi", folder / "b_copy.avi")
+    (folder / "c_link.avi").symlink_to(folder / "d_other.avi")
+    os.mkfifo(folder / "e_fifo.avi")
+    (folder / "f_loop.avi").symlink_to(folder / "g_loop.avi")
+    (folder / "g_loop.avi").symlink_to(folder / "f_loop.avi")
+    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(), workers=0, progress=False)
+    failures = {r["video"]: (r["reason"], r["detail"]) for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    assert {k: v[0] for k, v in failures.items()} == {
+        "b_copy.avi": "duplicate", "d_other.avi": "duplicate", "e_fifo.avi": "not_a_file", "f_loop.avi": "not_a_file",
+        "g_loop.avi": "not_a_file"}
+    assert "content of a.avi" in failures["b_copy.avi"][1] and "content of c_link.avi" in failures["d_other.avi"][1]
+    assert "FIFO" in failures["e_fifo.avi"][1] and "symlink loop" in failures["f_loop.avi"][1]
+    assert summary.run["videos_mined"] == 2
+    assert sorted(read_records(tmp_path / "corpus", "videos").column("video").to_pylist()) == ["a.avi", "c_link.avi"]
+    # one file under three names in a list: mined once
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"videos/a.avi\n./videos/a.avi\n{folder / 'a.avi'}\n")
+    problems = {v.name: v.problem and v.problem[0] for v in list_videos(listing)}
+    assert sorted(map(str, problems.values())) == ["None", "duplicate", "duplicate"]
+    with pytest.raises(InputError, match="FIFO"):  # never opened: reading it would block
+        list_videos(folder / "e_fifo.avi")
+
+
+def test_verify_and_repair_remine_exactly_the_damaged_videos(video_dir, reference_corpus, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from vidrep.data.corpus import DamagedCorpusError
+
+    root = tmp_path / "c"
+    shutil.copytree(reference_corpus, root)
+    keys = sorted(p.stem for p in (root / "manifest").glob("*.parquet"))
+    row = pq.read_table(root / "manifest" / f"{keys[0]}.parquet").to_pylist()[0]
+    with open(root / "shards" / f"{keys[0]}.tar", "r+b") as f:  # 600 bytes inside a JPEG
+        f.seek(row["query_offset"] + 300)
+        f.write(bytes(600))
+    (root / "manifest" / f"{keys[1]}.parquet").unlink()  # a lost manifest
+    (root / "videos" / f"{keys[2]}.parquet").write_bytes(b"")  # a 0-byte done mark
+    with pytest.raises(DamagedCorpusError, match=f"{keys[2]}.parquet.*verify=true"):
+        mine_corpus(video_dir, root, MinerConfig(), workers=1, progress=False)
+    out = _mine_cli(f"out={root}", "verify=true", "workers=1", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    for key, what in ((keys[0], "CRC32"), (keys[1], "manifest missing"), (keys[2], "done mark is 0 bytes")):
+        assert any(key in line and what in line for line in out.stdout.splitlines()), (key, out.stdout)
+    assert keys[3] not in out.stdout and "verify=repair" in out.stdout
+    out = _mine_cli(f"out={root}", "verify=repair", "workers=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _mine_cli(f"out={root}", "verify=true", "workers=1", cwd=tmp_path).returncode == 0
+    again = mine_corpus(video_dir, root, MinerConfig(), workers=1, progress=False)
+    assert again.run["videos_mined"] == 3 and again.run["videos_skipped_done"] == 1
+    assert _pairs(root) == _pairs(reference_corpus)
+
 # ---------------------------------------------------------------- real footage
 
 def _layout(jpeg: bytes) -> np.ndarray:

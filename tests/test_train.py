@@ -259,3 +259,162 @@ def test_the_resumable_sampler_resumes_each_ranks_share():
             boundary = ResumableSampler(43, 6, world, rank, seed=5, resume={"epoch": 4, "seed": 5, "batches": 7})
             full.set_epoch(5)
             assert list(boundary) == list(full) and boundary.epoch == 5
+
+
+# ---------------------------------------------------------------- settings, checkpoints, history
+
+@pytest.mark.parametrize("override,key", [
+    ("model.loss.margin=-1", "model.loss.margin"),
+    ("data.batch_size=1", "data.batch_size"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("model.loss.num_negatives=1000", "model.loss.num_negatives"),
+    ("model.net.trunk.fc7_dim=0", "model.net.trunk.fc7_dim"),
+])
+def test_settings_that_train_to_nothing_stop_before_anything_starts(tmp_path, tiny_corpus, override, key):
+    from vidrep.training.validate import SettingsError
+
+    with pytest.raises(SettingsError, match=key.replace(".", r"\.") + r"=.*use " + key.replace(".", r"\.")):
+        train(tiny_cfg(tmp_path, tiny_corpus, override))
+    assert not list(tmp_path.iterdir()), "nothing written: no checkpoints, logs or W&B run"
+
+
+def test_every_shipped_option_passes_the_settings_check(tmp_path):
+    from test_configs import GROUPS
+    from vidrep.training.validate import settings_errors
+
+    for group, options in GROUPS.items():
+        for option in options:
+            cfg = compose_train([f"{group}={option}", f"data.root={tmp_path}"], tmp_path)
+            assert settings_errors(cfg) == [], (group, option)
+
+
+def test_candidate_pool_bound_matches_a_brute_force_count():
+    from vidrep.training.validate import candidate_pool
+
+    for n in (2, 5, 32, 50):
+        ids = torch.arange(n)  # every pair its own video: the largest pool
+        patch_ids = torch.cat([ids, ids])
+        assert candidate_pool(n) == int((patch_ids != ids[0]).sum())
+
+
+def _tiny_state():
+    return {"global_step": 7, "state_dict": {"w": torch.full((64,), 1.2345, dtype=torch.float32), "b": torch.zeros(3)},
+            "optimizer_states": [{"state": {0: {"momentum_buffer": torch.ones(4)}}}]}
+
+
+def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path):
+    from vidrep.training.checkpoints import DamagedCheckpointError, HashedCheckpointIO, load_verified
+
+    io = HashedCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_tiny_state(), path)
+    assert load_verified(path)["global_step"] == 7
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporary left behind"
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.full((64,), 1.2345).numpy().tobytes())
+    assert at > 0
+    data[at + 40 : at + 48] = b"\x00" * 8  # 8 bytes of a tensor overwritten: still a valid zip/pickle
+    damaged = tmp_path / "checkpoints" / "damaged.ckpt"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DamagedCheckpointError, match=r"damaged.ckpt is damaged .*state_dict\.w.*ckpt_path="):
+        load_verified(damaged)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint\n" * 10)
+    for name in ("empty.ckpt", "text.ckpt"):
+        with pytest.raises(DamagedCheckpointError, match=f"{name} is damaged"):
+            load_verified(tmp_path / name)
+
+
+def test_resume_moves_an_abandoned_future_aside_and_keeps_earlier_history(tmp_path):
+    from vidrep.training.checkpoints import HashedCheckpointIO, prepare_run_dir
+
+    ckpts = tmp_path / "checkpoints"
+    io = HashedCheckpointIO()
+    for step in (10, 20, 30):
+        io.save_checkpoint({**_tiny_state(), "global_step": step}, ckpts / f"step{step:07d}.ckpt")
+    io.save_checkpoint({**_tiny_state(), "global_step": 35}, ckpts / "last.ckpt")
+    rows = "\n".join(f"{s},{s / 100}" for s in range(0, 35, 5))
+    (tmp_path / "metrics.csv").write_text(f"step,train/loss_step\n{rows}\n")
+    aside = prepare_run_dir(tmp_path, ckpts / "step0000020.ckpt")
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["step0000010.ckpt", "step0000020.ckpt"]
+    assert sorted(p.name for p in aside.glob("*.ckpt")) == ["last.ckpt", "step0000030.ckpt"]
+    assert [int(r["step"]) for r in read_metrics(tmp_path / "metrics.csv")] == [0, 5, 10, 15]
+    assert [int(r["step"]) for r in read_metrics(aside / "metrics.csv")] == [20, 25, 30]
+    assert prepare_run_dir(tmp_path, ckpts / "step0000020.ckpt") is None  # nothing more to move
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_second_epoch_then_resume_into_the_same_run_dir(tmp_path, tiny_corpus):
+    run = tmp_path / "run"
+    args = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=3",
+            "callbacks.periodic_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run}"]
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    killed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "+callbacks.kill._target_=conftest.KillAfterEpoch",
+                             "+callbacks.kill.epoch=1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    steps_per_epoch = train_pairs(tiny_corpus) // 8
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * steps_per_epoch
+    before = read_metrics(run / "metrics.csv")
+    assert sorted(float(r["epoch"]) for r in before if r.get("val/loss")) == [0, 1]
+    run_cli([*args, f"ckpt_path={last}"], cwd=tmp_path, env=env)
+    after = read_metrics(run / "metrics.csv")
+    assert sorted(float(r["epoch"]) for r in after if r.get("val/loss")) == [0, 1, 2], "earlier rows kept, one per epoch"
+    assert [r["train/loss_step"] for r in after[: len(before)] if r.get("train/loss_step")] == \
+        [r["train/loss_step"] for r in before if r.get("train/loss_step")]
+    assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, tiny_corpus):
+    from vidrep.training.checkpoints import DamagedCheckpointError
+
+    bad = tmp_path / "old" / "last.ckpt"
+    bad.parent.mkdir()
+    bad.write_text("not a checkpoint\n")
+    with pytest.raises(DamagedCheckpointError, match=r"last.ckpt is damaged .*ckpt_path="):
+        train(tiny_cfg(tmp_path / "run", tiny_corpus, "trainer.max_epochs=1", f"ckpt_path={bad}"))
+
+
+def test_damaged_pairs_stop_training_or_are_skipped_and_counted(tmp_path, tiny_corpus):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from vidrep.data.corpus import DamagedCorpusError
+
+    root = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, root)
+    for manifest in sorted((root / "manifest").glob("*.parquet")):  # every pair but a video's last one damaged
+        for row in pq.read_table(manifest).to_pylist()[:-1]:
+            with open(root / "shards" / row["shard"], "r+b") as f:
+                f.seek(row["query_offset"] + 300)
+                f.write(bytes(600))
+    cfg = lambda *extra: compose_train([*TINY, f"data.root={root}", "~data.demo", "logger=csv", "trainer.max_epochs=1",  # noqa: E731
+                                        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=0", *extra],
+                                       tmp_path / extra[0].split("=")[-1])
+    with pytest.raises(DamagedCorpusError, match=r"pair \w+ in shard .*\.tar is damaged .*verify=true"):
+        train(cfg("data.skip_damaged=false"))
+    train(cfg("data.skip_damaged=true"))
+    skipped = [float(r["data/damaged_skipped"]) for r in read_metrics(tmp_path / "true" / "metrics.csv") if r.get("data/damaged_skipped")]
+    assert len(skipped) == 1 and skipped[0] >= 1
+
+
+def test_weights_that_are_not_finite_never_overwrite_last_ckpt(tmp_path):
+    from types import SimpleNamespace
+
+    from vidrep.training.checkpoints import LastCheckpoint
+
+    saved = []
+    trainer = SimpleNamespace(sanity_checking=False, global_step=5, loggers=[], save_checkpoint=saved.append)
+    cb = LastCheckpoint(str(tmp_path), every_n_train_steps=5)
+    net = torch.nn.Linear(2, 2)
+    cb.on_train_batch_end(trainer, net, None, None, 4)
+    cb.on_train_epoch_end(trainer, net)  # the same step: not written twice
+    assert saved == [tmp_path / "last.ckpt"]
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    trainer.global_step = 10
+    cb.on_train_epoch_end(trainer, net)
+    assert saved == [tmp_path / "last.ckpt"]

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vidrep.data.corpus import CorpusError, PairIndex, read_manifest
+from vidrep.data.corpus import CorpusError, PairIndex, check_complete, read_manifest
 
 # Video ids are hashes of the path as given to mine.py, so two corpora mined from different folders
 # can give the same id to different videos (clip001.mp4 in both): corpus i > 0 mixes its ids with
@@ -40,10 +40,13 @@ def open_index(root: str | Path | Sequence[str | Path]) -> PairIndex:
     if missing:
         raise CorpusError(f"data.root {', '.join(missing)} does not exist; mine a corpus there with mine.py or fix the path")
     if len(roots) == 1:
-        return PairIndex(roots[0])
+        index = PairIndex(roots[0])
+        check_complete(roots[0], len(index))
+        return index
     tables = []
     for i, r in enumerate(roots):
         table = read_manifest(r)
+        check_complete(r, len(table))
         shard = pc.binary_join_element_wise(pa.scalar(f"{(r / 'shards').resolve()}/"), table["shard"], "")
         table = table.set_column(table.schema.get_field_index("shard"), "shard", shard)
         if i:

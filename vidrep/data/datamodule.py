@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidrep.data.corpora import as_roots, corpus_settings, open_index
-from vidrep.data.corpus import CorpusError, PairIndex, select_pairs
+from vidrep.data.corpus import CorpusError, DamagedCorpusError, PairIndex, select_pairs
 from vidrep.data.demo import build_demo_corpus
 from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
 from vidrep.training.schedule import rank_shares
@@ -27,10 +27,15 @@ class PairDataset(Dataset):
     Random access into the tar shards (offsets from the manifest) lets one sampler shuffle over the
     whole corpus, so a batch draws pairs from many videos even though each shard holds the
     consecutive pairs of a few.
+
+    A damaged pair (checksum or decoding fails) raises DamagedCorpusError naming its shard, pair id
+    and the verify command; with `skip_damaged` the next readable pair takes its place (batches
+    keep their size) and item["damaged"] counts the pairs skipped for it.
     """
 
-    def __init__(self, index: PairIndex, rows: np.ndarray, transform: PatchTransform) -> None:
+    def __init__(self, index: PairIndex, rows: np.ndarray, transform: PatchTransform, skip_damaged: bool = False) -> None:
         self.index, self.rows, self.transform = index, np.asarray(rows, np.int64), transform
+        self.skip_damaged = skip_damaged
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -38,20 +43,31 @@ class PairDataset(Dataset):
     def video_ids(self) -> np.ndarray:
         return self.index.video_id[self.rows]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        row = int(self.rows[i])
+    def _item(self, row: int) -> dict[str, torch.Tensor]:
         query, tracked = self.index.read_pair(row)
-        return {
-            "anchor": self.transform(query),
-            "positive": self.transform(tracked),
-            "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
-        }
+        try:
+            anchor, positive = self.transform(query), self.transform(tracked)
+        except ValueError:
+            raise self.index.damaged(row, "a JPEG does not decode") from None
+        return {"anchor": anchor, "positive": positive, "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not self.skip_damaged:
+            return self._item(int(self.rows[i]))
+        for skipped in range(len(self.rows)):
+            try:
+                item = self._item(int(self.rows[(i + skipped) % len(self.rows)]))
+            except DamagedCorpusError as e:
+                log.warning("skipped (data.skip_damaged=true): %s", e)
+                continue
+            return {**item, "damaged": torch.tensor(skipped, dtype=torch.int64)}
+        raise DamagedCorpusError(f"every pair of corpus {self.index.root} in this set is damaged")
 
 
 def collate_jpegs(items: list[dict]) -> dict:
     """Batches of undecoded patches (data.decoder=device), each side packed by `pack_jpegs`."""
     return {"anchor": pack_jpegs([it["anchor"] for it in items]), "positive": pack_jpegs([it["positive"] for it in items]),
-            "video_id": torch.stack([it["video_id"] for it in items])}
+            **{k: torch.stack([it[k] for it in items]) for k in ("video_id", "damaged") if k in items[0]}}
 
 
 class BatchShards(Sampler[list[int]]):
@@ -178,6 +194,7 @@ class PairDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         demo: dict | None = None,
         train_batch_size: int | None = None,
+        skip_damaged: bool = False,
     ) -> None:
         super().__init__()
         if num_patches is not None and num_patches < 2:
@@ -190,6 +207,7 @@ class PairDataModule(L.LightningDataModule):
         self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.demo = dict(demo) if demo else None
+        self.skip_damaged = skip_damaged
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self._train_sampler: ResumableSampler | None = None
@@ -211,8 +229,8 @@ class PairDataModule(L.LightningDataModule):
         if len(sel.train) < self.train_batch_size:
             raise CorpusError(f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
                               f"of {self.train_batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
-        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder))
-        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder))
+        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder), self.skip_damaged)
+        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder), self.skip_damaged)
         log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", ", ".join(map(str, self.roots)), len(sel.train), len(sel.val),
                  len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
 

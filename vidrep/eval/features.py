@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidrep.models.caffenet import FEATURE_LAYERS, CaffeNet, TorchvisionAlexNet
+from vidrep.training.checkpoints import DamagedCheckpointError, load_verified
 
 TARGET_DIMS = 9216  # conv maps are average-pooled to about this many values (Goyal et al.)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -57,9 +58,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, ckpt=random or ckpt=imagenet:<file>")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling errors of every kind mean the same here
-        raise CheckpointError(f"{path} cannot be loaded with weights_only=True ({type(e).__name__}); evaluate.py takes checkpoints written by train.py") from None
+        ckpt = load_verified(path, "cpu", weights_only=True)
+    except DamagedCheckpointError as e:
+        raise CheckpointError(f"{e}; evaluate.py takes checkpoints written by train.py") from None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not state or "net.trunk.conv1.weight" not in state or "net.trunk.fc7.weight" not in state:
         raise CheckpointError(f"{path} is not a vidrep train.py checkpoint (no net.trunk.conv1..fc7 weights in its state_dict)")

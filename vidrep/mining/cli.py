@@ -42,7 +42,32 @@ def draw_pictures(cfg: DictConfig) -> None:
     print(f"pictures: {len(written)} files in {Path(cfg.out).resolve() / 'pictures'}")
 
 
+def verify(cfg: DictConfig) -> int:
+    """verify=true: the damage table, exit status 1 when anything is damaged; verify=repair: and
+    remove the damaged videos' files, so the next mining run re-mines them."""
+    from vidrep.data.verify import damage_table, repair_corpus, verify_corpus
+
+    mode = cfg.verify
+    if mode not in (True, "true", "repair"):
+        raise ValueError(f"verify={mode!r}: use verify=true (report) or verify=repair (report and remove the damaged videos' files)")
+    if OmegaConf.is_missing(cfg, "out"):
+        raise ValueError("verify needs the corpus: `python mine.py out=/data/corpus verify=true`")
+    damaged = verify_corpus(cfg.out, workers=resolve_workers(cfg.workers))
+    print(damage_table(cfg.out, damaged))
+    if mode == "repair" and damaged:
+        removed = repair_corpus(cfg.out, damaged)
+        print(f"repaired: removed {len(removed)} files of {len(damaged)} videos and rewrote summary.json; now run "
+              f"`python mine.py videos=<the same videos> out={cfg.out}` to mine exactly those videos again")
+        return 0
+    return 1 if damaged else 0
+
+
 def mine(cfg: DictConfig) -> RunSummary:
+    if cfg.get("verify"):
+        status = verify(cfg)
+        if status:
+            raise SystemExit(status)
+        return RunSummary()
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ValueError(f"set {' and '.join(sorted(missing))} on the command line, e.g. "

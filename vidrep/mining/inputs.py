@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vidrep.data.corpus import video_id_for
+from vidrep.mining.identity import find_duplicates, not_a_file
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts", ".ogv")
 
@@ -22,6 +25,8 @@ class VideoInput:
 
     name: str
     path: Path
+    # (reason, detail) when the input is recorded in failures/ without being mined: not_a_file, duplicate
+    problem: tuple[str, str] | None = None
 
     @property
     def video_id(self) -> int:
@@ -41,12 +46,15 @@ def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     source = Path(source).expanduser()
     if not source.exists():
         raise InputError(f"videos={source} does not exist; pass a folder of videos or a text file listing one video path per line")
+    if not source.is_dir() and not stat.S_ISREG(os.stat(source).st_mode):
+        raise InputError(f"videos={source} is not a folder or a regular file (a FIFO or a device?); it was not read. "
+                         "Pass a folder of videos or a text file listing one video path per line")
     if source.is_dir():
         exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
         videos = [
             VideoInput(p.relative_to(source).as_posix(), p)
             for p in source.rglob("*")
-            if p.suffix.lower() in exts and p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+            if p.suffix.lower() in exts and not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(source).parts)
         ]
         what = f"folder {source} holds no file ending in {', '.join(sorted(exts))}"
     else:
@@ -56,8 +64,22 @@ def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
         what = f"list file {source} names no video (one path per line)"
     if not videos:
         raise InputError(f"videos={source}: {what}")
-    unique = {v.name: v for v in videos}
-    return sorted(unique.values(), key=lambda v: v.name)
+    unique = sorted({v.name: v for v in videos}.values(), key=lambda v: v.name)
+    return flag_problems(unique)
+
+
+def flag_problems(videos: Sequence[VideoInput]) -> list[VideoInput]:
+    """The inputs, with `problem` set on those that must not be mined: not regular files (never
+    opened), and duplicates (the same real path or content as an input earlier in the list)."""
+    out = []
+    for v in videos:
+        why = not_a_file(v.path)
+        out.append(replace(v, problem=("not_a_file", why)) if why else v)
+    ok = [i for i, v in enumerate(out) if v.problem is None]
+    for a, b in find_duplicates([out[i].path for i in ok]).items():
+        i, original = ok[a], out[ok[b]]
+        out[i] = replace(out[i], problem=("duplicate", f"{out[i].path} has the content of {original.name} ({original.path}), mined under that name"))
+    return out
 
 
 def select_shard(videos: Sequence[VideoInput], shard: int, num_shards: int) -> list[VideoInput]:

@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from itertools import chain
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from vidrep import usable_cores
 from vidrep.data.corpus import (
-    check_settings, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
+    DamagedCorpusError, check_settings, damage_advice, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
 )
 from vidrep.mining.decode import VideoError
 from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
@@ -100,6 +101,13 @@ def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory, 
     # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                initargs=(config, root, factory, str(watch.folder)))
+
+
+def _refused(root: Path, video: VideoInput) -> VideoOutcome:
+    """An input flagged before mining (not a regular file, a duplicate): recorded, never opened."""
+    reason, detail = video.problem
+    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail})
+    return VideoOutcome(video.key, video.name, False, {}, reason, detail)
 
 
 def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
@@ -216,9 +224,16 @@ def corpus_totals(root: Path) -> dict:
 
 
 def _done_keys(root: Path, retry_failures: bool) -> set[str]:
-    done = {p.stem for p in (root / "videos").glob("*.parquet")} if (root / "videos").is_dir() else set()
-    if not retry_failures and (root / "failures").is_dir():
-        done |= {p.stem for p in (root / "failures").glob("*.parquet")}
+    marks = {d: [p for p in (root / d).glob("*.parquet") if not p.name.startswith(".")] if (root / d).is_dir() else []
+             for d in ("videos", "failures")}
+    # A 0-byte mark (a crash of the file system, not of mine.py: marks are renamed into place whole)
+    # would skip its video now and break the totals later: stop before mining, naming it.
+    empty = [str(p) for ps in marks.values() for p in ps if p.stat().st_size == 0]
+    if empty:
+        raise DamagedCorpusError(f"corpus {root}: {len(empty)} mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}")
+    done = {p.stem for p in marks["videos"]}
+    if not retry_failures:
+        done |= {p.stem for p in marks["failures"]}
     return done
 
 
@@ -258,7 +273,8 @@ def mine_corpus(
     bar = tqdm(total=len(todo), unit="video", desc="mining", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
-        for outcome in _outcomes(todo, miner, root, workers, miner_factory):
+        refused = (_refused(root, v) for v in todo if v.problem is not None)
+        for outcome in chain(refused, _outcomes([v for v in todo if v.problem is None], miner, root, workers, miner_factory)):
             summary.run["videos_mined" if outcome.ok else "videos_failed"] += 1
             summary.run.update(outcome.stats)
             if not outcome.ok:

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from vidrep.training import plan
+from vidrep.training.checkpoints import HashedCheckpointIO, LastCheckpoint, prepare_run_dir
 from vidrep.training.loggers import finish_wandb
+from vidrep.training.validate import validate_settings
 
 log = logging.getLogger(__name__)
 
@@ -101,17 +104,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     env_before = set(os.environ)
     try:
         check_config(cfg)
+        validate_settings(cfg)
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         cfg, schedule, warmup, datamodule = plan.prepare(cfg, dry_run=bool(cfg.get("dry_run")))
         if cfg.get("dry_run"):
             plan.report(schedule, warmup, cfg.paths.output_dir)
             return {}
+        if rank_zero_only.rank == 0 and not cfg.get("validate_only"):
+            prepare_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
         model = hydra.utils.instantiate(cfg.model)
         loggers = _instantiate_list(cfg.get("logger"))
         callbacks = _instantiate_list(cfg.get("callbacks"))
         _ddp_children_run_this_job_only()
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                                     plugins=[HashedCheckpointIO()])
         plan.check_world_size(trainer, schedule)
         if trainer.is_global_zero:
             plan.report(schedule, warmup, cfg.paths.output_dir)
@@ -129,8 +136,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             out = Path(cfg.paths.output_dir)
             log.info("run directory: %s", out)
-            if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.last_model_path:
-                log.info("last checkpoint: %s", trainer.checkpoint_callback.last_model_path)
+            for cb in callbacks:
+                if isinstance(cb, LastCheckpoint) and cb.path.is_file():
+                    log.info("last checkpoint: %s", cb.path)
             for lg in loggers:
                 log_dir = getattr(lg, "log_dir", None) or getattr(lg, "save_dir", None)
                 if log_dir:
@@ -139,6 +147,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("final metrics: %s", summary)
             if initial_trunk is not None:
                 metrics.update(_demo_eval(cfg, model, initial_trunk, loggers))
+        stopped = [cb.stopped_at for cb in callbacks if getattr(cb, "stopped_at", None) is not None]
+        if stopped:
+            raise RuntimeError(f"training stopped at step {stopped[0]}: the loss is not finite (see the log above); "
+                               "last.ckpt keeps the last finite weights")
         return metrics
     finally:
         finish_wandb()

@@ -1,0 +1,101 @@
+"""Settings that would train to nothing, refused before anything starts.
+
+`settings_errors` is a pure function of the composed config: it runs first thing in the training
+task, before loggers, W&B, checkpoints or DDP processes exist. (Hydra itself has already made the
+run directory by then: it does so before it calls the task function.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class SettingsError(ValueError):
+    """One or more settings that cannot train; each line names the key and a valid value."""
+
+
+def _get(cfg: Mapping, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def candidate_pool(batch_size: int, world: int = 1) -> int:
+    """The most negatives one pair can have in a batch of `batch_size` pairs: both patches of every
+    other pair (2 (N - 1)), when all come from other videos. The loss divides by the fixed N K (the
+    released code's denominator, vidrep.losses): a pair of a batch that holds other pairs of its own
+    video has fewer negatives and weighs a little less, but K above this bound could be met by no
+    batch at all, and the loss would shrink by K / pool whatever the data."""
+    return 2 * (batch_size * world - 1)
+
+
+def settings_errors(cfg: Mapping) -> list[str]:
+    """What is wrong with a training config (a plain nested mapping), one line per key."""
+    errors: list[str] = []
+    batch = _get(cfg, "data.batch_size")
+    if not _is_int(batch) or batch < 2:
+        errors.append(f"data.batch_size={batch!r}: a batch needs at least 2 pairs (negatives come from the other pairs' videos); "
+                      "use data.batch_size=50 (the released code's batch)")
+    margin = _get(cfg, "model.loss.margin")
+    if not _is_number(margin) or margin <= 0:
+        errors.append(f"model.loss.margin={margin!r}: must be > 0 (with margin <= 0 the loss is 0 from the first step); "
+                      "use model.loss.margin=0.5 (the paper) or 1.0 (the released code)")
+    k = _get(cfg, "model.loss.num_negatives")
+    if not _is_int(k) or k < 1:
+        errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
+    elif _is_int(batch) and batch >= 2:
+        gather = bool(_get(cfg, "model.loss.gather_across_ranks"))
+        devices = _get(cfg, "trainer.devices")
+        nodes = _get(cfg, "trainer.num_nodes")
+        world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
+        pool = candidate_pool(batch, world if gather else 1)
+        if k > pool:
+            errors.append(f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
+                          f"(2 x (batch - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
+    for key, low in (("model.loss.hard_ratio", 0.0), ("model.loss.initial_hard_ratio", 0.0)):
+        v = _get(cfg, key)
+        if v is not None and (not _is_number(v) or not low <= v <= 1.0):
+            errors.append(f"{key}={v!r}: a share, in [0, 1]; use {key}=0.5")
+    for key, example in (("model.input_size", 227), ("model.net.trunk.fc6_dim", 4096), ("model.net.trunk.fc7_dim", 1024)):
+        v = _get(cfg, key)
+        if v is not None and (not _is_int(v) or v < 1):
+            errors.append(f"{key}={v!r}: must be a positive integer; use {key}={example}")
+    lr = _get(cfg, "model.optimizer.lr")
+    if lr is not None and (not _is_number(lr) or lr <= 0):
+        errors.append(f"model.optimizer.lr={lr!r}: must be > 0; use model.optimizer.lr=0.001")
+    workers = _get(cfg, "data.num_workers")
+    if workers is not None and (not _is_int(workers) or workers < 0):
+        errors.append(f"data.num_workers={workers!r}: must be >= 0; use data.num_workers=4 (0 loads in the training process)")
+    patches = _get(cfg, "data.num_patches")
+    if patches is not None and (not _is_int(patches) or patches < 2 * (batch if _is_int(batch) and batch > 0 else 1)):
+        errors.append(f"data.num_patches={patches!r}: needs at least one batch (2 x data.batch_size patches); "
+                      "use data.num_patches=null (the whole corpus) or e.g. data.num_patches=1500000")
+    val = _get(cfg, "data.val_fraction")
+    if val is not None and (not _is_number(val) or not 0.0 <= val < 1.0):
+        errors.append(f"data.val_fraction={val!r}: a share in [0, 1); use data.val_fraction=0.05")
+    for key in ("trainer.max_epochs", "trainer.max_steps"):
+        v = _get(cfg, key)
+        if v is not None and (not _is_int(v) or (v == 0 or v < -1)):
+            errors.append(f"{key}={v!r}: a positive number, -1 or null (no bound); use {key}=-1")
+    every = _get(cfg, "callbacks.periodic_checkpoint.every_n_train_steps")
+    if every is not None and (not _is_int(every) or every < 1):
+        errors.append(f"callbacks.periodic_checkpoint.every_n_train_steps={every!r}: must be >= 1; use 10000")
+    return errors
+
+
+def validate_settings(cfg: Mapping) -> None:
+    """Raise SettingsError listing every bad setting (of a nested mapping: a DictConfig or a dict)."""
+    errors = settings_errors(cfg)
+    if errors:
+        raise SettingsError("settings that cannot train (nothing was started):\n  " + "\n  ".join(errors))
