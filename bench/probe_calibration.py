@@ -1,11 +1,13 @@
-"""Does the demo check's probe reward better features at all? Its upper bound, by supervision.
+"""Did the demo's former check (frozen SVMs on synthetic VOC) reward better features at all? Its
+upper bound, by supervision. (The demo now measures retrieval on held-out videos; README
+"Evaluation" says why this probe was dropped.)
 
     python bench/probe_calibration.py                  # ~7 min on 2 cores
     python bench/probe_calibration.py --train-images 64 --steps 2 --num-images 20   # a smoke run
 
 Builds the demo's trunk as `python train.py` does (the composed config; extra arguments are Hydra
 overrides of it), trains it *supervised* to name the shape classes in images of the demo check's
-own world (its own images, drawn with another seed), then runs the demo check itself
+own world (its own images, drawn with another seed), then runs that check
 (`vidrep.eval.demo.frozen_svm_report`) on it and on its initialisation. A probe on which even
 features trained on its own labels do not beat random ones cannot show what tracking taught. The
 supervised head's mAP on its training images and on the probe's test images says whether the
