@@ -122,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sink = PictureSink(args.pictures)
         voc = [r for r in args.results if "retrieval" not in json.loads(r.read_text())]  # pictures are of VOC results
-        comparison_pictures([json.loads(r.read_text()) for r in voc], voc, sink)
+        if voc:
+            comparison_pictures([json.loads(r.read_text()) for r in voc], voc, sink)
         print(f"pictures: {', '.join(str(p) for p in sink.written)}")
 
 

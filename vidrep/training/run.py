@@ -41,6 +41,9 @@ def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers, datamodule) -> di
     from vidrep.eval.retrieval import retrieval_table
 
     val = datamodule.val_set
+    if len(set(val.video_ids().tolist())) < 2:
+        log.warning("demo check skipped: retrieval needs at least 2 held-out videos (raise data.val_fraction)")
+        return {}
     log.info("retrieval on the %d held-out pairs: trained vs initial trunk vs colour_histogram vs pixels", len(val))
     report = held_out_retrieval(val.index, val.rows, model.net.trunk, initial_trunk, cfg.model.input_size,
                                 list(cfg.model.pixel_mean), cfg.demo_eval.layer, cfg.demo_eval.batch_size)
