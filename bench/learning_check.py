@@ -306,6 +306,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default: outputs/learning_check/<config>-<time>")
     p.add_argument("--fetch", action="store_true", help="fetch the missing footage (apt-get download, pip download) and exit")
     p.add_argument("--workers", type=int, default=2, help="mining processes")
+    p.add_argument("--no-mine", action="store_true", help="train on the corpus as mined so far (mining resumes where it stopped when run without this)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="override the configuration's training steps (smoke runs)")
     p.add_argument("--probe-images", type=int, default=None,
@@ -336,8 +337,11 @@ def main() -> None:
     used, missing = prepare_videos(footage, args.work / "videos")
     clock["videos"] = time.perf_counter() - t0
     corpus = args.work / f"corpus-{'-'.join(f'{k}{v}' for k, v in DENSE.items())}"
-    print(f"mining {args.work / 'videos'} into {corpus} with the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5)", flush=True)
-    mine(args.work / "videos", corpus, args.workers)
+    print(f"{'' if args.no_mine else 'mining '}{args.work / 'videos'} into {corpus} with the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5)", flush=True)
+    if args.no_mine:
+        print("--no-mine: using the videos mined so far")
+    else:
+        mine(args.work / "videos", corpus, args.workers)
     clock["mining"] = time.perf_counter() - t0 - clock["videos"]
 
     extra = [*args.overrides, *([f"trainer.max_steps={args.max_steps}"] if args.max_steps else [])]
@@ -366,6 +370,8 @@ def main() -> None:
         "",
         f"Footage: {', '.join(used)}" + (f"; missing (skipped): {', '.join(missing)}" if missing else ""),
         f"Mining: the paper's settings except {DENSE} (paper/conf/mine.yaml: candidate_every=5): real footage is scarce.",
+        f"Videos prepared: {sum(1 for p in (args.work / 'videos').iterdir() if not p.name.startswith('.'))}"
+        + (" (--no-mine: only those mined so far are used)" if args.no_mine else "") + "; those that gave pairs:",
         f"Videos: {train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out ({len(datamodule.val_set)} pairs).",
         f"Training: {int(cfg.trainer.max_steps)} steps of {cfg.data.batch_size} pairs at {cfg.model.input_size} input; overrides: {' '.join(overrides)}",
         "",
