@@ -1,11 +1,13 @@
-"""Does the demo check's probe reward better features at all? Its upper bound, by supervision.
+"""Did the demo's former check (frozen SVMs on synthetic VOC) reward better features at all? Its
+upper bound, by supervision. (The demo now measures retrieval on held-out videos; README
+"Evaluation" says why this probe was dropped.)
 
     python bench/probe_calibration.py                  # ~7 min on 2 cores
-    python bench/probe_calibration.py --train-images 64 --steps 2 demo_eval.num_images=20   # a smoke run
+    python bench/probe_calibration.py --train-images 64 --steps 2 --num-images 20   # a smoke run
 
 Builds the demo's trunk as `python train.py` does (the composed config; extra arguments are Hydra
 overrides of it), trains it *supervised* to name the shape classes in images of the demo check's
-own world (its own images, drawn with another seed), then runs the demo check itself
+own world (its own images, drawn with another seed), then runs that check
 (`vidrep.eval.demo.frozen_svm_report`) on it and on its initialisation. A probe on which even
 features trained on its own labels do not beat random ones cannot show what tracking taught. The
 supervised head's mAP on its training images and on the probe's test images says whether the
@@ -43,7 +45,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1500, help=f"Adam steps of {BATCH} images")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="Hydra overrides of train.py's config, e.g. demo_eval.num_images=600")
+    # The probe's settings, as the demo check used them before retrieval replaced it.
+    p.add_argument("--num-images", type=int, default=150, help="probe images, trainval and test each")
+    p.add_argument("--layers", nargs="+", default=["conv3", "conv5", "pool5", "fc7"])
+    p.add_argument("--costs", nargs="+", type=float, default=[0.1, 1.0, 10.0])
+    p.add_argument("--voc-root", help="where the probe's images are written (default: <paths.cache_dir>/demo-voc-v1-n<num-images>)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of train.py's config, e.g. model.input_size=67")
     args = p.parse_args()
     if min(args.train_images, args.steps) < 1:
         p.error("--train-images and --steps must be at least 1")
@@ -76,7 +83,7 @@ def main() -> None:
     head = torch.nn.Linear(cfg.model.net.trunk.fc7_dim, len(SHAPES))
     size, pixel_mean = cfg.model.input_size, list(cfg.model.pixel_mean)
     preprocess = mean_subtract(pixel_mean)
-    d = cfg.demo_eval
+    voc_root = args.voc_root or f"{cfg.paths.cache_dir}/demo-voc-v1-n{args.num_images}"
 
     with tempfile.TemporaryDirectory() as tmp:
         # Seed 777: the probe's own images (seed 12345) never appear in training.
@@ -98,10 +105,10 @@ def main() -> None:
             print(f"step {step}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     trunk.eval()
 
-    report = frozen_svm_report(trunk, initial, size, pixel_mean, d.voc_root, d.num_images, list(d.layers), list(d.costs))
-    test_x, test_labels = load_images(read_voc(d.voc_root, 2007, "test", SHAPES), size)
+    report = frozen_svm_report(trunk, initial, size, pixel_mean, voc_root, args.num_images, args.layers, args.costs)
+    test_x, test_labels = load_images(read_voc(voc_root, 2007, "test", SHAPES), size)
     seen = slice(0, min(len(x), 600))
-    print(f"\nThe demo check's probe ({d.num_images} + {d.num_images} images), trunk trained supervised on "
+    print(f"\nThe demo check's probe ({args.num_images} + {args.num_images} images), trunk trained supervised on "
           f"{args.train_images} images for {args.steps} steps:\n")
     print(format_report({"supervised": report["trained"], "its initialisation": report["random init"]}))
     print(f"\nThe supervised head's mAP: {100 * head_map(trunk, head, preprocess, x[seen], labels[seen]):.1f} on "

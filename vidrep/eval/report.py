@@ -64,7 +64,13 @@ def default_row(protocol: str, finetune: str | None, checkpoints: Sequence[str])
 def write_results(run_dir: Path, result: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(result, indent=2))
-    (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{per_class_table(result)}\n")
+    if "retrieval" in result:
+        from vidrep.eval.retrieval import retrieval_table
+
+        table = retrieval_table(result["retrieval"])
+    else:
+        table = per_class_table(result)
+    (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{table}\n")
 
 
 def data_name(result: dict) -> str:
@@ -93,9 +99,19 @@ def comparison_rows(results: Sequence[dict], paths: Sequence[Path]) -> tuple[lis
 
 def gather(paths: Sequence[Path]) -> str:
     """The paper's table layout from several results.json files, the paper's figures beside them."""
-    header, rows = comparison_rows([json.loads(Path(p).read_text()) for p in paths], paths)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    retrieval = [(r, p) for r, p in zip(results, paths) if "retrieval" in r]
+    voc = [(r, p) for r, p in zip(results, paths) if "retrieval" not in r]
+    tables = []
+    if voc:
+        header, rows = comparison_rows([r for r, _ in voc], [p for _, p in voc])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        tables.append("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
+    if retrieval:
+        from vidrep.eval.retrieval import gathered_retrieval_table
+
+        tables.append(gathered_retrieval_table([r for r, _ in retrieval], [p for _, p in retrieval]))
+    return "\n\n".join(tables)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         from vidrep.viz.evaluation import comparison_pictures
 
         sink = PictureSink(args.pictures)
-        comparison_pictures([json.loads(r.read_text()) for r in args.results], args.results, sink)
+        voc = [r for r in args.results if "retrieval" not in json.loads(r.read_text())]  # pictures are of VOC results
+        if voc:
+            comparison_pictures([json.loads(r.read_text()) for r in voc], voc, sink)
         print(f"pictures: {', '.join(str(p) for p in sink.written)}")
 
 

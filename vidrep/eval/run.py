@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def _checkpoints(ckpt) -> list[str]:
     ckpts = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, list | tuple) else [ckpt]
     if not ckpts or any(c in (None, "", "???") for c in ckpts):
-        raise ValueError("set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble")
+        raise ValueError("set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble "
+                         "(protocol=retrieval also takes ckpt=colour_histogram or ckpt=pixels)")
     return [str(c) for c in ckpts]
 
 
@@ -87,6 +88,10 @@ def _data_name(voc: DictConfig) -> dict:
 def evaluate(cfg: DictConfig) -> dict:
     checkpoints = _checkpoints(cfg.ckpt)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.protocol.get("name") == "retrieval":
+        from vidrep.eval.retrieval import run_retrieval
+
+        return run_retrieval(cfg, checkpoints, device, lambda c: load_network(c, input_size=cfg.input_size, seed=cfg.seed))
     classes = tuple(cfg.voc.classes)
     train = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.train_split, classes)
     test = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.test_split, classes)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vidrep.training import plan
 from vidrep.training.checkpoints import HashedCheckpointIO, LastCheckpoint, prepare_run_dir
+from vidrep.data.corpus import write_bytes
 from vidrep.training.loggers import finish_wandb
 from vidrep.training.validate import validate_settings
 
@@ -37,18 +38,25 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"config values still unset (set them on the command line, key=value): {sorted(missing)}")
 
 
-def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers) -> dict[str, float]:
-    """The demo's last word: do the learned features beat their own random initialisation?"""
-    from vidrep.eval.demo import format_report, format_weight_change, frozen_svm_report, weight_change
+def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers, datamodule) -> dict[str, float]:
+    """The demo's last word: on videos training never saw, does the trained network find a patch's
+    tracked patch among other videos' patches better than its own initialisation and trivial cues?"""
+    from vidrep.eval.demo import format_weight_change, held_out_retrieval, weight_change
+    from vidrep.eval.retrieval import retrieval_table
 
-    d = cfg.demo_eval
-    log.info("frozen-feature SVMs on the demo VOC set (%s), trained vs random-init trunk", d.voc_root)
-    report = frozen_svm_report(model.net.trunk, initial_trunk, cfg.model.input_size, list(cfg.model.pixel_mean),
-                               d.voc_root, d.num_images, list(d.layers), list(d.costs), cfg.seed or 0)
-    table = format_report(report) + "\n\n" + format_weight_change(weight_change(model.net.trunk, initial_trunk))
-    print("\nDemo check: frozen-feature SVM mAP (%) on held-out synthetic objects, 5 shape classes\n" + table)
-    (Path(cfg.paths.output_dir) / "demo_eval.md").write_text(table + "\n")
-    out = {"demo_eval/map_trained": report["trained"]["map"], "demo_eval/map_random_init": report["random init"]["map"]}
+    val = datamodule.val_set
+    if len(set(val.video_ids().tolist())) < 2:
+        log.warning("demo check skipped: retrieval needs at least 2 held-out videos (raise data.val_fraction)")
+        return {}
+    log.info("retrieval on the %d held-out pairs: trained vs initial trunk vs colour_histogram vs pixels", len(val))
+    report = held_out_retrieval(val.index, val.rows, model.net.trunk, initial_trunk, cfg.model.input_size,
+                                list(cfg.model.pixel_mean), cfg.demo_eval.layer, cfg.demo_eval.batch_size)
+    table = retrieval_table(report) + "\n\n" + format_weight_change(weight_change(model.net.trunk, initial_trunk))
+    print("\nDemo check: retrieval of each held-out pair's tracked patch among the tracked patches of the "
+          "other held-out videos (R@k: share of queries ranked <= k)\n" + table)
+    write_bytes(Path(cfg.paths.output_dir) / "demo_eval.md", (table + "\n").encode())
+    out = {f"demo_eval/{name.split(' ')[0]}/{k}": float(r[k])
+           for name, r in report.items() for k in ("recall_at_1", "recall_at_5", "median_rank")}
     for lg in loggers:
         lg.log_metrics(out)
         lg.save()
@@ -146,7 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss_epoch", "train/triplet_acc_epoch", "val/loss", "val/triplet_acc") if k in metrics)
             log.info("final metrics: %s", summary)
             if initial_trunk is not None:
-                metrics.update(_demo_eval(cfg, model, initial_trunk, loggers))
+                metrics.update(_demo_eval(cfg, model, initial_trunk, loggers, datamodule))
         stopped = [cb.stopped_at for cb in callbacks if getattr(cb, "stopped_at", None) is not None]
         if stopped:
             raise RuntimeError(f"training stopped at step {stopped[0]}: the loss is not finite (see the log above); "
