@@ -63,12 +63,21 @@ def test_difficult_objects_neither_count_nor_penalise():
     assert np.isnan(only_difficult["ap"][0]) and np.isnan(only_difficult["map"])
 
 
-def test_inclusive_coordinates_and_strict_threshold():
-    # inclusive: GT is 10x10 = 100 px, [0,0,9,4] is 10x5 = 50 px inside it: IoU exactly 0.5 -> not > 0.5
+def test_inclusive_coordinates_and_inclusive_threshold():
+    # inclusive: GT is 10x10 = 100 px, [0,0,9,4] is 10x5 = 50 px inside it: IoU exactly 0.5 matches
+    # (VOCevaldet.m: ovmax >= minoverlap)
     at_half = voc_detection_ap([_p([[0, 0, 9, 4]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
-    assert at_half["ap"] == [0.0]
-    above = voc_detection_ap([_p([[0, 0, 9, 5]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
-    assert above["ap"] == [1.0]  # 60/100
+    assert at_half["ap"] == [1.0]
+    below = voc_detection_ap([_p([[0, 0, 9, 3]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
+    assert below["ap"] == [0.0]  # 40/100
+
+
+def test_the_year_picks_the_ap_variant():
+    from vidrep.eval.splits import use_07_metric_for
+
+    assert use_07_metric_for(2007, None) is True and use_07_metric_for(2012, None) is False
+    assert use_07_metric_for(2010, None) is False and use_07_metric_for(2012, True) is True
+    assert use_07_metric_for(2007, False) is False
 
 
 def test_images_without_objects_classes_without_detections_and_the_mean():
@@ -115,6 +124,17 @@ def test_reading_the_generated_tree(tiny_voc):
     im = next(im for im in train if im.difficult.any())
     labels = im.class_labels(len(CLASSES))
     assert set(labels) <= {-1, 0, 1} and (labels[im.labels[~im.difficult]] == 1).all()
+
+
+def test_splits_follow_rcnn_and_overlap_is_refused():
+    from vidrep.eval.splits import SplitOverlapError, check_disjoint, resolve_splits
+
+    assert resolve_splits(2012, None, None) == ("train", "val")
+    assert resolve_splits(2007, None, None) == ("trainval", "test")
+    assert resolve_splits(2012, "trainval", "val") == ("trainval", "val")
+    check_disjoint(["a", "b"], ["c"], "train", "val", 2012)
+    with pytest.raises(SplitOverlapError, match=r"trainval and val share 2 of 3 test images \(b, c\).*voc.train_split=train"):
+        check_disjoint(["a", "b", "c"], ["b", "c", "d"], "trainval", "val", 2012)
 
 
 def test_voc_errors_name_the_layout(tiny_voc, tmp_path):
@@ -340,3 +360,26 @@ def test_a_synthetic_voc_tree_of_another_size_is_not_reused(tmp_path):
     assert write_synthetic_voc(tmp_path, num_trainval=4, num_test=3, height=64, width=80) == tmp_path
     with pytest.raises(ValueError, match="4 trainval and 3 test images, not 6 and 3"):
         write_synthetic_voc(tmp_path, num_trainval=6, num_test=3, height=64, width=80)
+
+
+@pytest.fixture(scope="module")
+def tiny_voc2012(tmp_path_factory):
+    return write_synthetic_voc(tmp_path_factory.mktemp("voc2012"), num_trainval=24, num_test=20, height=120, width=160,
+                               seed=7, year=2012)
+
+
+@pytest.mark.slow
+def test_the_readme_voc2012_command_trains_on_train_and_tests_on_val(tiny_voc2012, tmp_path):
+    """The README's VOC2012 detection command (plus tiny sizes) on a VOC2012-format tree: R-CNN's
+    train / val, disjoint and recorded; the old trainval / val choice is refused with the overlap."""
+    (tmp_path / "voc").symlink_to(tiny_voc2012)
+    a = _checkpoint(tmp_path / "a.ckpt", 1)
+    _evaluate(tmp_path, a, "voc.year=2012", *DETECTION_FAST, f"hydra.run.dir={tmp_path}/run")
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["splits"] == {"train": {"name": "train", "images": 24}, "test": {"name": "val", "images": 20}}
+    assert result["protocol"]["use_07_metric"] is False  # VOC2012: all-point AP
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={tmp_path / 'voc'}", "voc.year=2012",
+           "voc.train_split=trainval", "voc.test_split=val", f"voc.classes=[{','.join(CLASSES)}]", "protocol=detection",
+           f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", f"hydra.run.dir={tmp_path}/refused"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "trainval and val share 20 of 20 test images" in out.stderr

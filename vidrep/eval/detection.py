@@ -120,7 +120,7 @@ class DetectionProtocol:
     nms_iou: float = 0.3
     max_per_image: int = 100
     iou_threshold: float = 0.5
-    use_07_metric: bool = False  # VOC2012's all-point AP; true for VOC2007
+    use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
     adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5})
     seed: int = 0
 
