@@ -383,3 +383,72 @@ def test_the_readme_voc2012_command_trains_on_train_and_tests_on_val(tiny_voc201
            f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", f"hydra.run.dir={tmp_path}/refused"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "trainval and val share 20 of 20 test images" in out.stderr
+
+
+# ---------------------------------------------------------------- R-CNN's warped crop
+
+def _imresize_bilinear_reference(window: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """MATLAB's imresize(window, [out_h out_w], 'bilinear', 'antialiasing', false), loop by loop:
+    1-based x = u / s + 0.5 * (1 - 1 / s), triangle weights, indices mirrored (aux = [1:n, n:-1:1])."""
+    def weights(n_in, n_out):
+        s = n_out / n_in
+        rows = []
+        for u in range(1, n_out + 1):
+            x = u / s + 0.5 * (1 - 1 / s)
+            row = np.zeros(n_in)
+            for k in range(int(np.floor(x)) - 1, int(np.floor(x)) + 3):
+                wgt = max(0.0, 1 - abs(x - k))
+                aux = list(range(1, n_in + 1)) + list(range(n_in, 0, -1))
+                row[aux[(k - 1) % (2 * n_in)] - 1] += wgt
+            rows.append(row / row.sum())
+        return np.array(rows)
+
+    wy, wx = weights(window.shape[0], out_h), weights(window.shape[1], out_w)
+    return np.einsum("uy,vx,yxc->uvc", wy, wx, window)
+
+
+def _rcnn_im_crop_reference(im: np.ndarray, box0, crop_size: int, padding: int) -> np.ndarray:
+    """rcnn_im_crop.m (warp), statement by statement, with MATLAB's round; im [H, W, C], box 0-based;
+    returns the crop with zeros where R-CNN pads (image mean already subtracted)."""
+    def mround(v):
+        return float(np.sign(v) * np.floor(abs(v) + 0.5))
+
+    bbox = [float(v) + 1 for v in box0]
+    scale = crop_size / (crop_size - padding * 2)
+    half_height, half_width = (bbox[3] - bbox[1] + 1) / 2, (bbox[2] - bbox[0] + 1) / 2
+    center = [bbox[0] + half_width, bbox[1] + half_height]
+    bbox = [mround(center[0] - half_width * scale), mround(center[1] - half_height * scale),
+            mround(center[0] + half_width * scale), mround(center[1] + half_height * scale)]
+    unclipped_height, unclipped_width = bbox[3] - bbox[1] + 1, bbox[2] - bbox[0] + 1
+    pad_x1, pad_y1 = max(0, 1 - bbox[0]), max(0, 1 - bbox[1])
+    bbox = [max(1, bbox[0]), max(1, bbox[1]), min(im.shape[1], bbox[2]), min(im.shape[0], bbox[3])]
+    clipped_height, clipped_width = bbox[3] - bbox[1] + 1, bbox[2] - bbox[0] + 1
+    scale_x, scale_y = crop_size / unclipped_width, crop_size / unclipped_height
+    crop_width, crop_height = int(mround(clipped_width * scale_x)), int(mround(clipped_height * scale_y))
+    pad_w, pad_h = int(mround(pad_x1 * scale_x)), int(mround(pad_y1 * scale_y))
+    crop_height = min(crop_height, crop_size - pad_h)
+    crop_width = min(crop_width, crop_size - pad_w)
+    window = im[int(bbox[1]) - 1 : int(bbox[3]), int(bbox[0]) - 1 : int(bbox[2])]
+    out = np.zeros((crop_size, crop_size, im.shape[2]))
+    out[pad_h : pad_h + crop_height, pad_w : pad_w + crop_width] = _imresize_bilinear_reference(window, crop_height, crop_width)
+    return out
+
+
+def test_warped_crop_matches_rcnn_im_crop_brute_force():
+    from vidrep.eval.warp import warp_regions
+
+    rng = np.random.default_rng(0)
+    im = rng.uniform(-100, 100, (37, 53, 3))  # already mean-subtracted, so padding is zero
+    boxes = np.array([[10, 8, 30, 25],     # inside, context fits
+                      [0, 0, 12, 9],       # top-left corner: context falls off two sides
+                      [40, 20, 52, 36],    # bottom-right corner
+                      [0, 0, 52, 36],      # the whole image
+                      [25, 3, 27, 33],     # thin: upsampled a lot along x
+                      [5, 30, 45, 36]], np.float32)
+    crop_size, padding = 31, 4
+    crops, mask = warp_regions(torch.from_numpy(im.transpose(2, 0, 1)).double(), boxes, crop_size, padding)
+    ours = (crops * mask).permute(0, 2, 3, 1).double().numpy()
+    for r, box in enumerate(boxes):
+        expected = _rcnn_im_crop_reference(im, box, crop_size, padding)
+        np.testing.assert_allclose(ours[r], expected, atol=2e-3, err_msg=f"box {box}")
+    assert not mask[1, 0, 0, 0] and mask[1, 0, -1, -1]  # the corner box is padded top-left only
