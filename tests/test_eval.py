@@ -263,8 +263,8 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 
 # ---------------------------------------------------------------- the detection protocol end to end
 
-DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.image_size=160", "protocol.fc_dim=64",
-                  "protocol.proposals={max_side:160,mode:fast,max_proposals:200}", "protocol.svm_negatives=500"]
+DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.batch_size=32", "protocol.fc_dim=64",
+                  "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=40", "protocol.svm.norm_images=10"]
 
 
 @pytest.mark.parametrize("finetune", ["none", "straightforward"])
@@ -302,13 +302,17 @@ def test_iterative_needs_a_corpus():
 def test_region_sampling_follows_rcnn_thresholds():
     from vidrep.eval.detection import DetectionProtocol
 
-    p = DetectionProtocol(rois_per_image=8, fg_fraction=0.5)
+    p = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5)
     gt = np.array([[0, 0, 99, 99]], np.float32)
-    # IoU with the ground truth: 0.9 (foreground), 0.29 (background), 0.04 and 0 (neither: < 0.1)
+    # IoU with the ground truth: 0.9 (foreground), 0.3 and 0.05 (background), 0 (background in R-CNN)
     props = np.array([[0, 0, 99, 89], [0, 0, 99, 29], [0, 0, 99, 4], [200, 200, 220, 220]], np.float32)
     rois, target = p._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
     got = sorted((tuple(r), t) for r, t in zip(rois.tolist(), target.tolist()))
-    assert got == [((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4)]  # class 3 -> 4 (0 = background)
+    assert got == [((0, 0, 99, 4), 0), ((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4),
+                   ((200, 200, 220, 220), 0)]  # class 3 -> 4 (0 = background)
+    fast = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5, bg_iou=[0.1, 0.5])  # Fast R-CNN's range
+    rois, target = fast._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
+    assert sorted(tuple(r) for r in rois.tolist()) == [(0, 0, 99, 29), (0, 0, 99, 89), (0, 0, 99, 99)]
 
 
 def test_imagenet_alexnet_weights_map_onto_the_trunk(tmp_path):
@@ -340,7 +344,7 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
                          for c in range(len(CLASSES))], 1).astype(np.float32)
 
     monkeypatch.setattr(detection.DetectionProtocol, "region_features", oracle)
-    protocol = detection.DetectionProtocol(finetune="none", image_size=160, fc_dim=64,
+    protocol = detection.DetectionProtocol(finetune="none", fc_dim=64,
                                            proposals={"max_side": 160, "mode": "fast", "max_proposals": 300})
     train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
     test = read_voc(tiny_voc, 2007, "test", CLASSES)
@@ -452,3 +456,76 @@ def test_warped_crop_matches_rcnn_im_crop_brute_force():
         expected = _rcnn_im_crop_reference(im, box, crop_size, padding)
         np.testing.assert_allclose(ours[r], expected, atol=2e-3, err_msg=f"box {box}")
     assert not mask[1, 0, 0, 0] and mask[1, 0, -1, -1]  # the corner box is padded top-left only
+
+
+# ---------------------------------------------------------------- R-CNN's SVMs: bounded memory, passes as configured
+
+class _FakeStore:
+    """150 proposals per image, some on each object (the SVM stage needs nothing else of a store)."""
+
+    def boxes(self, im):
+        rng = np.random.default_rng(int(im.id))
+        near = im.boxes[rng.integers(len(im.boxes), size=20)] - 1 + rng.normal(0, 3, (20, 4))
+        xy = rng.uniform(0, 120, (130, 2))
+        return np.concatenate([near, np.concatenate([xy, xy + rng.uniform(10, 40, (130, 2))], 1)]).astype(np.float32)
+
+
+def _fake_images(n):
+    from vidrep.data.voc import VOCImage
+
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, 3))
+        xy = rng.uniform(1, 100, (k, 2))
+        out.append(VOCImage(str(i), None, np.concatenate([xy, xy + rng.uniform(20, 50, (k, 2))], 1).astype(np.float32),
+                            rng.integers(0, 4, k), np.zeros(k, bool)))
+    return out
+
+
+def _fake_features(calls):
+    """Region features [R, 256]: each class's IoU on its own coordinates plus noise (a learnable signal)."""
+    from vidrep.eval.detection import _gt0, class_overlap
+
+    def feats(im, boxes):
+        calls.append(im.id)
+        rng = np.random.default_rng(abs(hash((im.id, len(boxes)))) % 2**32)
+        f = rng.normal(0, 0.3, (len(boxes), 256)).astype(np.float32)
+        f[:, :4] += 3 * class_overlap(boxes, _gt0(im), im.labels, 4)
+        return f
+    return feats
+
+
+def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
+    import tracemalloc
+
+    from vidrep.eval.detection import DetectionProtocol
+
+    from vidrep.eval.rcnn_svm import fit_rcnn_svm
+
+    # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images
+    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "retrain_limit": 300})
+    fit_rcnn_svm(np.ones((2, 3)), -np.ones((2, 3)))  # one-time allocations (imports, liblinear) out of the peaks
+    peaks = {}
+    for n in (30, 60):
+        tracemalloc.start()
+        protocol.train_svms(_fake_features([]), _fake_images(n), _FakeStore(), 4, tmp_path / str(n))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # holding every region's features (what the SVM stage did before) grows by 30 x 152 x 256 x 4 = 4.7 MB
+    assert peaks[60] < 1.15 * peaks[30], peaks
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
+    from vidrep.eval.detection import DetectionProtocol
+
+    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "epochs": epochs, "retrain_limit": 200})
+    images, calls = _fake_images(12), []
+    W, B, _ = protocol.train_svms(_fake_features(calls), images, _FakeStore(), 4, tmp_path)
+    with np.load(tmp_path / "svms.npz") as z:
+        assert float(z["passes"]) == epochs
+        # every class's final SVM is trained at the last image of the last pass, after its mining
+        assert (z["last_update"] == epochs * len(images) - 1).all() and (z["updates"] >= 2).all()
+    mining_calls = len(calls) - min(len(images), 200) - len(images)  # minus the scale and the positives passes
+    assert mining_calls == epochs * len(images)
