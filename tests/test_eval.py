@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -529,3 +530,121 @@ def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
         assert (z["last_update"] == epochs * len(images) - 1).all() and (z["updates"] >= 2).all()
     mining_calls = len(calls) - min(len(images), 200) - len(images)  # minus the scale and the positives passes
     assert mining_calls == epochs * len(images)
+
+
+# ---------------------------------------------------------------- every stage resumes after kill -9
+
+def _run_until(cmd, cwd, log, appears, timeout=300):
+    """Start `cmd`; kill -9 it as soon as a file matching `appears` (a glob under cwd) exists, or
+    let it finish when appears is None. Returns the return code."""
+    import signal
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        start = time.monotonic()
+        while proc.poll() is None and time.monotonic() - start < timeout:
+            if appears and list(Path(cwd).glob(appears)):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return -9
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
+    voc = write_synthetic_voc(tmp_path / "voc", num_trainval=8, num_test=6, height=96, width=128, seed=3)
+    a = _checkpoint(tmp_path / "a.ckpt", 1)
+
+    def cmd(cache, run):
+        return [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={voc}", f"voc.classes=[{','.join(CLASSES)}]",
+                "protocol=detection", "protocol.iterations=12", "protocol.finetune_checkpoint_every=4", "protocol.batch_size=16",
+                "protocol.fc_dim=64", "protocol.proposals.max_side=128", "protocol.proposals.max_proposals=24",
+                "protocol.svm.norm_images=4", "protocol.svm.checkpoint_every=2", "protocol.test_chunk=2",
+                f"cache_dir={tmp_path / cache}", "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path / run}"]
+
+    assert _run_until(cmd("ref", "ref"), tmp_path, tmp_path / "ref.log", None) == 0
+    reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+    det = "cache/detection"
+    assert _run_until(cmd("cache", "r1"), tmp_path, tmp_path / "1.log", f"{det}/*/round0.ckpt") == -9
+    assert _run_until(cmd("cache", "r2"), tmp_path, tmp_path / "2.log", f"{det}/svm/*/mining.npz") == -9
+    assert "fine-tuning resumes at step" in (tmp_path / "2.log").read_text()
+    finetuned = next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns
+    assert _run_until(cmd("cache", "r3"), tmp_path, tmp_path / "3.log", f"{det}/test/*/chunk0000002.npz") == -9
+    assert "hard-negative mining resumes at image" in (tmp_path / "3.log").read_text()
+    svms = next((tmp_path / "cache" / "detection" / "svm").glob("*/svms.npz")).stat().st_mtime_ns
+    first_chunk = next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns
+    assert _run_until(cmd("cache", "r4"), tmp_path, tmp_path / "4.log", None) == 0
+    resumed = json.loads((tmp_path / "r4" / "results.json").read_text())
+    assert resumed["layers"]["fc7"]["ap"] == pytest.approx(reference["layers"]["fc7"]["ap"], nan_ok=True)
+    # finished stages were read, not redone
+    assert next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns == finetuned
+    assert next((tmp_path / "cache" / "detection" / "svm").glob("*/svms.npz")).stat().st_mtime_ns == svms
+    assert next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns == first_chunk
+
+
+# ---------------------------------------------------------------- proposals: R-CNN's .mat files, worker processes
+
+def test_rcnn_selective_search_mat_files_are_read(tmp_path):
+    from scipy.io import savemat
+
+    from vidrep.data.voc import VOCImage
+    from vidrep.eval.proposals import ProposalStore
+
+    # R-CNN's layout: one file per split, `boxes` a cell of [P, 4] y1 x1 y2 x2 (1-based), `images` a cell of ids
+    boxes = {"2008_000001": np.array([[11, 21, 40, 60], [1, 1, 100, 200]], float), "2008_000002": np.array([[5, 6, 7, 8]], float),
+             "2008_000003": np.array([[2, 3, 50, 90]], float)}
+    cell = lambda items: np.array(items + [None], dtype=object)[:-1]  # noqa: E731 - a 1-D object array, as MATLAB cells load
+    (tmp_path / "ss").mkdir()
+    savemat(tmp_path / "ss" / "voc_2012_train.mat", {"boxes": cell([boxes["2008_000001"], boxes["2008_000002"]]),
+                                                     "images": cell(["2008_000001", "2008_000002"])})
+    savemat(tmp_path / "ss" / "voc_2012_val.mat", {"boxes": cell([boxes["2008_000003"]]), "images": cell(["2008_000003"])})
+    images = [VOCImage(i, tmp_path / f"{i}.jpg", np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)) for i in boxes]
+    store = ProposalStore(tmp_path / "cache", "k", {"dir": str(tmp_path / "ss"), "workers": 1})
+    store.ensure(images)
+    np.testing.assert_array_equal(store.boxes(images[0]), [[20, 10, 59, 39], [0, 0, 199, 99]])  # x1 y1 x2 y2, 0-based
+    np.testing.assert_array_equal(store.boxes(images[2]), [[2, 1, 89, 49]])
+    missing = VOCImage("2008_000009", tmp_path / "x.jpg", *(images[0].boxes, images[0].labels, images[0].difficult))
+    with pytest.raises(FileNotFoundError, match="1 images have no proposals"):
+        store.ensure([missing])
+
+
+def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_path):
+    from vidrep.eval.proposals import ProposalStore
+
+    images = read_voc(tiny_voc, 2007, "trainval", CLASSES)[:4]
+    settings = {"max_side": 160, "mode": "fast", "max_proposals": 50}
+    one, two = ProposalStore(tmp_path / "a", "k", {**settings, "workers": 1}), ProposalStore(tmp_path / "b", "k", {**settings, "workers": 2})
+    one.ensure(images)
+    two.ensure(images)
+    for im in images:
+        np.testing.assert_array_equal(one.boxes(im), two.boxes(im))
+
+
+# ---------------------------------------------------------------- the frozen protocol as Goyal et al.
+
+def test_goyal_pooling_per_layer_at_227():
+    from vidrep.eval.features import GOYAL_POOLING, fixed_pool
+
+    maps = {"conv1": (96, 55), "conv2": (256, 27), "conv3": (384, 13), "conv4": (384, 13), "conv5": (256, 13)}
+    dims = {name: fixed_pool(torch.zeros(1, c, s, s), *GOYAL_POOLING[name]).shape[1] for name, (c, s) in maps.items()}
+    assert dims == {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216}
+
+
+def test_cross_validation_scores_as_sklearn_cross_val_score():
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import LinearSVC
+
+    from vidrep.eval.svm import cross_validated_ap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    labels = np.where(x[:, 0] + rng.normal(0, 1, 60) > 0.5, 1, -1)
+    labels[:3] = 0  # difficult-only images: negatives in training and in the CV score, as theirs
+    clf = LinearSVC(C=0.1, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge", tol=0.0001,
+                    dual=True, max_iter=2000)
+    theirs = cross_val_score(clf, x, np.where(labels > 0, 1, -1), cv=3, scoring="average_precision").mean()
+    assert cross_validated_ap(x, labels, 0.1, 3, 0, False, "goyal") == pytest.approx(theirs, abs=1e-6)
