@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,12 +64,21 @@ def test_difficult_objects_neither_count_nor_penalise():
     assert np.isnan(only_difficult["ap"][0]) and np.isnan(only_difficult["map"])
 
 
-def test_inclusive_coordinates_and_strict_threshold():
-    # inclusive: GT is 10x10 = 100 px, [0,0,9,4] is 10x5 = 50 px inside it: IoU exactly 0.5 -> not > 0.5
+def test_inclusive_coordinates_and_inclusive_threshold():
+    # inclusive: GT is 10x10 = 100 px, [0,0,9,4] is 10x5 = 50 px inside it: IoU exactly 0.5 matches
+    # (VOCevaldet.m: ovmax >= minoverlap)
     at_half = voc_detection_ap([_p([[0, 0, 9, 4]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
-    assert at_half["ap"] == [0.0]
-    above = voc_detection_ap([_p([[0, 0, 9, 5]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
-    assert above["ap"] == [1.0]  # 60/100
+    assert at_half["ap"] == [1.0]
+    below = voc_detection_ap([_p([[0, 0, 9, 3]], [0.9], [0])], [_t([GT], [0])], num_classes=1)
+    assert below["ap"] == [0.0]  # 40/100
+
+
+def test_the_year_picks_the_ap_variant():
+    from vidrep.eval.splits import use_07_metric_for
+
+    assert use_07_metric_for(2007, None) is True and use_07_metric_for(2012, None) is False
+    assert use_07_metric_for(2010, None) is False and use_07_metric_for(2012, True) is True
+    assert use_07_metric_for(2007, False) is False
 
 
 def test_images_without_objects_classes_without_detections_and_the_mean():
@@ -115,6 +125,17 @@ def test_reading_the_generated_tree(tiny_voc):
     im = next(im for im in train if im.difficult.any())
     labels = im.class_labels(len(CLASSES))
     assert set(labels) <= {-1, 0, 1} and (labels[im.labels[~im.difficult]] == 1).all()
+
+
+def test_splits_follow_rcnn_and_overlap_is_refused():
+    from vidrep.eval.splits import SplitOverlapError, check_disjoint, resolve_splits
+
+    assert resolve_splits(2012, None, None) == ("train", "val")
+    assert resolve_splits(2007, None, None) == ("trainval", "test")
+    assert resolve_splits(2012, "trainval", "val") == ("trainval", "val")
+    check_disjoint(["a", "b"], ["c"], "train", "val", 2012)
+    with pytest.raises(SplitOverlapError, match=r"trainval and val share 2 of 3 test images \(b, c\).*voc.train_split=train"):
+        check_disjoint(["a", "b", "c"], ["b", "c", "d"], "trainval", "val", 2012)
 
 
 def test_voc_errors_name_the_layout(tiny_voc, tmp_path):
@@ -243,8 +264,8 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 
 # ---------------------------------------------------------------- the detection protocol end to end
 
-DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.image_size=160", "protocol.fc_dim=64",
-                  "protocol.proposals={max_side:160,mode:fast,max_proposals:200}", "protocol.svm_negatives=500"]
+DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.batch_size=32", "protocol.fc_dim=64",
+                  "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=40", "protocol.svm.norm_images=10"]
 
 
 @pytest.mark.parametrize("finetune", ["none", "straightforward"])
@@ -282,13 +303,17 @@ def test_iterative_needs_a_corpus():
 def test_region_sampling_follows_rcnn_thresholds():
     from vidrep.eval.detection import DetectionProtocol
 
-    p = DetectionProtocol(rois_per_image=8, fg_fraction=0.5)
+    p = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5)
     gt = np.array([[0, 0, 99, 99]], np.float32)
-    # IoU with the ground truth: 0.9 (foreground), 0.29 (background), 0.04 and 0 (neither: < 0.1)
+    # IoU with the ground truth: 0.9 (foreground), 0.3 and 0.05 (background), 0 (background in R-CNN)
     props = np.array([[0, 0, 99, 89], [0, 0, 99, 29], [0, 0, 99, 4], [200, 200, 220, 220]], np.float32)
     rois, target = p._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
     got = sorted((tuple(r), t) for r, t in zip(rois.tolist(), target.tolist()))
-    assert got == [((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4)]  # class 3 -> 4 (0 = background)
+    assert got == [((0, 0, 99, 4), 0), ((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4),
+                   ((200, 200, 220, 220), 0)]  # class 3 -> 4 (0 = background)
+    fast = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5, bg_iou=[0.1, 0.5])  # Fast R-CNN's range
+    rois, target = fast._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
+    assert sorted(tuple(r) for r in rois.tolist()) == [(0, 0, 99, 29), (0, 0, 99, 89), (0, 0, 99, 99)]
 
 
 def test_imagenet_alexnet_weights_map_onto_the_trunk(tmp_path):
@@ -320,7 +345,7 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
                          for c in range(len(CLASSES))], 1).astype(np.float32)
 
     monkeypatch.setattr(detection.DetectionProtocol, "region_features", oracle)
-    protocol = detection.DetectionProtocol(finetune="none", image_size=160, fc_dim=64,
+    protocol = detection.DetectionProtocol(finetune="none", fc_dim=64,
                                            proposals={"max_side": 160, "mode": "fast", "max_proposals": 300})
     train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
     test = read_voc(tiny_voc, 2007, "test", CLASSES)
@@ -340,3 +365,286 @@ def test_a_synthetic_voc_tree_of_another_size_is_not_reused(tmp_path):
     assert write_synthetic_voc(tmp_path, num_trainval=4, num_test=3, height=64, width=80) == tmp_path
     with pytest.raises(ValueError, match="4 trainval and 3 test images, not 6 and 3"):
         write_synthetic_voc(tmp_path, num_trainval=6, num_test=3, height=64, width=80)
+
+
+@pytest.fixture(scope="module")
+def tiny_voc2012(tmp_path_factory):
+    return write_synthetic_voc(tmp_path_factory.mktemp("voc2012"), num_trainval=24, num_test=20, height=120, width=160,
+                               seed=7, year=2012)
+
+
+@pytest.mark.slow
+def test_the_readme_voc2012_command_trains_on_train_and_tests_on_val(tiny_voc2012, tmp_path):
+    """The README's VOC2012 detection command (plus tiny sizes) on a VOC2012-format tree: R-CNN's
+    train / val, disjoint and recorded; the old trainval / val choice is refused with the overlap."""
+    (tmp_path / "voc").symlink_to(tiny_voc2012)
+    a = _checkpoint(tmp_path / "a.ckpt", 1)
+    _evaluate(tmp_path, a, "voc.year=2012", *DETECTION_FAST, f"hydra.run.dir={tmp_path}/run")
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert result["splits"] == {"train": {"name": "train", "images": 24}, "test": {"name": "val", "images": 20}}
+    assert result["protocol"]["use_07_metric"] is False  # VOC2012: all-point AP
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={tmp_path / 'voc'}", "voc.year=2012",
+           "voc.train_split=trainval", "voc.test_split=val", f"voc.classes=[{','.join(CLASSES)}]", "protocol=detection",
+           f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", f"hydra.run.dir={tmp_path}/refused"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "trainval and val share 20 of 20 test images" in out.stderr
+
+
+# ---------------------------------------------------------------- R-CNN's warped crop
+
+def _imresize_bilinear_reference(window: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """MATLAB's imresize(window, [out_h out_w], 'bilinear', 'antialiasing', false), loop by loop:
+    1-based x = u / s + 0.5 * (1 - 1 / s), triangle weights, indices mirrored (aux = [1:n, n:-1:1])."""
+    def weights(n_in, n_out):
+        s = n_out / n_in
+        rows = []
+        for u in range(1, n_out + 1):
+            x = u / s + 0.5 * (1 - 1 / s)
+            row = np.zeros(n_in)
+            for k in range(int(np.floor(x)) - 1, int(np.floor(x)) + 3):
+                wgt = max(0.0, 1 - abs(x - k))
+                aux = list(range(1, n_in + 1)) + list(range(n_in, 0, -1))
+                row[aux[(k - 1) % (2 * n_in)] - 1] += wgt
+            rows.append(row / row.sum())
+        return np.array(rows)
+
+    wy, wx = weights(window.shape[0], out_h), weights(window.shape[1], out_w)
+    return np.einsum("uy,vx,yxc->uvc", wy, wx, window)
+
+
+def _rcnn_im_crop_reference(im: np.ndarray, box0, crop_size: int, padding: int) -> np.ndarray:
+    """rcnn_im_crop.m (warp), statement by statement, with MATLAB's round; im [H, W, C], box 0-based;
+    returns the crop with zeros where R-CNN pads (image mean already subtracted)."""
+    def mround(v):
+        return float(np.sign(v) * np.floor(abs(v) + 0.5))
+
+    bbox = [float(v) + 1 for v in box0]
+    scale = crop_size / (crop_size - padding * 2)
+    half_height, half_width = (bbox[3] - bbox[1] + 1) / 2, (bbox[2] - bbox[0] + 1) / 2
+    center = [bbox[0] + half_width, bbox[1] + half_height]
+    bbox = [mround(center[0] - half_width * scale), mround(center[1] - half_height * scale),
+            mround(center[0] + half_width * scale), mround(center[1] + half_height * scale)]
+    unclipped_height, unclipped_width = bbox[3] - bbox[1] + 1, bbox[2] - bbox[0] + 1
+    pad_x1, pad_y1 = max(0, 1 - bbox[0]), max(0, 1 - bbox[1])
+    bbox = [max(1, bbox[0]), max(1, bbox[1]), min(im.shape[1], bbox[2]), min(im.shape[0], bbox[3])]
+    clipped_height, clipped_width = bbox[3] - bbox[1] + 1, bbox[2] - bbox[0] + 1
+    scale_x, scale_y = crop_size / unclipped_width, crop_size / unclipped_height
+    crop_width, crop_height = int(mround(clipped_width * scale_x)), int(mround(clipped_height * scale_y))
+    pad_w, pad_h = int(mround(pad_x1 * scale_x)), int(mround(pad_y1 * scale_y))
+    crop_height = min(crop_height, crop_size - pad_h)
+    crop_width = min(crop_width, crop_size - pad_w)
+    window = im[int(bbox[1]) - 1 : int(bbox[3]), int(bbox[0]) - 1 : int(bbox[2])]
+    out = np.zeros((crop_size, crop_size, im.shape[2]))
+    out[pad_h : pad_h + crop_height, pad_w : pad_w + crop_width] = _imresize_bilinear_reference(window, crop_height, crop_width)
+    return out
+
+
+def test_warped_crop_matches_rcnn_im_crop_brute_force():
+    from vidrep.eval.warp import warp_regions
+
+    rng = np.random.default_rng(0)
+    im = rng.uniform(-100, 100, (37, 53, 3))  # already mean-subtracted, so padding is zero
+    boxes = np.array([[10, 8, 30, 25],     # inside, context fits
+                      [0, 0, 12, 9],       # top-left corner: context falls off two sides
+                      [40, 20, 52, 36],    # bottom-right corner
+                      [0, 0, 52, 36],      # the whole image
+                      [25, 3, 27, 33],     # thin: upsampled a lot along x
+                      [5, 30, 45, 36]], np.float32)
+    crop_size, padding = 31, 4
+    crops, mask = warp_regions(torch.from_numpy(im.transpose(2, 0, 1)).double(), boxes, crop_size, padding)
+    ours = (crops * mask).permute(0, 2, 3, 1).double().numpy()
+    for r, box in enumerate(boxes):
+        expected = _rcnn_im_crop_reference(im, box, crop_size, padding)
+        np.testing.assert_allclose(ours[r], expected, atol=2e-3, err_msg=f"box {box}")
+    assert not mask[1, 0, 0, 0] and mask[1, 0, -1, -1]  # the corner box is padded top-left only
+
+
+# ---------------------------------------------------------------- R-CNN's SVMs: bounded memory, passes as configured
+
+class _FakeStore:
+    """150 proposals per image, some on each object (the SVM stage needs nothing else of a store)."""
+
+    def boxes(self, im):
+        rng = np.random.default_rng(int(im.id))
+        near = im.boxes[rng.integers(len(im.boxes), size=20)] - 1 + rng.normal(0, 3, (20, 4))
+        xy = rng.uniform(0, 120, (130, 2))
+        return np.concatenate([near, np.concatenate([xy, xy + rng.uniform(10, 40, (130, 2))], 1)]).astype(np.float32)
+
+
+def _fake_images(n):
+    from vidrep.data.voc import VOCImage
+
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, 3))
+        xy = rng.uniform(1, 100, (k, 2))
+        out.append(VOCImage(str(i), None, np.concatenate([xy, xy + rng.uniform(20, 50, (k, 2))], 1).astype(np.float32),
+                            rng.integers(0, 4, k), np.zeros(k, bool)))
+    return out
+
+
+def _fake_features(calls):
+    """Region features [R, 256]: each class's IoU on its own coordinates plus noise (a learnable signal)."""
+    from vidrep.eval.detection import _gt0, class_overlap
+
+    def feats(im, boxes):
+        calls.append(im.id)
+        rng = np.random.default_rng(abs(hash((im.id, len(boxes)))) % 2**32)
+        f = rng.normal(0, 0.3, (len(boxes), 256)).astype(np.float32)
+        f[:, :4] += 3 * class_overlap(boxes, _gt0(im), im.labels, 4)
+        return f
+    return feats
+
+
+def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
+    import tracemalloc
+
+    from vidrep.eval.detection import DetectionProtocol
+
+    from vidrep.eval.rcnn_svm import fit_rcnn_svm
+
+    # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images
+    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "retrain_limit": 300})
+    fit_rcnn_svm(np.ones((2, 3)), -np.ones((2, 3)))  # one-time allocations (imports, liblinear) out of the peaks
+    peaks = {}
+    for n in (30, 60):
+        tracemalloc.start()
+        protocol.train_svms(_fake_features([]), _fake_images(n), _FakeStore(), 4, tmp_path / str(n))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # holding every region's features (what the SVM stage did before) grows by 30 x 152 x 256 x 4 = 4.7 MB
+    assert peaks[60] < 1.15 * peaks[30], peaks
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
+    from vidrep.eval.detection import DetectionProtocol
+
+    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "epochs": epochs, "retrain_limit": 200})
+    images, calls = _fake_images(12), []
+    W, B, _ = protocol.train_svms(_fake_features(calls), images, _FakeStore(), 4, tmp_path)
+    with np.load(tmp_path / "svms.npz") as z:
+        assert float(z["passes"]) == epochs
+        # every class's final SVM is trained at the last image of the last pass, after its mining
+        assert (z["last_update"] == epochs * len(images) - 1).all() and (z["updates"] >= 2).all()
+    mining_calls = len(calls) - min(len(images), 200) - len(images)  # minus the scale and the positives passes
+    assert mining_calls == epochs * len(images)
+
+
+# ---------------------------------------------------------------- every stage resumes after kill -9
+
+def _run_until(cmd, cwd, log, appears, timeout=300):
+    """Start `cmd`; kill -9 it as soon as a file matching `appears` (a glob under cwd) exists, or
+    let it finish when appears is None. Returns the return code."""
+    import signal
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        start = time.monotonic()
+        while proc.poll() is None and time.monotonic() - start < timeout:
+            if appears and list(Path(cwd).glob(appears)):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return -9
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
+    voc = write_synthetic_voc(tmp_path / "voc", num_trainval=8, num_test=6, height=96, width=128, seed=3)
+    a = _checkpoint(tmp_path / "a.ckpt", 1)
+
+    def cmd(cache, run):
+        return [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={voc}", f"voc.classes=[{','.join(CLASSES)}]",
+                "protocol=detection", "protocol.iterations=12", "protocol.finetune_checkpoint_every=4", "protocol.batch_size=16",
+                "protocol.fc_dim=64", "protocol.proposals.max_side=128", "protocol.proposals.max_proposals=24",
+                "protocol.svm.norm_images=4", "protocol.svm.checkpoint_every=2", "protocol.test_chunk=2",
+                f"cache_dir={tmp_path / cache}", "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path / run}"]
+
+    assert _run_until(cmd("ref", "ref"), tmp_path, tmp_path / "ref.log", None) == 0
+    reference = json.loads((tmp_path / "ref" / "results.json").read_text())
+    det = "cache/detection"
+    assert _run_until(cmd("cache", "r1"), tmp_path, tmp_path / "1.log", f"{det}/*/round0.ckpt") == -9
+    assert _run_until(cmd("cache", "r2"), tmp_path, tmp_path / "2.log", f"{det}/svm/*/mining.npz") == -9
+    assert "fine-tuning resumes at step" in (tmp_path / "2.log").read_text()
+    finetuned = next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns
+    assert _run_until(cmd("cache", "r3"), tmp_path, tmp_path / "3.log", f"{det}/test/*/chunk0000002.npz") == -9
+    assert "hard-negative mining resumes at image" in (tmp_path / "3.log").read_text()
+    svms = next((tmp_path / "cache" / "detection" / "svm").glob("*/svms.npz")).stat().st_mtime_ns
+    first_chunk = next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns
+    assert _run_until(cmd("cache", "r4"), tmp_path, tmp_path / "4.log", None) == 0
+    resumed = json.loads((tmp_path / "r4" / "results.json").read_text())
+    assert resumed["layers"]["fc7"]["ap"] == pytest.approx(reference["layers"]["fc7"]["ap"], nan_ok=True)
+    # finished stages were read, not redone
+    assert next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns == finetuned
+    assert next((tmp_path / "cache" / "detection" / "svm").glob("*/svms.npz")).stat().st_mtime_ns == svms
+    assert next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns == first_chunk
+
+
+# ---------------------------------------------------------------- proposals: R-CNN's .mat files, worker processes
+
+def test_rcnn_selective_search_mat_files_are_read(tmp_path):
+    from scipy.io import savemat
+
+    from vidrep.data.voc import VOCImage
+    from vidrep.eval.proposals import ProposalStore
+
+    # R-CNN's layout: one file per split, `boxes` a cell of [P, 4] y1 x1 y2 x2 (1-based), `images` a cell of ids
+    boxes = {"2008_000001": np.array([[11, 21, 40, 60], [1, 1, 100, 200]], float), "2008_000002": np.array([[5, 6, 7, 8]], float),
+             "2008_000003": np.array([[2, 3, 50, 90]], float)}
+    cell = lambda items: np.array(items + [None], dtype=object)[:-1]  # noqa: E731 - a 1-D object array, as MATLAB cells load
+    (tmp_path / "ss").mkdir()
+    savemat(tmp_path / "ss" / "voc_2012_train.mat", {"boxes": cell([boxes["2008_000001"], boxes["2008_000002"]]),
+                                                     "images": cell(["2008_000001", "2008_000002"])})
+    savemat(tmp_path / "ss" / "voc_2012_val.mat", {"boxes": cell([boxes["2008_000003"]]), "images": cell(["2008_000003"])})
+    images = [VOCImage(i, tmp_path / f"{i}.jpg", np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)) for i in boxes]
+    store = ProposalStore(tmp_path / "cache", "k", {"dir": str(tmp_path / "ss"), "workers": 1})
+    store.ensure(images)
+    np.testing.assert_array_equal(store.boxes(images[0]), [[20, 10, 59, 39], [0, 0, 199, 99]])  # x1 y1 x2 y2, 0-based
+    np.testing.assert_array_equal(store.boxes(images[2]), [[2, 1, 89, 49]])
+    missing = VOCImage("2008_000009", tmp_path / "x.jpg", *(images[0].boxes, images[0].labels, images[0].difficult))
+    with pytest.raises(FileNotFoundError, match="1 images have no proposals"):
+        store.ensure([missing])
+
+
+def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_path):
+    from vidrep.eval.proposals import ProposalStore
+
+    images = read_voc(tiny_voc, 2007, "trainval", CLASSES)[:4]
+    settings = {"max_side": 160, "mode": "fast", "max_proposals": 50}
+    one, two = ProposalStore(tmp_path / "a", "k", {**settings, "workers": 1}), ProposalStore(tmp_path / "b", "k", {**settings, "workers": 2})
+    one.ensure(images)
+    two.ensure(images)
+    for im in images:
+        np.testing.assert_array_equal(one.boxes(im), two.boxes(im))
+
+
+# ---------------------------------------------------------------- the frozen protocol as Goyal et al.
+
+def test_goyal_pooling_per_layer_at_227():
+    from vidrep.eval.features import GOYAL_POOLING, fixed_pool
+
+    maps = {"conv1": (96, 55), "conv2": (256, 27), "conv3": (384, 13), "conv4": (384, 13), "conv5": (256, 13)}
+    dims = {name: fixed_pool(torch.zeros(1, c, s, s), *GOYAL_POOLING[name]).shape[1] for name, (c, s) in maps.items()}
+    assert dims == {"conv1": 9600, "conv2": 9216, "conv3": 9600, "conv4": 9600, "conv5": 9216}
+
+
+def test_cross_validation_scores_as_sklearn_cross_val_score():
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import LinearSVC
+
+    from vidrep.eval.svm import cross_validated_ap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8))
+    labels = np.where(x[:, 0] + rng.normal(0, 1, 60) > 0.5, 1, -1)
+    labels[:3] = 0  # difficult-only images: negatives in training and in the CV score, as theirs
+    clf = LinearSVC(C=0.1, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge", tol=0.0001,
+                    dual=True, max_iter=2000)
+    theirs = cross_val_score(clf, x, np.where(labels > 0, 1, -1), cv=3, scoring="average_precision").mean()
+    assert cross_validated_ap(x, labels, 0.1, 3, 0, False, "goyal") == pytest.approx(theirs, abs=1e-6)

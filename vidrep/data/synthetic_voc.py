@@ -28,23 +28,26 @@ def _xml(image_id: str, width: int, height: int, objects: list[tuple[str, tuple[
 
 def write_synthetic_voc(root: str | Path, num_trainval: int = 60, num_test: int = 60, seed: int = 12345,
                         height: int = 240, width: int = 320, max_objects: int = 2, difficult_p: float = 0.1,
-                        classes: tuple[str, ...] = SHAPES) -> Path:
-    """Write <root>/VOC2007 (trainval and test splits). Built in a temporary folder and renamed; an
-    existing tree is reused only when its split sizes are the ones asked for."""
+                        classes: tuple[str, ...] = SHAPES, year: int = 2007) -> Path:
+    """Write <root>/VOC<year>: for 2007 the trainval and test splits (num_trainval, num_test images);
+    for a later year VOC2012's layout, train and val (num_trainval, num_test images) and trainval =
+    train + val. Built in a temporary folder and renamed; an existing tree is reused only when its
+    split sizes are the ones asked for."""
     root = Path(root)
-    final = root / "VOC2007"
+    final = root / f"VOC{year}"
+    names = ("trainval", "test") if int(year) == 2007 else ("train", "val")
     if final.exists():
-        sizes = [len((final / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) for split in ("trainval", "test")]
+        sizes = [len((final / "ImageSets" / "Main" / f"{split}.txt").read_text().split()) for split in names]
         if sizes != [num_trainval, num_test]:
-            raise ValueError(f"{final} holds {sizes[0]} trainval and {sizes[1]} test images, not {num_trainval} and "
+            raise ValueError(f"{final} holds {sizes[0]} {names[0]} and {sizes[1]} {names[1]} images, not {num_trainval} and "
                              f"{num_test}; give this size its own folder, or delete {final}")
         return root
-    tmp = root / f".VOC2007.{os.getpid()}.tmp"
+    tmp = root / f".VOC{year}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (tmp / sub).mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    splits = {"trainval": [], "test": []}
+    splits = {names[0]: [], names[1]: []}
     for n in range(num_trainval + num_test):
         image_id = f"{n:06d}"
         img = _scene_texture(rng, height, width)
@@ -60,7 +63,9 @@ def write_synthetic_voc(root: str | Path, num_trainval: int = 60, num_test: int 
             objects.append((name, (x + xs.min() + 1, y + ys.min() + 1, x + xs.max() + 1, y + ys.max() + 1), bool(rng.random() < difficult_p)))
         cv2.imwrite(str(tmp / "JPEGImages" / f"{image_id}.jpg"), img.astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
         (tmp / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, width, height, objects))
-        splits["trainval" if n < num_trainval else "test"].append(image_id)
+        splits[names[0] if n < num_trainval else names[1]].append(image_id)
+    if names[0] == "train":
+        splits["trainval"] = splits["train"] + splits["val"]
     for split, ids in splits.items():
         (tmp / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (tmp / MARKER).write_text(json.dumps({"generator": "vidrep.data.synthetic_voc", "seed": seed, "classes": list(classes),

@@ -32,7 +32,8 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
     write_synthetic_voc(voc_root, num_trainval=num_images, num_test=num_images)
     train = read_voc(voc_root, 2007, "trainval", SHAPES)
     test = read_voc(voc_root, 2007, "test", SHAPES)
-    protocol = SvmProtocol(layers=list(layers), costs=list(costs), seed=seed)
+    # the settings the README's demo figures were measured with (11-point AP, adaptive pooling, shuffled folds)
+    protocol = SvmProtocol(layers=list(layers), costs=list(costs), seed=seed, use_07_metric=True, pooling="adaptive", cv_scoring="voc")
     report = {}
     with tempfile.TemporaryDirectory() as cache:  # these weights live only in this run: nothing to reuse
         for name, trunk in (("trained", trained), ("random init", initial)):

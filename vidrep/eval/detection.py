@@ -1,23 +1,36 @@
-"""The `detection` protocol: the paper's R-CNN pipeline, made practical.
+"""The `detection` protocol: the paper's R-CNN pipeline (rbgirshick/rcnn), stage by stage, resumable.
 
-Selective-search proposals (opencv-contrib, cached per image) -> a detection network: the
-checkpoint's conv1..conv5, RoI max-pooling of conv5 to 6x6 (Fast R-CNN's way of computing every
-region's pool5 from one pass over the image, instead of warping each region), fc6/fc7 and a
-(classes + background) classifier -> per-class linear SVMs on region features with hard-negative
-mining -> NMS -> VOC detection AP at IoU 0.5. No bounding-box regression, as in the paper.
+Proposals (selective search in `workers` processes, or R-CNN's published boxes; vidrep/eval/proposals.py)
+-> a detection network: the checkpoint's conv layers, fc6/fc7 (dropout 0.5) and a
+(classes + background) classifier, fine-tuned on regions -> per-class linear SVMs on scaled fc7
+region features with R-CNN's streaming hard-negative mining (vidrep/eval/rcnn_svm.py) -> NMS ->
+VOC detection AP at IoU 0.5. No bounding-box regression, as in the paper.
 
-finetune=none: pool5 region features of the unsupervised net (no training) + SVMs.
-finetune=straightforward: conv layers from the checkpoint, fc layers re-initialised, fine-tuned
-  on region classification; SVMs on fc7.
+Regions (`regions`): `warp` (R-CNN: each proposal plus 16 px of context warped to the network
+input, vidrep/eval/warp.py; numbers comparable with R-CNN's and the paper's) or `roi_pool` (Fast
+R-CNN's one conv pass per image at its image scale, RoI max-pooling of conv5 to 6x6: much faster,
+not the paper's regions; compare only with other roi_pool runs).
+
+finetune=none: pool5 region features of the network (no training) + SVMs.
+finetune=straightforward: conv layers from the checkpoint; fc6/fc7 re-initialised for an
+  unsupervised network (the paper), kept for ImageNet weights (R-CNN's baseline); SVMs on fc7.
 finetune=iterative: fine-tune; copy its conv layers back into the triplet network and re-adapt it
   on mined pairs with the ranking loss; fine-tune again (`rounds` fine-tunings in all).
+
+Every stage leaves its result in the cache (the proposals per image, the fine-tuned weights and a
+checkpoint every `finetune_checkpoint_every` steps, the feature scale, the positives, the miner's
+state every `svm.checkpoint_every` images, the test detections per `test_chunk` images), so a
+rerun after kill -9 redoes only unfinished work.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,75 +39,107 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, nms, roi_pool
+from torchvision.ops import roi_pool
 
-from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
 from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
-from vidrep.eval.svm import fit_svm
+from vidrep.eval.proposals import ProposalStore
+from vidrep.eval.rcnn_svm import HardNegativeMiner, atomic_savez, feature_scale, save_scale
+from vidrep.eval.warp import warp_regions
 
 log = logging.getLogger(__name__)
 FINETUNE_MODES = ("none", "straightforward", "iterative")
+REGION_MODES = ("warp", "roi_pool")
 
 
-# ---------------------------------------------------------------- proposals
-
-def selective_search(image: np.ndarray, max_side: int = 500, mode: str = "fast", max_proposals: int = 2000, min_size: int = 8) -> np.ndarray:
-    """[P, 4] float32 boxes x1, y1, x2, y2 (0-based, in `image`'s pixels), in the order OpenCV ranks them."""
-    cv2.setNumThreads(1)
-    scale = min(1.0, max_side / max(image.shape[:2]))
-    small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(small)
-    ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
-    rects = ss.process().astype(np.float32)  # x, y, w, h
-    boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] - 1], axis=1) / scale
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
-    return boxes[keep][:max_proposals]
+def _key(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def cached_proposals(images: Sequence[VOCImage], folder: Path, settings: dict) -> list[np.ndarray]:
-    """Selective search per image, stored as .npy under `folder` (one per data set and settings)."""
-    folder = folder / "_".join(f"{k}{v}" for k, v in sorted(settings.items()))
-    out = []
-    for im in images:
-        path = folder / f"{im.id}.npy"
-        if not path.exists():
-            write_array(path, selective_search(cv2.imread(str(im.path)), **settings))
-        out.append(np.load(path))
+def box_overlap(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """[R, G] IoU in inclusive pixels (R-CNN's boxoverlap.m: width = x2 - x1 + 1)."""
+    boxes, gt = boxes.astype(np.float64)[:, None], gt.astype(np.float64)[None]
+    iw = np.clip(np.minimum(boxes[..., 2], gt[..., 2]) - np.maximum(boxes[..., 0], gt[..., 0]) + 1, 0, None)
+    ih = np.clip(np.minimum(boxes[..., 3], gt[..., 3]) - np.maximum(boxes[..., 1], gt[..., 1]) + 1, 0, None)
+    inter = iw * ih
+    area = lambda b: (b[..., 2] - b[..., 0] + 1) * (b[..., 3] - b[..., 1] + 1)  # noqa: E731
+    return inter / (area(boxes) + area(gt) - inter)
+
+
+def class_overlap(boxes: np.ndarray, gt: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[R, C]: each box's highest IoU with the objects of each class (0 without one), as roidb_from_voc.m."""
+    out = np.zeros((len(boxes), num_classes), np.float32)
+    if len(gt) and len(boxes):
+        iou = box_overlap(boxes, gt)
+        for c in np.unique(labels):
+            out[:, c] = iou[:, labels == c].max(1)
     return out
+
+
+def nms_inclusive(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices kept by greedy NMS in inclusive pixels (R-CNN's nms.m: overlap = inter / union)."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while len(order):
+        i = order[0]
+        keep.append(i)
+        if len(order) == 1:
+            break
+        iou = box_overlap(boxes[i : i + 1], boxes[order[1:]])[0]
+        order = order[1:][iou <= threshold]
+    return np.asarray(keep, np.int64)
 
 
 # ---------------------------------------------------------------- the network
 
 class DetectionNet(nn.Module):
-    """Conv layers of a trunk, RoI pooling of conv5 to 6x6, fc6, fc7, a classifier."""
+    """The trunk's conv layers, fc6, fc7 (dropout in training) and a (classes + background) classifier
+    over regions that are either warped crops (`warp`) or RoI-pooled conv5 cells (`roi_pool`)."""
 
-    def __init__(self, trunk: nn.Module, num_classes: int, fc6_dim: int = 4096, fc7_dim: int = 4096) -> None:
+    def __init__(self, trunk: nn.Module, num_classes: int, regions: str, input_size: int, fc6_dim: int = 4096,
+                 fc7_dim: int = 4096, dropout: float = 0.5, keep_fc: bool = False) -> None:
         super().__init__()
-        self.trunk = trunk  # only its conv layers are used: forward_features(x, ["conv5"])
-        self.fc6 = nn.Linear(256 * 6 * 6, fc6_dim)
-        self.fc7 = nn.Linear(fc6_dim, fc7_dim)
-        self.cls = nn.Linear(fc7_dim, num_classes + 1)
-        for layer, std in ((self.fc6, 0.005), (self.fc7, 0.005), (self.cls, 0.01)):
-            nn.init.normal_(layer.weight, std=std)
-            nn.init.zeros_(layer.bias)
+        self.trunk = trunk  # only its conv layers are used
+        self.regions = regions
+        with torch.no_grad():
+            pool5 = trunk.forward_features(torch.zeros(1, 3, input_size, input_size), ("pool5",))["pool5"].shape[1]
+        in_dim = pool5 if regions == "warp" else 256 * 6 * 6
+        theirs = (getattr(trunk, "fc6", None), getattr(trunk, "fc7", None))
+        if keep_fc and all(isinstance(m, nn.Linear) for m in theirs) and theirs[0].in_features == in_dim:
+            self.fc6, self.fc7 = copy.deepcopy(theirs[0]), copy.deepcopy(theirs[1])
+        else:
+            self.fc6, self.fc7 = nn.Linear(in_dim, fc6_dim), nn.Linear(fc6_dim, fc7_dim)
+            for layer in (self.fc6, self.fc7):
+                nn.init.normal_(layer.weight, std=0.005)
+                nn.init.zeros_(layer.bias)
+        self.cls = nn.Linear(self.fc7.out_features, num_classes + 1)
+        nn.init.normal_(self.cls.weight, std=0.01)  # fc8_pascal: gaussian std 0.01, bias 0
+        nn.init.zeros_(self.cls.bias)
+        self.dropout = nn.Dropout(dropout)
 
-    def regions(self, image: Tensor, rois: Tensor) -> dict[str, Tensor]:
-        """pool5, fc7 and logits of `rois` ([R, 4] in the image's pixels) of one image [1, 3, H, W]."""
+    def head(self, pool5: Tensor) -> dict[str, Tensor]:
+        fc7 = F.relu(self.fc7(self.dropout(F.relu(self.fc6(pool5)))))
+        return {"pool5": pool5, "fc7": fc7, "logits": self.cls(self.dropout(fc7))}
+
+    def warped(self, crops: Tensor) -> dict[str, Tensor]:
+        """Regions already warped and mean-subtracted: [R, 3, S, S]."""
+        return self.head(self.trunk.forward_features(crops, ("pool5",))["pool5"])
+
+    def pooled(self, image: Tensor, rois: Tensor) -> dict[str, Tensor]:
+        """`rois` ([R, 4] in the resized image's pixels) of one image [1, 3, H, W], each axis scaled
+        to conv5 by its own ratio (a portrait image's height is not its width)."""
         conv5 = self.trunk.forward_features(image, ("conv5",))["conv5"]
-        pool5 = torch.flatten(roi_pool(conv5, [rois], output_size=6, spatial_scale=conv5.shape[-1] / image.shape[-1]), 1)
-        fc7 = F.relu(self.fc7(F.relu(self.fc6(pool5))))
-        return {"pool5": pool5, "fc7": fc7, "logits": self.cls(fc7)}
+        sy, sx = conv5.shape[-2] / image.shape[-2], conv5.shape[-1] / image.shape[-1]
+        scaled = rois * torch.tensor([sx, sy, sx, sy], device=rois.device, dtype=rois.dtype)
+        return self.head(torch.flatten(roi_pool(conv5, [scaled], output_size=6, spatial_scale=1.0), 1))
 
 
-def _image_tensor(im: VOCImage, net: Network, max_side: int, device: str) -> tuple[Tensor, float]:
-    img = cv2.imread(str(im.path))
-    scale = max_side / max(img.shape[:2])
-    img = cv2.resize(img, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1)))[None].to(device)
-    return net.preprocess(x), scale
+def read_rgb(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return np.ascontiguousarray(img[:, :, ::-1])
 
 
 def _gt0(im: VOCImage) -> np.ndarray:
@@ -102,82 +147,169 @@ def _gt0(im: VOCImage) -> np.ndarray:
     return im.boxes - 1.0
 
 
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 @dataclass
 class DetectionProtocol:
     finetune: str = "straightforward"
     rounds: int = 2  # fine-tunings for finetune=iterative
-    image_size: int = 500  # longer image side for the network
-    proposals: dict = field(default_factory=lambda: {"max_side": 500, "mode": "fast", "max_proposals": 2000})
-    iterations: int = 40000  # fine-tuning SGD steps (2 images, 128 regions each)
+    regions: str = "warp"
+    warp: dict = field(default_factory=lambda: {"padding": 16, "batch_size": 128})
+    roi_pool: dict = field(default_factory=lambda: {"scale": 600, "max_size": 1000})
+    proposals: dict = field(default_factory=lambda: {"max_side": 500, "mode": "fast", "max_proposals": 2000, "workers": 1, "dir": None})
+    iterations: int = 100000  # fine-tuning SGD steps
     lr: float = 0.001
-    lr_step: int = 30000
-    rois_per_image: int = 64
+    lr_step: int = 20000
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    batch_size: int = 128  # regions per step
+    images_per_batch: int = 2
     fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou: list = field(default_factory=lambda: [0.0, 0.5])
+    dropout: float = 0.5
+    cls_lr_mult: float = 10.0
+    bias_lr_mult: float = 2.0
+    flip: bool = True
+    finetune_checkpoint_every: int = 1000
     fc_dim: int = 4096
-    svm_cost: float = 1.0
-    svm_negatives: int = 5000  # random negatives to start the hard-negative mining from
-    hard_rounds: int = 2
+    svm: dict = field(default_factory=lambda: {"C": 0.001, "bias_mult": 10.0, "pos_loss_weight": 2.0, "tol": 0.1, "max_iter": 1000,
+                                               "neg_iou": 0.3, "hard_thresh": -1.0001, "evict_thresh": -1.2, "retrain_limit": 2000,
+                                               "epochs": 1, "target_norm": 20.0, "norm_images": 200, "norm_boxes": 200,
+                                               "checkpoint_every": 500})
     nms_iou: float = 0.3
     max_per_image: int = 100
+    test_chunk: int = 100
     iou_threshold: float = 0.5
-    use_07_metric: bool = False  # VOC2012's all-point AP; true for VOC2007
+    use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
     adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5})
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"protocol.finetune={self.finetune!r}; choose from {FINETUNE_MODES}")
+        if self.regions not in REGION_MODES:
+            raise ValueError(f"protocol.regions={self.regions!r}; choose from {REGION_MODES}")
         if self.finetune == "iterative" and not self.adapt.get("corpus"):
             raise ValueError("finetune=iterative re-adapts on mined pairs: set protocol.adapt.corpus=<corpus dir>")
 
     def settings(self) -> dict:
         return {"name": "detection", **asdict(self)}
 
+    @property
+    def layer(self) -> str:
+        return "pool5" if self.finetune == "none" else "fc7"
+
+    # -------------------------------------------------------------- regions
+
+    def _region_outputs(self, model: DetectionNet, net: Network, image: np.ndarray, boxes: np.ndarray, device: str) -> Callable:
+        """A function of a chunk of box indices giving the model's outputs for those regions."""
+        if self.regions == "warp":
+            img = torch.from_numpy(image.transpose(2, 0, 1)).to(device)
+
+            def outputs(idx):
+                crops, mask = warp_regions(img, boxes[idx], net.input_size, int(self.warp["padding"]))
+                return model.warped(net.preprocess(crops) * mask)
+            return outputs
+        h, w = image.shape[:2]
+        scale = min(float(self.roi_pool["scale"]) / min(h, w), float(self.roi_pool["max_size"]) / max(h, w))
+        resized = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        x = net.preprocess(torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))[None].to(device))
+        sy, sx = resized.shape[0] / h, resized.shape[1] / w
+
+        def pooled(idx):
+            rois = torch.from_numpy(boxes[idx] * np.array([sx, sy, sx, sy], np.float32)).float().to(device)
+            return model.pooled(x, rois)
+        return pooled
+
+    @torch.no_grad()
+    def region_features(self, model: DetectionNet, net: Network, im: VOCImage, boxes: np.ndarray, device: str) -> np.ndarray:
+        """[R, D] float32 features (pool5 without fine-tuning, fc7 with) of `boxes` of one image, in batches."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if not len(boxes):
+            return np.zeros((0, model.fc7.out_features if self.layer == "fc7" else model.fc6.in_features), np.float32)
+        outputs = self._region_outputs(model, net, read_rgb(im.path), boxes, device)
+        step = int(self.warp["batch_size"])
+        return torch.cat([outputs(np.arange(i, min(i + step, len(boxes))))[self.layer].float().cpu()
+                          for i in range(0, len(boxes), step)]).numpy()
+
     # -------------------------------------------------------------- fine-tuning
 
+    @property
+    def rois_per_image(self) -> int:
+        return max(1, self.batch_size // self.images_per_batch)
+
     def _sample_rois(self, gt: np.ndarray, labels: np.ndarray, props: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        boxes = np.concatenate([gt, props])
+        """R-CNN's windows (window_data_layer: fg_threshold 0.5, bg below bg_threshold 0.5, fg_fraction
+        0.25): ground truth and proposals with IoU >= fg_iou are their object's class, those in
+        [bg_iou[0], bg_iou[1]) background."""
+        boxes = np.concatenate([gt, props]).astype(np.float32)
         if len(gt):
-            iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(gt)).numpy()
+            iou = box_overlap(boxes, gt)
             best, arg = iou.max(1), iou.argmax(1)
         else:
             best, arg = np.zeros(len(boxes)), np.zeros(len(boxes), int)
-        fg = np.nonzero(best >= 0.5)[0]
-        bg = np.nonzero((best < 0.5) & (best >= 0.1))[0]
-        if len(bg) == 0:
-            bg = np.nonzero(best < 0.5)[0]
-        n_fg = min(len(fg), int(self.rois_per_image * self.fg_fraction))
+        fg = np.nonzero(best >= self.fg_iou)[0]
+        bg = np.nonzero((best < self.bg_iou[1]) & (best >= self.bg_iou[0]))[0]
+        n_fg = min(len(fg), int(round(self.rois_per_image * self.fg_fraction)))
         fg = rng.choice(fg, n_fg, replace=False) if n_fg else fg[:0]
         bg = rng.choice(bg, min(len(bg), self.rois_per_image - n_fg), replace=False) if len(bg) else bg
         idx = np.concatenate([fg, bg]).astype(int)
         target = np.where(np.isin(idx, fg), labels[arg[idx]] + 1 if len(gt) else 0, 0)
         return boxes[idx], target
 
-    def _finetune(self, model: DetectionNet, net: Network, images, props, device: str) -> None:
+    def _param_groups(self, model: DetectionNet) -> list[dict]:
+        """R-CNN's pascal_finetune_train.prototxt: every layer blobs_lr 1 (weights) / 2 (biases), the new
+        fc8_pascal 10 / 20; weight decay 1 / 0."""
+        groups = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            mult = (self.cls_lr_mult if name.startswith("cls.") else 1.0) * (self.bias_lr_mult if name.endswith("bias") else 1.0)
+            groups.append({"params": [p], "lr": self.lr * mult, "weight_decay": 0.0 if name.endswith("bias") else self.weight_decay})
+        return groups
+
+    def _finetune(self, model: DetectionNet, net: Network, images, store: ProposalStore, device: str, ckpt: Path) -> None:
         rng = np.random.default_rng(self.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(self._param_groups(model), lr=self.lr, momentum=self.momentum)
         sched = torch.optim.lr_scheduler.StepLR(opt, self.lr_step, 0.1)
+        start = 0
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            rng.bit_generator.state = state["rng"]
+            torch.set_rng_state(state["torch_rng"])
+            start = int(state["step"])
+            log.info("fine-tuning resumes at step %d of %d from %s", start, self.iterations, ckpt)
         model.train()
-        for step in range(self.iterations):
+        for step in range(start, self.iterations):
             loss = 0.0
-            for i in rng.choice(len(images), 2, replace=len(images) < 2):
+            for i in rng.choice(len(images), self.images_per_batch, replace=len(images) < self.images_per_batch):
                 im = images[i]
-                x, scale = _image_tensor(im, net, self.image_size, device)
-                keep = ~im.difficult
-                rois, target = self._sample_rois(_gt0(im)[keep], im.labels[keep], props[i], rng)
-                if rng.random() < 0.5:  # horizontal flip of image and regions
-                    x = x.flip(-1)
-                    w = x.shape[-1] / scale
+                rois, target = self._sample_rois(_gt0(im), im.labels, store.boxes(im), rng)
+                image = read_rgb(im.path)
+                if self.flip and rng.random() < 0.5:  # horizontal flip of image and regions
+                    image = np.ascontiguousarray(image[:, ::-1])
+                    w = image.shape[1]
                     rois = np.stack([w - 1 - rois[:, 2], rois[:, 1], w - 1 - rois[:, 0], rois[:, 3]], 1)
-                out = model.regions(x, torch.from_numpy(rois * scale).float().to(device))
-                loss = loss + F.cross_entropy(out["logits"], torch.from_numpy(target).long().to(device)) / 2
+                out = self._region_outputs(model, net, image, rois, device)(np.arange(len(rois)))
+                loss = loss + F.cross_entropy(out["logits"], torch.from_numpy(target).long().to(device)) / self.images_per_batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if step % 100 == 0:
                 log.info("fine-tuning step %d/%d: loss %.4f", step, self.iterations, loss.item())
+            if (step + 1) % self.finetune_checkpoint_every == 0 and step + 1 < self.iterations:
+                _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step + 1}, ckpt)
         model.eval()
 
     def _adapt(self, trunk: nn.Module, net: Network, device: str) -> None:
@@ -206,16 +338,31 @@ class DetectionProtocol:
                     break
         trunk.eval()
 
-    def build_detector(self, net: Network, images, props, num_classes: int, device: str) -> DetectionNet:
+    def build_detector(self, net: Network, images, store: ProposalStore, num_classes: int, device: str, folder: Path) -> DetectionNet:
+        """The fine-tuned detection network, from `folder` when a previous run finished it; a killed
+        fine-tuning resumes from its last checkpoint there."""
         torch.manual_seed(self.seed)
-        model = DetectionNet(copy.deepcopy(net.trunk), num_classes, self.fc_dim, self.fc_dim).to(device)
+        keep_fc = net.name.startswith("imagenet:")  # R-CNN's baseline keeps ImageNet's fc6/fc7
+        make = lambda trunk: DetectionNet(trunk, num_classes, self.regions, net.input_size, self.fc_dim, self.fc_dim,  # noqa: E731
+                                          self.dropout, keep_fc).to(device)
+        model = make(copy.deepcopy(net.trunk))
         if self.finetune == "none":
+            return model.eval()
+        final = folder / "finetuned.pt"
+        if final.exists():
+            model.load_state_dict(torch.load(final, map_location=device, weights_only=True))
+            log.info("fine-tuned weights from %s", final)
             return model.eval()
         rounds = self.rounds if self.finetune == "iterative" else 1
         triplet = copy.deepcopy(net.trunk).to(device)
         for r in range(rounds):
-            log.info("fine-tuning round %d/%d", r + 1, rounds)
-            self._finetune(model, net, images, props, device)
+            done = folder / f"round{r}.pt"
+            if done.exists() and r + 1 < rounds:
+                model.load_state_dict(torch.load(done, map_location=device, weights_only=True))
+            else:
+                log.info("fine-tuning round %d/%d", r + 1, rounds)
+                self._finetune(model, net, images, store, device, folder / f"round{r}.ckpt")
+                _atomic_torch_save(model.state_dict(), done)
             if r + 1 < rounds:
                 conv = {k: v for k, v in model.trunk.state_dict().items() if k.startswith(("conv", "convs"))}
                 triplet.load_state_dict(conv, strict=False)
@@ -223,86 +370,131 @@ class DetectionProtocol:
                 conv = {k: v for k, v in triplet.state_dict().items() if k.startswith(("conv", "convs"))}
                 model.trunk.load_state_dict(conv, strict=False)
                 torch.manual_seed(self.seed + r + 1)
-                fresh = DetectionNet(model.trunk, num_classes, self.fc_dim, self.fc_dim).to(device)
-                model = fresh
+                model = make(model.trunk)
+        _atomic_torch_save(model.state_dict(), final)
+        for r in range(rounds):
+            (folder / f"round{r}.ckpt").unlink(missing_ok=True)
         return model.eval()
 
-    # -------------------------------------------------------------- region features, SVMs, test
+    # -------------------------------------------------------------- SVMs
 
-    @torch.no_grad()
-    def region_features(self, model: DetectionNet, net: Network, im: VOCImage, boxes: np.ndarray, device: str) -> np.ndarray:
-        layer = "pool5" if self.finetune == "none" else "fc7"
-        x, scale = _image_tensor(im, net, self.image_size, device)
-        feats = [model.regions(x, torch.from_numpy(boxes[i : i + 512] * scale).float().to(device))[layer]
-                 for i in range(0, len(boxes), 512)]
-        f = torch.cat(feats) if feats else torch.zeros(0, model.fc7.out_features if layer == "fc7" else 9216)
-        return F.normalize(f, dim=1).cpu().numpy()
+    def _svm_features(self, detectors, networks, device) -> Callable[[VOCImage, np.ndarray], np.ndarray]:
+        def feats(im: VOCImage, boxes: np.ndarray) -> np.ndarray:
+            return np.concatenate([self.region_features(m, n, im, boxes, device) for m, n in zip(detectors, networks)], 1)
+        return feats
+
+    def train_svms(self, feats: Callable[[VOCImage, np.ndarray], np.ndarray], train: Sequence[VOCImage], store: ProposalStore,
+                   num_classes: int, folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+        """(W [D, C], B [C], feature scale): rcnn_train.m's stages, each saved in `folder`."""
+        o = self.svm
+        done = folder / "svms.npz"
+        if done.exists():
+            with np.load(done) as z:
+                return z["W"], z["B"], float(z["scale"])
+        # 1. one global scale to mean norm target_norm (rcnn_feature_stats.m: 200 images x 200 boxes)
+        scale_file = folder / "scale.json"
+        if not scale_file.exists():
+            rng = np.random.default_rng(self.seed)
+            norms = []
+            for i in rng.permutation(len(train))[: int(o["norm_images"])]:
+                im = train[i]
+                boxes = np.concatenate([_gt0(im), store.boxes(im)]).astype(np.float32)
+                pick = rng.permutation(len(boxes))[: int(o["norm_boxes"])]
+                norms.append(np.linalg.norm(feats(im, boxes[pick]), axis=1))
+            norms = np.concatenate(norms)
+            save_scale(scale_file, feature_scale(norms, float(o["target_norm"])), float(norms.mean()))
+        scale = json.loads(scale_file.read_text())["scale"]
+        # 2. positives: every ground-truth box, difficult included (get_positive_pool5_features)
+        pos_file = folder / "positives.npz"
+        if not pos_file.exists():
+            per_class = [[] for _ in range(num_classes)]
+            for im in train:
+                f = feats(im, _gt0(im).astype(np.float32)) * scale
+                for c in range(num_classes):
+                    per_class[c].append(f[im.labels == c])
+            dim = next(x.shape[1] for chunks in per_class for x in chunks)
+            atomic_savez(pos_file, {f"c{c}": np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                                     for c, chunks in enumerate(per_class)})
+        with np.load(pos_file) as z:
+            positives = [z[f"c{c}"] for c in range(num_classes)]
+        # 3. the hard-negative mining pass(es), resumable at the last saved image
+        miner = HardNegativeMiner(positives, epochs=int(o["epochs"]), num_images=len(train), C=float(o["C"]),
+                                  bias_mult=float(o["bias_mult"]), pos_loss_weight=float(o["pos_loss_weight"]), tol=float(o["tol"]),
+                                  max_iter=int(o["max_iter"]), neg_iou=float(o["neg_iou"]), hard_thresh=float(o["hard_thresh"]),
+                                  evict_thresh=float(o["evict_thresh"]), retrain_limit=int(o["retrain_limit"]), seed=self.seed)
+        state = folder / "mining.npz"
+        if state.exists():
+            miner.load(state)
+            log.info("hard-negative mining resumes at image %d of %d x %d", miner.position, len(train), miner.epochs)
+        while not miner.done:
+            im = train[miner.position % len(train)]
+            boxes = np.concatenate([_gt0(im), store.boxes(im)]).astype(np.float32)
+            miner.add_image(miner.position % len(train), feats(im, boxes) * scale,
+                            class_overlap(boxes, _gt0(im), im.labels, num_classes))
+            if miner.position % int(o["checkpoint_every"]) == 0 and not miner.done:
+                miner.save(state)
+        W, B = miner.weights()
+        atomic_savez(done, {"W": W, "B": B, "scale": np.array(scale), "updates": miner.updates, "last_update": miner.last_update,
+                             "passes": np.array(miner.position / len(train)), "cache_sizes": np.array(miner.cache_sizes())})
+        state.unlink(missing_ok=True)
+        return W, B, scale
+
+    # -------------------------------------------------------------- test
+
+    def detect(self, scores: np.ndarray, boxes: np.ndarray, bias: np.ndarray) -> dict:
+        """Per class with a detector: the top max_per_image regions by score (rcnn_test.m), then NMS at
+        nms_iou (inclusive pixels, as nms.m)."""
+        out_boxes, out_scores, out_labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+        for c in range(scores.shape[1]):
+            if not np.isfinite(bias[c]):
+                continue
+            top = np.argsort(-scores[:, c], kind="stable")[: self.max_per_image]
+            keep = top[nms_inclusive(boxes[top], scores[top, c], self.nms_iou)]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep, c].astype(np.float32))
+            out_labels.append(np.full(len(keep), c, np.int64))
+        return {"boxes": np.concatenate(out_boxes), "scores": np.concatenate(out_scores), "labels": np.concatenate(out_labels)}
+
+    def test_detections(self, feats, test: Sequence[VOCImage], store: ProposalStore, W: np.ndarray, B: np.ndarray,
+                        scale: float, folder: Path) -> list[dict]:
+        """Detections per test image (boxes 1-based inclusive, as the devkit's), saved per chunk of
+        `test_chunk` images so a killed test resumes at the last finished chunk."""
+        preds = []
+        for start in range(0, len(test), self.test_chunk):
+            chunk = folder / f"chunk{start:07d}.npz"
+            if not chunk.exists():
+                arrays = {}
+                for k, im in enumerate(test[start : start + self.test_chunk]):
+                    boxes = store.boxes(im)
+                    det = self.detect(feats(im, boxes) * scale @ W + B, boxes, B)
+                    arrays.update({f"{k}_{name}": v for name, v in det.items()})
+                atomic_savez(chunk, arrays)
+            with np.load(chunk) as z:
+                for k in range(len(test[start : start + self.test_chunk])):
+                    preds.append({"boxes": torch.from_numpy(z[f"{k}_boxes"] + 1.0).float(),
+                                  "scores": torch.from_numpy(z[f"{k}_scores"]).float(),
+                                  "labels": torch.from_numpy(z[f"{k}_labels"]).long()})
+        return preds
 
     def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
             classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
-        folder = cache_dir / "proposals" / data_key
-        train_props = cached_proposals(train, folder, self.proposals)
-        test_props = cached_proposals(test, folder, self.proposals)
-        detectors = [self.build_detector(net, train, train_props, len(classes), device) for net in networks]
-
-        def feats(im, boxes):
-            return np.concatenate([self.region_features(m, n, im, boxes, device) for m, n in zip(detectors, networks)], 1)
-
-        # training regions: ground truth (positives) and proposals (negatives where IoU < 0.3)
-        pos = {c: [] for c in range(len(classes))}
-        neg_feats, neg_iou = [], []
-        for im, props in zip(train, train_props):
-            gt = _gt0(im)
-            f = feats(im, np.concatenate([gt, props]).astype(np.float32))
-            for g in range(len(gt)):
-                if not im.difficult[g]:
-                    pos[int(im.labels[g])].append(f[g])
-            iou = np.zeros((len(props), len(classes)), np.float32)
-            if len(gt):
-                ious = box_iou(torch.from_numpy(props), torch.from_numpy(gt)).numpy()
-                for c in range(len(classes)):
-                    if (im.labels == c).any():
-                        iou[:, c] = ious[:, im.labels == c].max(1)
-            neg_feats.append(f[len(gt):])
-            neg_iou.append(iou)
-        neg_feats, neg_iou = np.concatenate(neg_feats), np.concatenate(neg_iou)
-        rng = np.random.default_rng(self.seed)
-        weights = np.zeros((neg_feats.shape[1], len(classes)), np.float32)
-        bias = np.full(len(classes), -np.inf, np.float32)
-        for c in range(len(classes)):
-            if not pos[c]:
-                continue
-            negatives = np.nonzero(neg_iou[:, c] < 0.3)[0]
-            active = rng.choice(negatives, min(len(negatives), self.svm_negatives), replace=False)
-            for _ in range(self.hard_rounds):
-                x = np.concatenate([np.stack(pos[c]), neg_feats[active]])
-                y = np.concatenate([np.ones(len(pos[c])), -np.ones(len(active))])
-                w, b = fit_svm(x, y, self.svm_cost, self.seed)
-                hard = negatives[neg_feats[negatives] @ w + b > -1.0]
-                grown = np.union1d(active, hard)
-                if len(grown) == len(active):
-                    break
-                active = grown
-            weights[:, c], bias[c] = w, b
-        preds, targets = [], []
-        for im, props in zip(test, test_props):
-            scores = feats(im, props) @ weights + bias
-            boxes, s_all, labels = [], [], []
-            for c in range(len(classes)):
-                if not np.isfinite(bias[c]):
-                    continue
-                keep = nms(torch.from_numpy(props), torch.from_numpy(scores[:, c]), self.nms_iou).numpy()
-                boxes.append(props[keep])
-                s_all.append(scores[keep, c])
-                labels.append(np.full(len(keep), c))
-            boxes, s_all, labels = (np.concatenate(v) if v else np.zeros((0, 4) if i == 0 else 0) for i, v in enumerate((boxes, s_all, labels)))
-            top = np.argsort(-s_all, kind="stable")[: self.max_per_image]
-            preds.append({"boxes": torch.from_numpy(boxes[top] + 1.0).float(), "scores": torch.from_numpy(s_all[top]).float(),
-                          "labels": torch.from_numpy(labels[top]).long()})
-            targets.append(im.target())
+        store = ProposalStore(cache_dir, data_key, self.proposals)
+        store.ensure(list(train) + list(test))
+        s = self.settings()
+        finetune_settings = {k: s[k] for k in ("finetune", "rounds", "regions", "warp", "roi_pool", "iterations", "lr", "lr_step",
+                                                "momentum", "weight_decay", "batch_size", "images_per_batch", "fg_fraction", "fg_iou",
+                                                "bg_iou", "dropout", "cls_lr_mult", "bias_lr_mult", "flip", "fc_dim", "adapt", "seed")}
+        ft_keys = [_key(n.key, data_key, store.folder.name, finetune_settings) for n in networks]
+        detectors = [self.build_detector(n, train, store, len(classes), device, cache_dir / "detection" / k)
+                     for n, k in zip(networks, ft_keys)]
+        feats = self._svm_features(detectors, networks, device)
+        svm_key = _key(ft_keys, self.svm)
+        W, B, scale = self.train_svms(feats, train, store, len(classes), cache_dir / "detection" / "svm" / svm_key)
+        test_key = _key(svm_key, self.max_per_image, self.nms_iou, self.test_chunk)
+        preds = self.test_detections(feats, test, store, W, B, scale, cache_dir / "detection" / "test" / test_key)
+        targets = [im.target() for im in test]
         # The curves once, for the AP (voc_detection_ap's computation) and for results.json.
         curves = voc_detection_pr(preds, targets, iou_threshold=self.iou_threshold, num_classes=len(classes))
-        ap = ap_of_curves(curves, self.use_07_metric)
+        ap = ap_of_curves(curves, bool(self.use_07_metric))
         per_class = [{"class": name, "ap": a, "pr": thin_curve(curve)} for name, a, curve in zip(classes, ap["ap"], curves)]
-        layer = "pool5" if self.finetune == "none" else "fc7"
-        return {"layers": {layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}}, "best_layer": layer, "map": ap["map"]}
+        return {"layers": {self.layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}}, "best_layer": self.layer, "map": ap["map"]}

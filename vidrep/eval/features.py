@@ -114,6 +114,20 @@ def load_network(spec: str, *, input_size: int = 227, seed: int = 0) -> Network:
     return load_checkpoint_trunk(spec)
 
 
+# Goyal et al.'s AlexNet VOC07 benchmark (facebookresearch/fair_self_supervision_benchmark,
+# configs/benchmark_tasks/image_classification/voc07/*_extract_features.yaml: conv1_s4k19_resize,
+# conv2_s3k12_resize, conv3_s1k9_resize, conv4_s1k9_resize, conv5_s1k8_resize): average pooling with
+# these (kernel, stride) per layer, 9,216-9,600 values at 227 input.
+GOYAL_POOLING = {"conv1": (19, 4), "conv2": (12, 3), "conv3": (9, 1), "conv4": (9, 1), "conv5": (8, 1)}
+
+
+def fixed_pool(x: Tensor, kernel: int, stride: int) -> Tensor:
+    """[N, C, H, W] average-pooled with a fixed kernel and stride, flattened; the kernel shrinks to
+    the map when the input is smaller than the benchmark's 227 (e.g. the tests' 67)."""
+    k = min(kernel, x.shape[-1], x.shape[-2])
+    return torch.flatten(F.avg_pool2d(x, k, stride), 1)
+
+
 def pool_to_dims(x: Tensor, target: int = TARGET_DIMS) -> Tensor:
     """[N, C, H, W] -> [N, C * s * s] with s chosen so C*s*s is about `target` (at most H)."""
     side = max(1, min(x.shape[-1], round(math.sqrt(target / x.shape[1]))))
@@ -131,8 +145,9 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 @torch.no_grad()
 def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str], batch_size: int = 64,
-                     device: str = "cpu") -> dict[str, np.ndarray]:
-    """{layer: float32 [N, D]} L2-normalised features of whole images."""
+                     device: str = "cpu", pooling: str = "adaptive") -> dict[str, np.ndarray]:
+    """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with
+    GOYAL_POOLING (pooling="goyal") or adaptively to ~9K values (pooling="adaptive")."""
     unknown = set(layers) - set(FEATURE_LAYERS)
     if unknown:
         raise ValueError(f"unknown layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
@@ -143,6 +158,7 @@ def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str]
         feats = trunk.forward_features(net.preprocess(batch.to(device)), layers)
         for name in layers:
             f = feats[name]
-            f = pool_to_dims(f) if f.dim() == 4 else f
+            if f.dim() == 4:
+                f = fixed_pool(f, *GOYAL_POOLING[name]) if pooling == "goyal" and name in GOYAL_POOLING else pool_to_dims(f)
             out[name].append(F.normalize(f, dim=1).cpu().numpy().astype(np.float32))
     return {name: np.concatenate(chunks) for name, chunks in out.items()}

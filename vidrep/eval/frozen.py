@@ -24,13 +24,13 @@ def _key(*parts) -> str:
 
 
 def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[str], cache_dir: Path,
-                    split_key: str, batch_size: int, device: str) -> dict[str, np.ndarray]:
-    """Features per layer, stored as .npy per (network, split, layer) and reused by later runs."""
-    folder = cache_dir / "features" / net.key / split_key
+                    split_key: str, batch_size: int, device: str, pooling: str = "adaptive") -> dict[str, np.ndarray]:
+    """Features per layer, stored as .npy per (network, split, pooling, layer) and reused by later runs."""
+    folder = cache_dir / "features" / net.key / split_key / pooling
     missing = [name for name in layers if not (folder / f"{name}.npy").exists()]
     if missing:
         log.info("extracting %s features of %d images for %s", ",".join(missing), len(images), net.name)
-        feats = extract_features(net, [im.path for im in images], missing, batch_size, device)
+        feats = extract_features(net, [im.path for im in images], missing, batch_size, device, pooling)
         for name, f in feats.items():
             write_array(folder / f"{name}.npy", f)
     return {name: np.load(folder / f"{name}.npy") for name in layers}
@@ -38,14 +38,19 @@ def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[s
 
 @dataclass
 class SvmProtocol:
-    """Goyal et al.'s VOC07 benchmark settings by default: 3-fold CV over `costs`, 11-point AP."""
+    """Goyal et al.'s VOC07 benchmark by default (conf/protocol/svm.yaml cites the files): AlexNet's
+    conv1-conv5 with their fixed pooling, their cost list, 3-fold CV scored by sklearn's AP, the
+    test AP of their calculate_ap (all points). Deviations are the named options."""
 
-    layers: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7"])
-    costs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])
+    layers: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
+    costs: list[float] = field(default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0]
+                               + [0.5 ** k for k in range(4, 20)])
     folds: int = 3
     seed: int = 0
-    use_07_metric: bool = True
+    use_07_metric: bool = False
     batch_size: int = 64
+    pooling: str = "goyal"  # goyal | adaptive (conv maps adaptively pooled to ~9K values)
+    cv_scoring: str = "goyal"  # goyal | voc
 
     def settings(self) -> dict:
         return {"name": "svm", **asdict(self)}
@@ -53,7 +58,8 @@ class SvmProtocol:
     def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
             classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
         """{"layers": {layer: {"ap": [...], "map": float, "classes": [per-class dicts]}}, "best_layer"}."""
-        feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device)
+        feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device,
+                                         self.pooling)
                          for net in networks]
                  for split, images in (("train", train), ("test", test))}
         labels = {split: np.stack([im.class_labels(len(classes)) for im in images])
@@ -63,7 +69,7 @@ class SvmProtocol:
             x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
             stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
             per_class = svm_class_results(x["train"], labels["train"], x["test"], labels["test"], classes, self.costs,
-                                          self.folds, self.seed, self.use_07_metric, stage)
+                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring)
             ap = [r["ap"] for r in per_class]
             valid = [a for a in ap if not np.isnan(a)]
             out[layer] = {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "classes": per_class}

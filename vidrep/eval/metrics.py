@@ -2,8 +2,8 @@
 
 Detection (VOCevaldet / voc_eval.py): detections of a class over all images, highest score first;
 each matches the ground truth of its image and class with the highest IoU (inclusive pixel
-coordinates: width = x2 - x1 + 1); IoU > threshold makes it a true positive if that object is not
-yet taken, a false positive if it is (a duplicate); a match to a difficult object counts as
+coordinates: width = x2 - x1 + 1); IoU >= threshold (VOCevaldet.m: `ovmax >= VOCopts.minoverlap`,
+so an IoU equal to the threshold matches) makes it a true positive if that object is not yet taken, a false positive if it is (a duplicate); a match to a difficult object counts as
 neither. Recall is over the non-difficult objects. AP is the area under the interpolated
 precision envelope (all points), or VOC2007's 11-point average.
 
@@ -80,7 +80,7 @@ def _class_pr(preds, targets, c: int, iou_threshold: float) -> tuple[np.ndarray,
             continue
         iou = _iou_inclusive(box[k], boxes)
         j = int(np.argmax(iou))
-        if iou[j] > iou_threshold:
+        if iou[j] >= iou_threshold:
             if difficult[j]:
                 continue
             if not taken[image[k]][j]:

@@ -14,6 +14,7 @@ from vidrep.data.synthetic_voc import is_synthetic
 from vidrep.data.voc import read_voc
 from vidrep.eval.features import load_network
 from vidrep.eval.report import default_row, per_class_table, write_results
+from vidrep.eval.splits import check_disjoint, resolve_splits, use_07_metric_for
 from vidrep.viz.canvas import PictureSink
 from vidrep.viz.evaluation import evaluation_pictures
 
@@ -93,12 +94,17 @@ def evaluate(cfg: DictConfig) -> dict:
 
         return run_retrieval(cfg, checkpoints, device, lambda c: load_network(c, input_size=cfg.input_size, seed=cfg.seed))
     classes = tuple(cfg.voc.classes)
-    train = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.train_split, classes)
-    test = read_voc(cfg.voc.root, cfg.voc.year, cfg.voc.test_split, classes)
+    train_split, test_split = resolve_splits(cfg.voc.year, cfg.voc.train_split, cfg.voc.test_split)
+    train = read_voc(cfg.voc.root, cfg.voc.year, train_split, classes)
+    test = read_voc(cfg.voc.root, cfg.voc.year, test_split, classes)
+    check_disjoint([im.id for im in train], [im.id for im in test], train_split, test_split, cfg.voc.year)
     networks = [load_network(c, input_size=cfg.input_size, seed=cfg.seed) for c in checkpoints]
-    protocol = hydra.utils.instantiate(cfg.protocol)
+    # use_07_metric: null follows the year, as the devkit does
+    ap_variant = {"use_07_metric": use_07_metric_for(cfg.voc.year, None)} if cfg.protocol.get("use_07_metric", False) is None else {}
+    protocol = hydra.utils.instantiate(cfg.protocol, **ap_variant)
     start = time.perf_counter()
-    data_key = _data_key(cfg.voc.root, cfg.voc.year, classes)
+    # the split names too: the protocols cache per role (train, test), and the roles' images change with them
+    data_key = f"{_data_key(cfg.voc.root, cfg.voc.year, classes)}-{train_split}-{test_split}"
     outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device)
     run_dir = Path(cfg.run_dir)
     row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
@@ -108,8 +114,9 @@ def evaluate(cfg: DictConfig) -> dict:
         "protocol": protocol.settings(),
         "checkpoints": [n.name for n in networks],
         "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year, **_data_name(cfg.voc),
-                 "train_split": cfg.voc.train_split, "test_split": cfg.voc.test_split, "classes": list(classes),
+                 "train_split": train_split, "test_split": test_split, "classes": list(classes),
                  "num_train_images": len(train), "num_test_images": len(test)},
+        "splits": {"train": {"name": train_split, "images": len(train)}, "test": {"name": test_split, "images": len(test)}},
         "seed": cfg.seed,
         "input_size": cfg.input_size,
         "seconds": time.perf_counter() - start,

@@ -1,8 +1,12 @@
 """Per-class linear SVMs on frozen features, as restartable stages (the VOC07 SVM benchmark).
 
-For each class: a linear SVM (squared hinge, L2, positives weighted 2) per cost of the cost list,
-scored by k-fold cross-validated AP on trainval; the best cost is refit on all of trainval and
-tested. Difficult-only images are negatives in training and ignored at test. Every (class, cost)
+For each class: a linear SVM (squared hinge, L2, positives weighted 2, tol 1e-4, max_iter 2000:
+fair_self_supervision_benchmark tools/svm/train_svm_kfold.py) per cost of the cost list, scored by
+k-fold cross-validated AP on trainval (theirs: sklearn's cross_val_score(cv=3,
+scoring='average_precision'), i.e. unshuffled stratified folds and sklearn's uninterpolated AP with
+difficult-only images as negatives; `cv_scoring="voc"` is our former variant: shuffled folds, the
+devkit's AP ignoring difficult-only images); the best cost (the first on ties, np.argmax) is refit
+on all of trainval and tested. Difficult-only images are negatives in training and ignored at test. Every (class, cost)
 cross-validation and every final per-class result is a small JSON file written atomically, so an
 interrupted evaluation resumes where it stopped.
 """
@@ -24,7 +28,7 @@ def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0) -> tuple[n
     from sklearn.svm import LinearSVC
 
     svm = LinearSVC(C=cost, loss="squared_hinge", penalty="l2", class_weight={1: 2.0, -1: 1.0},
-                    dual=True, max_iter=5000, tol=1e-4, random_state=seed)
+                    dual=True, max_iter=2000, tol=1e-4, random_state=seed)
     svm.fit(x, y)
     return svm.coef_.reshape(-1).astype(np.float32), float(svm.intercept_[0])
 
@@ -33,22 +37,39 @@ def folds_of(n: int, k: int, seed: int) -> list[np.ndarray]:
     return np.array_split(np.random.default_rng(seed).permutation(n), k)
 
 
-def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: int, seed: int, use_07_metric: bool) -> float:
+def cv_folds(y: np.ndarray, folds: int, seed: int, scoring: str) -> list[np.ndarray]:
+    """Held-out indices per fold: sklearn's StratifiedKFold without shuffling (what cross_val_score
+    uses for a classifier: Goyal et al.) or a seeded random split (scoring="voc")."""
+    if scoring == "goyal":
+        from sklearn.model_selection import StratifiedKFold
+
+        return [held for _, held in StratifiedKFold(n_splits=folds).split(np.zeros(len(y)), y)]
+    return folds_of(len(y), folds, seed)
+
+
+def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: int, seed: int, use_07_metric: bool,
+                       scoring: str = "goyal") -> float:
+    from sklearn.metrics import average_precision_score
+
     aps = []
     y = np.where(labels > 0, 1, -1)
-    for held in folds_of(len(x), folds, seed):
+    for held in cv_folds(y, folds, seed, scoring):
         train = np.setdiff1d(np.arange(len(x)), held)
         if (y[train] > 0).sum() == 0 or (y[train] < 0).sum() == 0:
             continue
         w, b = fit_svm(x[train], y[train], cost, seed)
-        aps.append(voc_classification_ap(x[held] @ w + b, labels[held], use_07_metric))
+        scores = x[held] @ w + b
+        if scoring == "goyal":
+            aps.append(float(average_precision_score(y[held], scores)) if (y[held] > 0).any() else float("nan"))
+        else:
+            aps.append(voc_classification_ap(scores, labels[held], use_07_metric))
     aps = [a for a in aps if not np.isnan(a)]
     return float(np.mean(aps)) if aps else float("nan")
 
 
 def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
                       classes: Sequence[str], costs: Sequence[float], folds: int, seed: int, use_07_metric: bool,
-                      cache_dir: Path) -> list[dict]:
+                      cache_dir: Path, cv_scoring: str = "goyal") -> list[dict]:
     """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
     labels are [N, C] in {1, 0, -1}."""
     results = []
@@ -66,7 +87,7 @@ def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.
                 if step.exists():
                     cv[f"{cost:g}"] = json.loads(step.read_text())["cv_ap"]
                     continue
-                ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric)
+                ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring)
                 write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
                 cv[f"{cost:g}"] = ap
             best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])

@@ -11,9 +11,13 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vidrep.training import plan
-from vidrep.training.checkpoints import HashedCheckpointIO, LastCheckpoint, prepare_run_dir
 from vidrep.data.corpus import write_bytes
+from vidrep.training import plan
+from vidrep.training.checkpoints import (
+    HashedCheckpointIO,
+    LastCheckpoint,
+    prepare_run_dir,
+)
 from vidrep.training.loggers import finish_wandb
 from vidrep.training.validate import validate_settings
 
