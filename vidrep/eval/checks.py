@@ -6,12 +6,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from vidrep.eval.retrieval import BASELINES
 from vidrep.preflight import PreflightError, is_missing, require_path
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
 CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
-              "network), ckpt=imagenet:<torchvision AlexNet weights file>, or ckpt='[a,b,c]' (an ensemble)")
-KEYWORDS = ("random",)
+              "network), ckpt=imagenet:<torchvision AlexNet weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval "
+              "also takes ckpt=colour_histogram or ckpt=pixels")
+KEYWORDS = ("random", *BASELINES)
 
 
 def checkpoint_files(ckpt) -> list[str]:
@@ -27,6 +29,12 @@ def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
         for path in checkpoint_files(cfg.ckpt):
             if not path or not Path(path).expanduser().exists():
                 raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
+    if cfg.protocol.get("name") == "retrieval":
+        if is_missing(cfg, "retrieval.corpus"):
+            raise PreflightError("retrieval.corpus is not set: retrieval.corpus=<a mine.py corpus>")
+        require_path(cfg, "retrieval.corpus", "give a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept)
+        require_path(cfg, "retrieval.videos", "give a text file with one video per line, or leave it unset for all", swept)
+        return
     if is_missing(cfg, "voc.root"):
         raise PreflightError("voc.root is not set: voc.root=<the VOCdevkit folder holding VOC2007/ or VOC2012/>, or a "
                              "synthetic VOC-format set written by `python -m vidrep.data.synthetic_voc <folder>`")

@@ -7,6 +7,7 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from vidrep.preflight import PreflightError, is_missing, require_path
+from vidrep.training.validate import settings_errors
 
 
 def check_train(cfg: DictConfig, swept: set[str]) -> None:
@@ -15,6 +16,9 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
                              "(made by `python mine.py videos=<videos> out=<corpus>`)")
     if cfg.data.get("demo") is None:  # the demo builds its corpus on first use
         require_path(cfg, "data.root", "point it at a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept)
+    errors = settings_errors(cfg)
+    if errors:
+        raise PreflightError("settings that cannot train:\n  " + "\n  ".join(errors))
     require_path(cfg, "resume", "give the run directory of an earlier train.py run (outputs/train/<run>)", swept)
     require_path(cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept)
     _note_cpu_ddp(cfg)
