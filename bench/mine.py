@@ -305,7 +305,7 @@ def main() -> None:
         print(markdown_table(["measure", "value", "notes"], rows))
         total = sum(seconds.values())
         print()
-        print(markdown_table(["stage", "share of time", "ms per frame"],
+        print(markdown_table(["stage", "share of CPU time", "CPU ms per frame"],
                              [[s, f"{100 * seconds[s] / total:.0f} %", f"{1000 * seconds[s] / frames:.2f}"] for s in STAGES]))
         print()
         print(markdown_table(["counter", "value"], [[k, f"{v:,}"] for k, v in stats.items()]))
