@@ -389,10 +389,16 @@ def main() -> None:
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()),
     ])
     print("\n" + text)
-    (out / "learning_check.md").write_text(text + "\n")
+    import io
+
     import torch
 
-    torch.save({"trained": trained.state_dict(), "initial": initial.state_dict()}, out / "trunks.pt")
+    from vidrep.data.corpus import write_bytes
+
+    write_bytes(out / "learning_check.md", (text + "\n").encode())
+    buffer = io.BytesIO()
+    torch.save({"trained": trained.state_dict(), "initial": initial.state_dict()}, buffer)
+    write_bytes(out / "trunks.pt", buffer.getvalue())
     print(f"\nwritten: {out / 'learning_check.md'}")
 
 
