@@ -1,4 +1,5 @@
-"""Evaluate checkpoints on PASCAL VOC: python evaluate.py ckpt=<last.ckpt> voc.root=<VOCdevkit> [protocol=...]."""
+"""Evaluate checkpoints on PASCAL VOC: python evaluate.py ckpt=<last.ckpt> voc.root=<VOCdevkit> [protocol=...],
+or by retrieval on held-out videos: python evaluate.py protocol=retrieval ckpt=<last.ckpt> retrieval.corpus=<corpus>."""
 
 import hydra
 from omegaconf import DictConfig

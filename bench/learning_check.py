@@ -233,7 +233,10 @@ def train(cfg):
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     initial = copy.deepcopy(model.net.trunk)
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=cfg.paths.output_dir, name="", version="")  # <out>/metrics.csv: follow the steps there
+    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=[], enable_checkpointing=False,
                                       enable_progress_bar=False, max_epochs=-1)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
@@ -369,10 +372,10 @@ def main() -> None:
         f"# Learning check ({args.config}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"Footage: {', '.join(used)}" + (f"; missing (skipped): {', '.join(missing)}" if missing else ""),
-        f"Mining: the paper's settings except {DENSE} (paper/conf/mine.yaml: candidate_every=5): real footage is scarce.",
+        f"Mining: the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5): real footage is scarce.",
         f"Videos prepared: {sum(1 for p in (args.work / 'videos').iterdir() if not p.name.startswith('.'))}"
-        + (" (--no-mine: only those mined so far are used)" if args.no_mine else "") + "; those that gave pairs:",
-        f"Videos: {train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out ({len(datamodule.val_set)} pairs).",
+        + (" (--no-mine: those mined so far are used)" if args.no_mine else "") + f"; {train_videos + val_videos} gave pairs: "
+        f"{train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out ({len(datamodule.val_set)} pairs).",
         f"Training: {int(cfg.trainer.max_steps)} steps of {cfg.data.batch_size} pairs at {cfg.model.input_size} input; overrides: {' '.join(overrides)}",
         "",
         "Held-out retrieval: each held-out pair's tracked patch among its own and the tracked patches of the other held-out videos:",
@@ -386,10 +389,16 @@ def main() -> None:
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()),
     ])
     print("\n" + text)
-    (out / "learning_check.md").write_text(text + "\n")
+    import io
+
     import torch
 
-    torch.save({"trained": trained.state_dict(), "initial": initial.state_dict()}, out / "trunks.pt")
+    from vidrep.data.corpus import write_bytes
+
+    write_bytes(out / "learning_check.md", (text + "\n").encode())
+    buffer = io.BytesIO()
+    torch.save({"trained": trained.state_dict(), "initial": initial.state_dict()}, buffer)
+    write_bytes(out / "trunks.pt", buffer.getvalue())
     print(f"\nwritten: {out / 'learning_check.md'}")
 
 

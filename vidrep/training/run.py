@@ -46,7 +46,7 @@ def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers, datamodule) -> di
     """The demo's last word: on videos training never saw, does the trained network find a patch's
     tracked patch among other videos' patches better than its own initialisation and trivial cues?"""
     from vidrep.eval.demo import format_weight_change, held_out_retrieval, weight_change
-    from vidrep.eval.retrieval import retrieval_table
+    from vidrep.eval.retrieval import METRIC_KEYS, retrieval_table
 
     val = datamodule.val_set
     if len(set(val.video_ids().tolist())) < 2:
@@ -63,6 +63,9 @@ def _demo_eval(cfg: DictConfig, model, initial_trunk, loggers, datamodule) -> di
            for name, r in report.items() for k in ("recall_at_1", "recall_at_5", "median_rank")}
     for lg in loggers:
         lg.log_metrics(out)
+        if hasattr(lg, "log_table"):  # W&B: the table itself, beside the scalars
+            lg.log_table(key="demo_eval/retrieval", columns=["features", *METRIC_KEYS],
+                         data=[[name, *(r[k] for k in METRIC_KEYS)] for name, r in report.items()])
         lg.save()
     return out
 
