@@ -19,7 +19,7 @@ GROUPS = {
     "trainer": ["default", "cpu", "gpu", "ddp"],
     "logger": ["wandb", "csv", "none"],
     "callbacks": ["default"],
-    "experiment": ["paper_1.5M", "paper_5M", "paper_8M", "code_faithful"],
+    "experiment": ["paper_1.5M", "paper_5M", "paper_8M", "code_faithful", "cpu"],
 }
 
 
@@ -228,3 +228,12 @@ def test_linear_scaling_warms_up_then_drops_the_lr(tmp_path):
     factor = scheduler.lr_lambdas[0]
     assert factor(0) == pytest.approx(0.25) and factor(2_500) == pytest.approx(0.625) and factor(5_000) == 1.0
     assert factor(24_999) == 1.0 and factor(25_000) == pytest.approx(0.1) and factor(75_000) == pytest.approx(0.001)
+
+
+def test_experiment_cpu_is_the_demos_scale_for_any_corpus(tmp_path):
+    demo = compose_train([], tmp_path)
+    cpu = compose_train(["experiment=cpu", "data=corpus", f"data.root={tmp_path}"], tmp_path)
+    for key in ("model.input_size", "model.net.trunk.fc6_dim", "model.net.trunk.fc7_dim", "model.net.trunk.init",
+                "model.net.trunk.bias_one", "model.optimizer.lr", "data.batch_size", "trainer.max_epochs"):
+        assert OmegaConf.select(cpu, key) == OmegaConf.select(demo, key), key
+    assert cpu.model.input_size == 99 and cpu.data.root == str(tmp_path)
