@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from hydra.experimental.callback import Callback
+
 
 class SettingsError(ValueError):
     """One or more settings that cannot train; each line names the key and a valid value."""
@@ -106,9 +108,10 @@ def validate_settings(cfg: Mapping) -> None:
         raise SettingsError("settings that cannot train (nothing was started):\n  " + "\n  ".join(errors))
 
 
-class ValidateSettings:
-    """A Hydra callback (hydra.callbacks in conf/train.yaml): the settings checked before Hydra
-    makes the run directory of a single run."""
+class ValidateSettings(Callback):
+    """A Hydra callback (hydra.callbacks in conf/train.yaml): the settings of a single run checked
+    before Hydra makes its run directory. (A multirun's jobs are checked in the task: their
+    settings are known only when each starts.)"""
 
     def on_run_start(self, config, **kwargs) -> None:
         errors = settings_errors(config)
@@ -116,18 +119,3 @@ class ValidateSettings:
             # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and
             # goes on to make the run directory and start the task.
             raise SystemExit("train.py: settings that cannot train (nothing was started):\n  " + "\n  ".join(errors))
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        pass  # each job's settings are known only when it starts: checked in the task
-
-    def on_job_start(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        pass
-
-    def on_run_end(self, config, **kwargs) -> None:
-        pass
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        pass
