@@ -260,7 +260,7 @@ def test_a_corpus_without_checksums_still_reads(tmp_path):
     path = tmp_path / "manifest" / "a.parquet"
     pq.write_table(pq.read_table(path).drop_columns(["query_crc32", "tracked_crc32"]), path)  # as mined before
     index = PairIndex(tmp_path)
-    assert list(index.query_crc) == [-1]
+    assert list(index.has_crc) == [False]
     with pytest.raises(CorpusError, match="start or end marker"):  # not JPEGs: the marker check still runs
         index.read_pair(0)
 
@@ -287,7 +287,7 @@ def test_training_reads_strictly_or_skips_and_counts(tiny_corpus, tmp_path):
         f.seek(int(index.tracked_offset[row]))
         f.write(b"\x00" * 64)
     index = PairIndex(root)
-    index.query_crc = index.tracked_crc = np.full(len(index), -1)
+    index.has_crc = np.zeros(len(index), bool)
     with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard"):
         PairDataset(index, np.array([row]), PatchTransform(67, 0.0))[0]
 

@@ -118,9 +118,11 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_corpus, gather):
 def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_corpus):
     env = {"HOME": str(tmp_path / "home"), "WANDB_MODE": ""}
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"data.root={tiny_corpus}", "~data.demo",
-                          "logger=wandb", "trainer.max_steps=2", "model.optimizer.lr=-1,0.001,0.002", f"hydra.sweep.dir={tmp_path}/sweep"],
+                          "logger=wandb", "trainer.max_steps=2", "model.optimizer.momentum=-1,0.9,0.8", f"hydra.sweep.dir={tmp_path}/sweep"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
-    assert out.returncode != 0 and "Invalid learning rate" in out.stderr  # the failed job is reported
+    # (a negative momentum fails in the optimiser, after W&B started; settings refused before anything starts are in
+    # test_settings_that_train_to_nothing_stop_before_anything_starts)
+    assert out.returncode != 0 and "Invalid momentum value" in out.stderr  # the failed job is reported
     sweep = tmp_path / "sweep"
     runs = {job: list((sweep / job / "wandb").glob("offline-run-*")) for job in ("0", "1", "2")}
     assert all(len(r) == 1 for r in runs.values())
@@ -276,6 +278,13 @@ def test_settings_that_train_to_nothing_stop_before_anything_starts(tmp_path, ti
     with pytest.raises(SettingsError, match=key.replace(".", r"\.") + r"=.*use " + key.replace(".", r"\.")):
         train(tiny_cfg(tmp_path, tiny_corpus, override))
     assert not list(tmp_path.iterdir()), "nothing written: no checkpoints, logs or W&B run"
+
+
+def test_train_cli_refuses_bad_settings_before_making_the_run_dir(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.loss.num_negatives=1000", f"hydra.run.dir={tmp_path}/run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 1 and "model.loss.num_negatives=1000" in out.stderr and "at most 62" in out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_every_shipped_option_passes_the_settings_check(tmp_path):

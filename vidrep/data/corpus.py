@@ -405,9 +405,10 @@ class PairIndex:
         self.query_frame = col("query_frame")
         self.query_offset, self.query_size = col("query_offset"), col("query_size")
         self.tracked_offset, self.tracked_size = col("tracked_offset"), col("tracked_size")
-        # -1: no checksum (a shard mined before checksums existed)
-        self.query_crc = table.column("query_crc32").fill_null(-1).to_numpy()
-        self.tracked_crc = table.column("tracked_crc32").fill_null(-1).to_numpy()
+        # uint32 (8 bytes a pair, not 16); has_crc False where a shard was mined before checksums existed
+        self.has_crc = ~table.column("query_crc32").is_null().to_numpy(zero_copy_only=False)
+        self.query_crc = table.column("query_crc32").fill_null(0).to_numpy().astype(np.uint32)
+        self.tracked_crc = table.column("tracked_crc32").fill_null(0).to_numpy().astype(np.uint32)
         self.reader = ShardReader(self.root / "shards")
 
     def __len__(self) -> int:
@@ -428,9 +429,10 @@ class PairIndex:
         shard = self.shards[self.shard_index[i]]
         query = self.reader.read(shard, int(self.query_offset[i]), int(self.query_size[i]))
         tracked = self.reader.read(shard, int(self.tracked_offset[i]), int(self.tracked_size[i]))
+        checked = self.has_crc[i]
         for kind, data, crc in (("query", query, self.query_crc[i]), ("tracked", tracked, self.tracked_crc[i])):
-            if crc >= 0 and zlib.crc32(data) != crc:
+            if checked and zlib.crc32(data) != crc:
                 raise self.damaged(i, f"its {kind} JPEG fails its CRC32 checksum")
-            if crc < 0 and not (data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"):
+            if not checked and not (data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"):
                 raise self.damaged(i, f"its {kind} JPEG lacks its start or end marker")
         return query, tracked

@@ -144,7 +144,7 @@ class LastCheckpoint(Checkpoint):
         return self.dirpath / LAST
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.global_step == self._saved_step or trainer.global_step == 0:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False) or trainer.global_step in (0, self._saved_step):
             return
         if not _all_finite(pl_module):
             log.error("weights are not finite at step %d: %s keeps the last finite state", trainer.global_step, self.path)
