@@ -283,7 +283,7 @@ def test_settings_that_train_to_nothing_stop_before_anything_starts(tmp_path, ti
 def test_train_cli_refuses_bad_settings_before_making_the_run_dir(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.loss.num_negatives=1000", f"hydra.run.dir={tmp_path}/run"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert out.returncode == 1 and "model.loss.num_negatives=1000" in out.stderr and "at most 62" in out.stderr
+    assert out.returncode == 2 and "model.loss.num_negatives=1000" in out.stderr and "at most 62" in out.stderr
     assert not (tmp_path / "run").exists()
 
 

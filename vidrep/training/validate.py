@@ -1,17 +1,15 @@
 """Settings that would train to nothing, refused before anything starts.
 
-`settings_errors` is a pure function of the composed config. train.py runs it from a Hydra
-callback before Hydra makes the run directory (`ValidateSettings`, in conf/train.yaml), and the
-training task runs it again first thing (for configs composed in code, and for each job of a
-multirun, whose settings are known only when it starts), before loggers, W&B, checkpoints or DDP
-processes exist.
+`settings_errors` is a pure function of the composed config. train.py runs it before Hydra starts
+(vidrep.training.checks, through vidrep.preflight: no run directory yet), and the training task
+runs it again first thing (for configs composed in code, and for each job of a multirun, whose
+settings are known only when it starts), before loggers, W&B, checkpoints or DDP processes exist.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hydra.experimental.callback import Callback
 
 
 class SettingsError(ValueError):
@@ -106,16 +104,3 @@ def validate_settings(cfg: Mapping) -> None:
     errors = settings_errors(cfg)
     if errors:
         raise SettingsError("settings that cannot train (nothing was started):\n  " + "\n  ".join(errors))
-
-
-class ValidateSettings(Callback):
-    """A Hydra callback (hydra.callbacks in conf/train.yaml): the settings of a single run checked
-    before Hydra makes its run directory. (A multirun's jobs are checked in the task: their
-    settings are known only when each starts.)"""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        errors = settings_errors(config)
-        if errors:
-            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings and
-            # goes on to make the run directory and start the task.
-            raise SystemExit("train.py: settings that cannot train (nothing was started):\n  " + "\n  ".join(errors))
