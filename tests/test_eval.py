@@ -569,7 +569,7 @@ def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
     assert _run_until(cmd("ref", "ref"), tmp_path, tmp_path / "ref.log", None) == 0
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
     det = "cache/detection"
-    assert _run_until(cmd("cache", "r1"), tmp_path, tmp_path / "1.log", f"{det}/*/round0.ckpt") == -9
+    assert _run_until(cmd("cache", "r1"), tmp_path, tmp_path / "1.log", f"{det}/*/round0/last.ckpt") == -9
     assert _run_until(cmd("cache", "r2"), tmp_path, tmp_path / "2.log", f"{det}/svm/*/mining.npz") == -9
     assert "fine-tuning resumes at step" in (tmp_path / "2.log").read_text()
     finetuned = next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns
