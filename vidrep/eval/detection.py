@@ -189,7 +189,8 @@ class DetectionProtocol:
     test_chunk: int = 100
     iou_threshold: float = 0.5
     use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
-    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5})
+    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5,
+                                                 "num_negatives": 4, "hard_ratio": 1.0})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -277,7 +278,8 @@ class DetectionProtocol:
         return groups
 
     def _adapt(self, trunk: nn.Module, net: Network, device: str) -> None:
-        """Re-adapt a trunk on mined pairs with the ranking loss (random negatives)."""
+        """Re-adapt a trunk on mined pairs with the paper's ranking loss and its hard negatives (the
+        `adapt.num_negatives` hardest in the batch; `adapt.hard_ratio: 0` draws them at random)."""
         from vidrep.data.datamodule import PairDataModule
         from vidrep.losses import ranking_loss
 
@@ -293,7 +295,8 @@ class DetectionProtocol:
                 emb = F.normalize(trunk(net.preprocess(torch.cat([batch["anchor"], batch["positive"]]).to(device))), dim=1)
                 n = len(batch["anchor"])
                 loss = ranking_loss(emb[:n], emb[n:], batch["video_id"].to(device), margin=float(a["margin"]),
-                                    num_negatives=4, hard_ratio=0.0, symmetric=False, violators_only=False)
+                                    num_negatives=int(a.get("num_negatives", 4)), hard_ratio=float(a.get("hard_ratio", 1.0)),
+                                    symmetric=False, violators_only=False)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
