@@ -94,7 +94,7 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path) -> 
                         devices=1, logger=CSVLogger(folder, name="", version=""), default_root_dir=folder,
                         callbacks=[ModelCheckpoint(dirpath=folder, filename="latest", every_n_train_steps=protocol.finetune_checkpoint_every,
                                                    save_top_k=1, save_last=True, enable_version_counter=False)],
-                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=10,
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=max(1, min(20, protocol.iterations // 2)),
                         enable_progress_bar=True)
     trainer.fit(module, train_dataloaders=steps, ckpt_path=str(last) if last.exists() else None)
     model.eval()
