@@ -265,7 +265,7 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 # ---------------------------------------------------------------- the detection protocol end to end
 
 DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.batch_size=32", "protocol.fc_dim=64",
-                  "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=40", "protocol.svm.norm_images=10"]
+                  "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=16", "protocol.svm.norm_images=10"]
 
 
 @pytest.mark.parametrize("finetune", ["none"])  # straightforward: the VOC2012 test below
