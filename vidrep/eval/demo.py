@@ -33,7 +33,8 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
     train = read_voc(voc_root, 2007, "trainval", SHAPES)
     test = read_voc(voc_root, 2007, "test", SHAPES)
     # the settings the README's demo figures were measured with (11-point AP, adaptive pooling, shuffled folds)
-    protocol = SvmProtocol(layers=list(layers), costs=list(costs), seed=seed, use_07_metric=True, pooling="adaptive", cv_scoring="voc")
+    protocol = SvmProtocol(layers=list(layers), costs=list(costs), seed=seed, use_07_metric=True, pooling="adaptive", cv_scoring="voc",
+                           max_iter=5000)
     report = {}
     with tempfile.TemporaryDirectory() as cache:  # these weights live only in this run: nothing to reuse
         for name, trunk in (("trained", trained), ("random init", initial)):

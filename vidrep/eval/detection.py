@@ -17,7 +17,8 @@ finetune=straightforward: conv layers from the checkpoint; fc6/fc7 re-initialise
 finetune=iterative: fine-tune; copy its conv layers back into the triplet network and re-adapt it
   on mined pairs with the ranking loss; fine-tune again (`rounds` fine-tunings in all).
 
-Every stage leaves its result in the cache (the proposals per image, the fine-tuned weights and a
+Fine-tuning is a LightningModule run by a Lightning Trainer (vidrep/eval/finetune.py). Every stage
+leaves its result in the cache (the proposals per image, the fine-tuned weights and a Lightning
 checkpoint every `finetune_checkpoint_every` steps, the feature scale, the positives, the miner's
 state every `svm.checkpoint_every` images, the test detections per `test_chunk` images), so a
 rerun after kill -9 redoes only unfinished work.
@@ -43,6 +44,7 @@ from torchvision.ops import roi_pool
 
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
+from vidrep.eval.finetune import finetune
 from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
 from vidrep.eval.proposals import ProposalStore
 from vidrep.eval.rcnn_svm import HardNegativeMiner, atomic_savez, feature_scale, save_scale
@@ -187,7 +189,8 @@ class DetectionProtocol:
     test_chunk: int = 100
     iou_threshold: float = 0.5
     use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
-    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5})
+    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5,
+                                                 "num_negatives": 4, "hard_ratio": 1.0})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -274,46 +277,9 @@ class DetectionProtocol:
             groups.append({"params": [p], "lr": self.lr * mult, "weight_decay": 0.0 if name.endswith("bias") else self.weight_decay})
         return groups
 
-    def _finetune(self, model: DetectionNet, net: Network, images, store: ProposalStore, device: str, ckpt: Path) -> None:
-        rng = np.random.default_rng(self.seed)
-        opt = torch.optim.SGD(self._param_groups(model), lr=self.lr, momentum=self.momentum)
-        sched = torch.optim.lr_scheduler.StepLR(opt, self.lr_step, 0.1)
-        start = 0
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            rng.bit_generator.state = state["rng"]
-            torch.set_rng_state(state["torch_rng"])
-            start = int(state["step"])
-            log.info("fine-tuning resumes at step %d of %d from %s", start, self.iterations, ckpt)
-        model.train()
-        for step in range(start, self.iterations):
-            loss = 0.0
-            for i in rng.choice(len(images), self.images_per_batch, replace=len(images) < self.images_per_batch):
-                im = images[i]
-                rois, target = self._sample_rois(_gt0(im), im.labels, store.boxes(im), rng)
-                image = read_rgb(im.path)
-                if self.flip and rng.random() < 0.5:  # horizontal flip of image and regions
-                    image = np.ascontiguousarray(image[:, ::-1])
-                    w = image.shape[1]
-                    rois = np.stack([w - 1 - rois[:, 2], rois[:, 1], w - 1 - rois[:, 0], rois[:, 3]], 1)
-                out = self._region_outputs(model, net, image, rois, device)(np.arange(len(rois)))
-                loss = loss + F.cross_entropy(out["logits"], torch.from_numpy(target).long().to(device)) / self.images_per_batch
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 100 == 0:
-                log.info("fine-tuning step %d/%d: loss %.4f", step, self.iterations, loss.item())
-            if (step + 1) % self.finetune_checkpoint_every == 0 and step + 1 < self.iterations:
-                _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "step": step + 1}, ckpt)
-        model.eval()
-
     def _adapt(self, trunk: nn.Module, net: Network, device: str) -> None:
-        """Re-adapt a trunk on mined pairs with the ranking loss (random negatives)."""
+        """Re-adapt a trunk on mined pairs with the paper's ranking loss and its hard negatives (the
+        `adapt.num_negatives` hardest in the batch; `adapt.hard_ratio: 0` draws them at random)."""
         from vidrep.data.datamodule import PairDataModule
         from vidrep.losses import ranking_loss
 
@@ -329,7 +295,8 @@ class DetectionProtocol:
                 emb = F.normalize(trunk(net.preprocess(torch.cat([batch["anchor"], batch["positive"]]).to(device))), dim=1)
                 n = len(batch["anchor"])
                 loss = ranking_loss(emb[:n], emb[n:], batch["video_id"].to(device), margin=float(a["margin"]),
-                                    num_negatives=4, hard_ratio=0.0, symmetric=False, violators_only=False)
+                                    num_negatives=int(a.get("num_negatives", 4)), hard_ratio=float(a.get("hard_ratio", 1.0)),
+                                    symmetric=False, violators_only=False)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -361,7 +328,7 @@ class DetectionProtocol:
                 model.load_state_dict(torch.load(done, map_location=device, weights_only=True))
             else:
                 log.info("fine-tuning round %d/%d", r + 1, rounds)
-                self._finetune(model, net, images, store, device, folder / f"round{r}.ckpt")
+                finetune(self, model, net, images, store, device, folder / f"round{r}")
                 _atomic_torch_save(model.state_dict(), done)
             if r + 1 < rounds:
                 conv = {k: v for k, v in model.trunk.state_dict().items() if k.startswith(("conv", "convs"))}
@@ -372,8 +339,9 @@ class DetectionProtocol:
                 torch.manual_seed(self.seed + r + 1)
                 model = make(model.trunk)
         _atomic_torch_save(model.state_dict(), final)
-        for r in range(rounds):
-            (folder / f"round{r}.ckpt").unlink(missing_ok=True)
+        for r in range(rounds):  # the checkpoints; the curves (metrics.csv) stay
+            for ckpt in (folder / f"round{r}").glob("*.ckpt"):
+                ckpt.unlink()
         return model.eval()
 
     # -------------------------------------------------------------- SVMs

@@ -51,6 +51,7 @@ class SvmProtocol:
     batch_size: int = 64
     pooling: str = "goyal"  # goyal | adaptive (conv maps adaptively pooled to ~9K values)
     cv_scoring: str = "goyal"  # goyal | voc
+    max_iter: int = 2000  # liblinear iterations (theirs: 2000)
 
     def settings(self) -> dict:
         return {"name": "svm", **asdict(self)}
@@ -69,7 +70,7 @@ class SvmProtocol:
             x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
             stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
             per_class = svm_class_results(x["train"], labels["train"], x["test"], labels["test"], classes, self.costs,
-                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring)
+                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring, self.max_iter)
             ap = [r["ap"] for r in per_class]
             valid = [a for a in ap if not np.isnan(a)]
             out[layer] = {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "classes": per_class}

@@ -27,9 +27,22 @@ from vidrep.data.voc import VOCImage
 log = logging.getLogger(__name__)
 
 
+def _seed_libc_rand(seed: int) -> None:
+    """OpenCV's selective search ranks its boxes with std::rand() (cv2.setRNGSeed does not reach it):
+    seeding it per image makes an image's boxes independent of what its process computed before,
+    so one process and many agree (tested)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).srand(seed)
+    except (OSError, AttributeError):
+        pass
+
+
 def selective_search(image: np.ndarray, max_side: int = 500, mode: str = "fast", max_proposals: int = 2000, min_size: int = 8) -> np.ndarray:
     """[P, 4] float32 boxes x1, y1, x2, y2 (0-based, in `image`'s pixels), in the order OpenCV ranks them."""
     cv2.setNumThreads(1)
+    _seed_libc_rand(0)
     scale = min(1.0, max_side / max(image.shape[:2]))
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()

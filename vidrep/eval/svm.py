@@ -23,12 +23,12 @@ from vidrep.data.corpus import write_json
 from vidrep.eval.metrics import classification_pr, thin_curve, voc_classification_ap
 
 
-def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0) -> tuple[np.ndarray, float]:
+def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0, max_iter: int = 2000) -> tuple[np.ndarray, float]:
     """(w, b) of a linear SVM on labels y in {1, -1}."""
     from sklearn.svm import LinearSVC
 
     svm = LinearSVC(C=cost, loss="squared_hinge", penalty="l2", class_weight={1: 2.0, -1: 1.0},
-                    dual=True, max_iter=2000, tol=1e-4, random_state=seed)
+                    dual=True, max_iter=max_iter, tol=1e-4, random_state=seed)
     svm.fit(x, y)
     return svm.coef_.reshape(-1).astype(np.float32), float(svm.intercept_[0])
 
@@ -48,7 +48,7 @@ def cv_folds(y: np.ndarray, folds: int, seed: int, scoring: str) -> list[np.ndar
 
 
 def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: int, seed: int, use_07_metric: bool,
-                       scoring: str = "goyal") -> float:
+                       scoring: str = "goyal", max_iter: int = 2000) -> float:
     from sklearn.metrics import average_precision_score
 
     aps = []
@@ -57,7 +57,7 @@ def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: in
         train = np.setdiff1d(np.arange(len(x)), held)
         if (y[train] > 0).sum() == 0 or (y[train] < 0).sum() == 0:
             continue
-        w, b = fit_svm(x[train], y[train], cost, seed)
+        w, b = fit_svm(x[train], y[train], cost, seed, max_iter)
         scores = x[held] @ w + b
         if scoring == "goyal":
             aps.append(float(average_precision_score(y[held], scores)) if (y[held] > 0).any() else float("nan"))
@@ -69,7 +69,7 @@ def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: in
 
 def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
                       classes: Sequence[str], costs: Sequence[float], folds: int, seed: int, use_07_metric: bool,
-                      cache_dir: Path, cv_scoring: str = "goyal") -> list[dict]:
+                      cache_dir: Path, cv_scoring: str = "goyal", max_iter: int = 2000) -> list[dict]:
     """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
     labels are [N, C] in {1, 0, -1}."""
     results = []
@@ -87,11 +87,11 @@ def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.
                 if step.exists():
                     cv[f"{cost:g}"] = json.loads(step.read_text())["cv_ap"]
                     continue
-                ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring)
+                ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring, max_iter)
                 write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
                 cv[f"{cost:g}"] = ap
             best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
-            w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed)
+            w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed, max_iter)
             scores = test_x @ w + b
             result = {"class": name, "cost": best, "cv_ap": cv,
                       "ap": voc_classification_ap(scores, test_labels[:, c], use_07_metric),
