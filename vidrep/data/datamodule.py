@@ -114,6 +114,16 @@ def _merge_single_video_batches(ids: np.ndarray, cuts: np.ndarray) -> np.ndarray
     return np.asarray(keep, np.int64)
 
 
+class _EpochForwarder:
+    """What Lightning finds as `batch_sampler.sampler`: passes its set_epoch on to the batch sampler."""
+
+    def __init__(self, owner: "ResumableSampler") -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class ResumableSampler(Sampler[list[int]]):
     """Training batches: one seeded permutation of the training pairs per epoch, cut into global
     batches of `global_batch` pairs (the last partial one dropped), each dealt across the ranks
@@ -137,6 +147,9 @@ class ResumableSampler(Sampler[list[int]]):
         self.lo = sum(shares[:rank])
         self.hi = self.lo + shares[rank]
         self.epoch = 0
+        # Lightning sets the epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`,
+        # never on the batch sampler itself: without this every epoch would repeat epoch 0's order.
+        self.sampler = _EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
