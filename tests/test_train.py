@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import lightning as L
 import torch
+import yaml
 
 from conftest import ROOT, TINY
 from test_configs import compose_train
@@ -96,6 +98,10 @@ def test_train_cli_writes_run_dir(tmp_path, tiny_corpus):
     rows = read_metrics(run / "metrics.csv")
     assert any(r.get("val/loss") for r in rows) and any(r.get("lr-SGD/pg1") for r in rows)
     assert "last checkpoint" in out.stderr + out.stdout
+    # the schedule: printed at the start, written beside the run, logged with the config
+    schedule = json.loads((run / "schedule.json").read_text())
+    assert "hard_negatives_from_step" in out.stdout and schedule["steps_per_epoch"] == train_pairs(tiny_corpus) // 8
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["schedule"] == schedule
 
 
 @pytest.mark.slow

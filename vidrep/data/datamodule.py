@@ -169,7 +169,8 @@ class ResumableSampler(Sampler[list[int]]):
             else:
                 self.set_epoch(resume["epoch"])
                 skip = resume["batches"]
-            seed = self.seed = resume["seed"]
+            if resume.get("seed") is not None:  # None: a checkpoint of the earlier DDP sampler
+                seed = self.seed = int(resume["seed"])
         order = np.random.default_rng([seed, self.epoch]).permutation(self.length)
         g, lo, hi = self.global_batch, self.lo, self.hi
         return (order[b * g + lo : b * g + hi].tolist() for b in range(skip, len(self)))
