@@ -78,7 +78,7 @@ def demo_corpus() -> Path:
     """The demo corpus (227x227 JPEGs), built into the cache on first use."""
     from vidrep.data.demo import build_demo_corpus
 
-    return build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v2")
+    return build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v3")
 
 
 def loader_rate(dm: PairDataModule, batches: int, device: str = "cpu") -> float:

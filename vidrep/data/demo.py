@@ -17,7 +17,7 @@ from pathlib import Path
 from vidrep.data.synthetic import SyntheticVideo
 
 log = logging.getLogger(__name__)
-DEMO_VERSION = 2
+DEMO_VERSION = 3  # 3: mined with USAC homographies and the motion screen (miner defaults of 2026-12)
 
 
 def _write_video(args: tuple[Path, int, int]) -> None:

@@ -36,13 +36,13 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def candidate_pool(batch_size: int, world: int = 1) -> int:
-    """The most negatives one pair can have in a batch of `batch_size` pairs: both patches of every
-    other pair (2 (N - 1)), when all come from other videos. The loss divides by the fixed N K (the
+def candidate_pool(pairs: int) -> int:
+    """The most negatives one pair can have in a batch of `pairs` pairs: both patches of every other
+    pair (2 (N - 1)), when all come from other videos. The loss divides by the fixed N K (the
     released code's denominator, vidrep.losses): a pair of a batch that holds other pairs of its own
     video has fewer negatives and weighs a little less, but K above this bound could be met by no
     batch at all, and the loss would shrink by K / pool whatever the data."""
-    return 2 * (batch_size * world - 1)
+    return 2 * (pairs - 1)
 
 
 def settings_errors(cfg: Mapping) -> list[str]:
@@ -60,14 +60,16 @@ def settings_errors(cfg: Mapping) -> list[str]:
     if not _is_int(k) or k < 1:
         errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
     elif _is_int(batch) and batch >= 2:
+        # Negatives come from the whole global batch (data.batch_size pairs) when gathered across
+        # ranks; rank-local, from a rank's share, the smallest of which is batch // world.
         gather = bool(_get(cfg, "model.loss.gather_across_ranks"))
         devices = _get(cfg, "trainer.devices")
         nodes = _get(cfg, "trainer.num_nodes")
         world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
-        pool = candidate_pool(batch, world if gather else 1)
+        pool = candidate_pool(batch if gather else max(1, batch // world))
         if k > pool:
             errors.append(f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
-                          f"(2 x (batch - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
+                          f"(2 x (pairs - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
     for key, low in (("model.loss.hard_ratio", 0.0), ("model.loss.initial_hard_ratio", 0.0)):
         v = _get(cfg, key)
         if v is not None and (not _is_number(v) or not low <= v <= 1.0):
