@@ -85,16 +85,15 @@ PROBE_IMAGES = {"cpu": 10000, "gpu": None}
 # miner tracks one window at a time, so tracks still never overlap.
 DENSE = {"candidate_every": 1}
 
-# The CPU configuration: the demo's reduced network (99 input, 1024/256 head, Kaiming init, bias 0,
-# lr 0.002: conf/data/demo.yaml says why), hard negatives after a third of the steps.
+# The CPU configuration: experiment=cpu (the demo's reduced network: 99 input, 1024/256 head,
+# Kaiming init, bias 0, lr 0.002, batches of 32 pairs), trained for a number of steps rather than
+# epochs, hard negatives after a third of them.
 CONFIGS = {
-    "cpu": ["model.input_size=99", "model.net.trunk.fc6_dim=1024", "model.net.trunk.fc7_dim=256",
-            "model.net.trunk.bias_one=false", "model.net.trunk.init=kaiming", "model.optimizer.lr=0.002",
-            "data.batch_size=32", "data.num_workers=2", "data.decoder=torchvision", "data.pin_memory=false",
-            "trainer=cpu", "trainer.max_steps=1800", "model.loss.hard_after_epochs=null", "model.loss.hard_after_steps=600"],
+    "cpu": ["experiment=cpu", "data.num_workers=2", "trainer=cpu", "trainer.max_steps=1800", "trainer.max_epochs=null",
+            "model.loss.hard_after_epochs=null", "+model.loss.hard_after_steps=600"],
     # The paper's network and solver (conf/model/caffenet.yaml) at 227 input.
     "gpu": ["data.batch_size=50", "data.num_workers=8", "trainer=gpu", "trainer.max_steps=20000",
-            "model.loss.hard_after_epochs=null", "model.loss.hard_after_steps=6000"],
+            "model.loss.hard_after_epochs=null", "+model.loss.hard_after_steps=6000"],
 }
 
 
