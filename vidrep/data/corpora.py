@@ -20,7 +20,7 @@ _ID_SALT = 0x9E3779B97F4A7C15
 
 def as_roots(root: str | Path | Sequence[str | Path]) -> list[Path]:
     """data.root as a list of corpus folders (one path, or a list of them)."""
-    roots = [root] if isinstance(root, str | Path) else list(root)
+    roots = [root] if root is None or isinstance(root, str | Path) else list(root)
     if not roots or any(r is None or str(r) in ("", "???") for r in roots):
         raise CorpusError("data.root is not set: point it at a mined corpus (or a list of them, data.root='[/data/a,/data/b]'), "
                           "e.g. `python train.py data=8M data.root=/data/corpus`")
