@@ -107,3 +107,18 @@ def test_resume_takes_the_runs_own_overrides(tmp_path):
     assert expanded == ["data=8M", "data.root=/c", f"resume={run}", "trainer.devices=2"]
     assert with_run_overrides(expanded) == expanded  # DDP ranks expand it again to the same
     assert with_run_overrides(["seed=1"]) == ["seed=1"]
+
+
+def test_the_run_directory_is_new_unless_resume_names_one(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import ROOT
+
+    def run_dir(*overrides):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.run.dir
+
+    assert run_dir().startswith("outputs/train/20")
+    assert run_dir(f"resume={tmp_path}") == str(tmp_path)

@@ -19,3 +19,5 @@ OmegaConf.register_new_resolver("vidrep.workers", lambda at_most=8: max(1, min(i
 # ckpt_path's default: resume=<run dir> resumes from that run's last checkpoint.
 OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if run is None else f"{run}/checkpoints/last.ckpt",
                                 replace=True)
+# hydra.run.dir's default: the run directory given by resume=<run dir>, else a new one.
+OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True)
