@@ -320,3 +320,15 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot write .*a.tar \(No space left on device\).*rerun the same command"):
         write_shard(tmp_path, "a", [record("v1.mp4", 0)])
     assert not list((tmp_path / "shards").iterdir()), "no partial file left"
+
+
+def test_too_few_validation_batches_for_the_processes_is_an_error_naming_the_keys(tiny_corpus, monkeypatch):
+    import vidrep.data.datamodule as datamodule
+
+    dm = PairDataModule(str(tiny_corpus), batch_size=40, num_workers=0, input_size=67, val_fraction=0.25)
+    dm.setup()
+    monkeypatch.setattr(datamodule, "_distributed", lambda: (4, 0))  # 4 ranks, 1 validation batch
+    with pytest.raises(CorpusError, match="lower data.batch_size, raise data.val_fraction"):
+        dm.val_dataloader()
+    monkeypatch.setattr(datamodule, "_distributed", lambda: None)
+    assert len(dm.val_dataloader()) >= 1

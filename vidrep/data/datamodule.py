@@ -265,7 +265,14 @@ class PairDataModule(L.LightningDataModule):
                       persistent_workers=self.persistent_workers and self.num_workers > 0,
                       collate_fn=collate_jpegs if self.decoder == "device" else None)
         if not train:
-            return DataLoader(dataset, batch_sampler=BatchShards(dataset.video_ids(), self.batch_size, world, rank, self.seed), **common)
+            shards = BatchShards(dataset.video_ids(), self.batch_size, world, rank, self.seed)
+            batches = len(shards.cuts) - 1
+            if 0 < batches < world:
+                # every rank sees the same count, so all of them stop here: none waits for the others
+                raise CorpusError(f"validation holds {batches} batch(es) of data.batch_size={self.batch_size} pairs for {world} "
+                                  "processes, and a process without one would stall the others: lower data.batch_size, raise "
+                                  "data.val_fraction, or run fewer processes (trainer.devices)")
+            return DataLoader(dataset, batch_sampler=shards, **common)
         self._train_sampler = ResumableSampler(len(dataset), self.train_batch_size, world, rank, self.seed, self._resume)
         self._resume = None
         return DataLoader(dataset, batch_sampler=self._train_sampler, **common)
