@@ -61,3 +61,18 @@ def test_train_py_stops_before_any_run_directory(tmp_path):
                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 2 and "did you mean trainer.max_steps?" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_every_protocol_preset_composes_on_its_own_so_a_sweep_over_them_does(tmp_path):
+    import hydra
+
+    presets = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
+    assert {"svm", "svm_cpu", "detection", "detection_cpu", "retrieval"} <= set(presets)
+    for name in presets:
+        cfg = compose("evaluate", [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}", f"retrieval.corpus={tmp_path}"]
+                      if name == "retrieval" else [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}"])
+        if name != "retrieval":
+            assert hydra.utils.instantiate(cfg.protocol).settings()["name"] in ("svm", "detection")
+    cpu = compose("evaluate", ["protocol=detection_cpu", "ckpt=random", f"voc.root={tmp_path}"]).protocol
+    full = compose("evaluate", ["protocol=detection", "ckpt=random", f"voc.root={tmp_path}"]).protocol
+    assert cpu.iterations < full.iterations and cpu.svm.C == full.svm.C and cpu.regions == full.regions
