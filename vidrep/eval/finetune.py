@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from vidrep.training.progress import ProgressBar
+
 log = logging.getLogger(__name__)
 
 
@@ -92,7 +94,7 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path) -> 
                        collate_fn=lambda step: step)
     trainer = L.Trainer(max_steps=protocol.iterations, max_epochs=-1, accelerator="gpu" if device.startswith("cuda") else "cpu",
                         devices=1, logger=CSVLogger(folder, name="", version=""), default_root_dir=folder,
-                        callbacks=[ModelCheckpoint(dirpath=folder, filename="latest", every_n_train_steps=protocol.finetune_checkpoint_every,
+                        callbacks=[ProgressBar(), ModelCheckpoint(dirpath=folder, filename="latest", every_n_train_steps=protocol.finetune_checkpoint_every,
                                                    save_top_k=1, save_last=True, enable_version_counter=False)],
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=max(1, min(20, protocol.iterations // 2)),
                         enable_progress_bar=True)
