@@ -122,3 +122,21 @@ def test_the_run_directory_is_new_unless_resume_names_one(tmp_path):
 
     assert run_dir().startswith("outputs/train/20")
     assert run_dir(f"resume={tmp_path}") == str(tmp_path)
+
+
+def test_svm_convergence_warnings_are_summarised_once_per_stage(tmp_path, caplog, recwarn):
+    import numpy as np
+
+    from vidrep.eval.svm import svm_class_results
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    labels = np.where(rng.random((40, 2)) < 0.5, 1, -1)
+    caplog.set_level(logging.WARNING, logger="vidrep.eval.svm")
+    results = svm_class_results(x, labels, x, labels, ["a", "b"], [1.0, 10.0], 2, 0, False, tmp_path, max_iter=1,
+                                desc="fc7 SVMs")
+    assert [r["class"] for r in results] == ["a", "b"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("fc7 SVMs: ") and "max_iter=1" in lines[0]
+    from sklearn.exceptions import ConvergenceWarning
+    assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]

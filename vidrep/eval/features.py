@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from vidrep.models.caffenet import FEATURE_LAYERS, CaffeNet, TorchvisionAlexNet
 from vidrep.training.checkpoints import DamagedCheckpointError, load_verified
@@ -145,20 +146,24 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 @torch.no_grad()
 def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str], batch_size: int = 64,
-                     device: str = "cpu", pooling: str = "adaptive") -> dict[str, np.ndarray]:
+                     device: str = "cpu", pooling: str = "adaptive", desc: str | None = None) -> dict[str, np.ndarray]:
     """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with
-    GOYAL_POOLING (pooling="goyal") or adaptively to ~9K values (pooling="adaptive")."""
+    GOYAL_POOLING (pooling="goyal") or adaptively to ~9K values (pooling="adaptive"). With `desc`,
+    a progress bar of that name counts the images."""
     unknown = set(layers) - set(FEATURE_LAYERS)
     if unknown:
         raise ValueError(f"unknown layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
     trunk = net.trunk.to(device)
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    bar = tqdm(total=len(images), desc=desc, unit="image", disable=desc is None)
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.stack([load_image(p, net.input_size) for p in images[start : start + batch_size]]))
+        bar.update(len(batch))
         feats = trunk.forward_features(net.preprocess(batch.to(device)), layers)
         for name in layers:
             f = feats[name]
             if f.dim() == 4:
                 f = fixed_pool(f, *GOYAL_POOLING[name]) if pooling == "goyal" and name in GOYAL_POOLING else pool_to_dims(f)
             out[name].append(F.normalize(f, dim=1).cpu().numpy().astype(np.float32))
+    bar.close()
     return {name: np.concatenate(chunks) for name, chunks in out.items()}

@@ -24,13 +24,14 @@ def _key(*parts) -> str:
 
 
 def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[str], cache_dir: Path,
-                    split_key: str, batch_size: int, device: str, pooling: str = "adaptive") -> dict[str, np.ndarray]:
+                    split_key: str, batch_size: int, device: str, pooling: str = "adaptive", split: str = "") -> dict[str, np.ndarray]:
     """Features per layer, stored as .npy per (network, split, pooling, layer) and reused by later runs."""
     folder = cache_dir / "features" / net.key / split_key / pooling
     missing = [name for name in layers if not (folder / f"{name}.npy").exists()]
     if missing:
-        log.info("extracting %s features of %d images for %s", ",".join(missing), len(images), net.name)
-        feats = extract_features(net, [im.path for im in images], missing, batch_size, device, pooling)
+        log.info("extracting %s features of the %d %s images for %s", ",".join(missing), len(images), split, net.name)
+        feats = extract_features(net, [im.path for im in images], missing, batch_size, device, pooling,
+                                 desc=f"{split} features" if split else "features")
         for name, f in feats.items():
             write_array(folder / f"{name}.npy", f)
     return {name: np.load(folder / f"{name}.npy") for name in layers}
@@ -60,7 +61,7 @@ class SvmProtocol:
             classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
         """{"layers": {layer: {"ap": [...], "map": float, "classes": [per-class dicts]}}, "best_layer"}."""
         feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device,
-                                         self.pooling)
+                                         self.pooling, split)
                          for net in networks]
                  for split, images in (("train", train), ("test", test))}
         labels = {split: np.stack([im.class_labels(len(classes)) for im in images])
@@ -70,7 +71,8 @@ class SvmProtocol:
             x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
             stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
             per_class = svm_class_results(x["train"], labels["train"], x["test"], labels["test"], classes, self.costs,
-                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring, self.max_iter)
+                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring, self.max_iter,
+                                          desc=f"{layer} SVMs")
             ap = [r["ap"] for r in per_class]
             valid = [a for a in ap if not np.isnan(a)]
             out[layer] = {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "classes": per_class}

@@ -14,13 +14,19 @@ interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from tqdm import tqdm
 
 from vidrep.data.corpus import write_json
 from vidrep.eval.metrics import classification_pr, thin_curve, voc_classification_ap
+
+log = logging.getLogger(__name__)
 
 
 def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0, max_iter: int = 2000) -> tuple[np.ndarray, float]:
@@ -69,11 +75,28 @@ def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: in
 
 def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
                       classes: Sequence[str], costs: Sequence[float], folds: int, seed: int, use_07_metric: bool,
-                      cache_dir: Path, cv_scoring: str = "goyal", max_iter: int = 2000) -> list[dict]:
+                      cache_dir: Path, cv_scoring: str = "goyal", max_iter: int = 2000, desc: str = "SVMs") -> list[dict]:
     """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
-    labels are [N, C] in {1, 0, -1}."""
+    labels are [N, C] in {1, 0, -1}. A progress bar named `desc` counts the classes; liblinear's
+    ConvergenceWarnings (one per fit that stops at max_iter) are summed into one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        results = _class_results(train_x, train_labels, test_x, test_labels, classes, costs, folds, seed, use_07_metric,
+                                 cache_dir, cv_scoring, max_iter, desc)
+    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if unconverged:
+        log.warning("%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
+                    "them finish; the benchmark's own setting is 2000)", desc, unconverged, max_iter)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return results
+
+
+def _class_results(train_x, train_labels, test_x, test_labels, classes, costs, folds, seed, use_07_metric, cache_dir,
+                   cv_scoring, max_iter, desc) -> list[dict]:
     results = []
-    for c, name in enumerate(classes):
+    for c, name in enumerate(tqdm(classes, desc=desc, unit="class")):
         final = cache_dir / f"{name}.json"
         if final.exists():
             results.append(json.loads(final.read_text()))
