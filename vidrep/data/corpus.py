@@ -120,7 +120,12 @@ class PairRecord:
         return pair_id_for(self.video_id, self.query_frame)
 
 
-def _atomic_write(path: Path, write) -> None:
+RERUN_ADVICE = "nothing partial was left there. Free space (or fix permissions) and rerun the same command: finished work is kept"
+
+
+def atomic_write(path: Path, write, advice: str = RERUN_ADVICE) -> None:
+    """`write(file)` into a temporary beside `path`, synced, then renamed over it; on an OSError
+    (disk full, read-only) the error names the path and `advice`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -130,8 +135,7 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except OSError as e:
         # Disk full or read-only: nothing half-written is visible (the temporary is removed below).
-        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); nothing partial was left there. Free space "
-                      "(or fix permissions) and rerun the same command: finished work is kept") from e
+        raise OSError(e.errno, f"cannot write {path} ({e.strerror or e}); {advice}") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -139,19 +143,19 @@ def _atomic_write(path: Path, write) -> None:
 def write_json(path: str | Path, data: dict) -> None:
     """Atomically (temporary name, then rename), creating the folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
+    atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def write_array(path: str | Path, array: np.ndarray) -> None:
     """An .npy file, atomically, creating the folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), lambda f: np.save(f, array))
+    atomic_write(Path(path), lambda f: np.save(f, array))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """A file, atomically, creating the folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def init_corpus(root: str | Path) -> Path:
@@ -180,7 +184,7 @@ def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> P
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
 
-    _atomic_write(tar_path, write_tar)
+    atomic_write(tar_path, write_tar)
     with tarfile.open(tar_path) as tar:
         where = {m.name: (m.offset_data, m.size) for m in tar}
     columns = {c: [] for c in SCHEMA.names}
@@ -197,7 +201,7 @@ def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> P
         for c in SCHEMA.names:
             columns[c].append(row[c])
     table = pa.table(columns, schema=SCHEMA)
-    _atomic_write(root / "manifest" / f"{name}.parquet", lambda f: pq.write_table(table, f))
+    atomic_write(root / "manifest" / f"{name}.parquet", lambda f: pq.write_table(table, f))
     return tar_path
 
 
@@ -220,7 +224,7 @@ def check_settings(root: str | Path, settings: dict, filename: str = "mining.jso
 def _write_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(rows)
-    _atomic_write(path, lambda f: pq.write_table(table, f))
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def write_video_record(root: str | Path, name: str, row: dict) -> None:

@@ -23,6 +23,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
+from vidrep.data.corpus import atomic_write
+
 log = logging.getLogger(__name__)
 
 HASH_KEY = "vidrep_tensor_hashes"
@@ -98,18 +100,8 @@ def load_verified(path: str | Path, map_location=None, weights_only: bool | None
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write checkpoint {path} ({e.strerror}); the previous file there is intact. "
-                      "Free space on that disk and resume from the last checkpoint") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(obj, f), advice="the previous file there is intact. Free space on that "
+                  "disk and resume from the last checkpoint")
 
 
 class HashedCheckpointIO(TorchCheckpointIO):
