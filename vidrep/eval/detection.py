@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
+from tqdm import tqdm
 
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network
@@ -394,13 +395,16 @@ class DetectionProtocol:
         if state.exists():
             miner.load(state)
             log.info("hard-negative mining resumes at image %d of %d x %d", miner.position, len(train), miner.epochs)
+        bar = tqdm(total=len(train) * miner.epochs, initial=miner.position, desc="train: SVM hard-negative mining", unit="image")
         while not miner.done:
+            bar.update()
             im = train[miner.position % len(train)]
             boxes = np.concatenate([_gt0(im), store.boxes(im)]).astype(np.float32)
             miner.add_image(miner.position % len(train), feats(im, boxes) * scale,
                             class_overlap(boxes, _gt0(im), im.labels, num_classes))
             if miner.position % int(o["checkpoint_every"]) == 0 and not miner.done:
                 miner.save(state)
+        bar.close()
         W, B = miner.weights()
         atomic_savez(done, {"W": W, "B": B, "scale": np.array(scale), "updates": miner.updates, "last_update": miner.last_update,
                              "passes": np.array(miner.position / len(train)), "cache_sizes": np.array(miner.cache_sizes())})
@@ -428,11 +432,13 @@ class DetectionProtocol:
         """Detections per test image (boxes 1-based inclusive, as the devkit's), saved per chunk of
         `test_chunk` images so a killed test resumes at the last finished chunk."""
         preds = []
+        bar = tqdm(total=len(test), desc="test: detections", unit="image")
         for start in range(0, len(test), self.test_chunk):
             chunk = folder / f"chunk{start:07d}.npz"
             if not chunk.exists():
                 arrays = {}
                 for k, im in enumerate(test[start : start + self.test_chunk]):
+                    bar.update()
                     boxes = store.boxes(im)
                     det = self.detect(feats(im, boxes) * scale @ W + B, boxes, B)
                     arrays.update({f"{k}_{name}": v for name, v in det.items()})
@@ -442,6 +448,9 @@ class DetectionProtocol:
                     preds.append({"boxes": torch.from_numpy(z[f"{k}_boxes"] + 1.0).float(),
                                   "scores": torch.from_numpy(z[f"{k}_scores"]).float(),
                                   "labels": torch.from_numpy(z[f"{k}_labels"]).long()})
+            bar.n = min(len(test), start + self.test_chunk)  # chunks read back from an earlier run count too
+            bar.refresh()
+        bar.close()
         return preds
 
     def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from vidrep.data.corpus import write_array
 from vidrep.data.voc import VOCImage
@@ -112,13 +113,16 @@ class ProposalStore:
             return
         log.info("selective search on %d images in %d processes", len(missing), self.workers)
         jobs = [(str(im.path), str(self.path(im)), self.settings) for im in missing]
+        bar = tqdm(total=len(jobs), desc="selective search", unit="image")
         if self.workers <= 1:
             for job in jobs:
                 _compute_one(job)
-            return
-        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
-            for _ in pool.map(_compute_one, jobs, chunksize=4):
-                pass
+                bar.update()
+        else:
+            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
+                for _ in pool.map(_compute_one, jobs, chunksize=4):
+                    bar.update()
+        bar.close()
 
     def _import(self, missing: Sequence[VOCImage]) -> None:
         folder = Path(self.source).expanduser()
