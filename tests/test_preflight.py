@@ -76,3 +76,13 @@ def test_every_protocol_preset_composes_on_its_own_so_a_sweep_over_them_does(tmp
     cpu = compose("evaluate", ["protocol=detection_cpu", "ckpt=random", f"voc.root={tmp_path}"]).protocol
     full = compose("evaluate", ["protocol=detection", "ckpt=random", f"voc.root={tmp_path}"]).protocol
     assert cpu.iterations < full.iterations and cpu.svm.C == full.svm.C and cpu.regions == full.regions
+
+
+def test_a_corpus_smaller_than_a_batch_is_refused_before_anything_starts(tmp_path, capsys):
+    import json
+
+    (tmp_path / "summary.json").write_text(json.dumps({"pairs": 9}))
+    errors("train", check_train, "data=corpus", f"data.root={tmp_path}")
+    err = capsys.readouterr().err
+    assert "holds 9 pairs" in err and "lower data.batch_size" in err
+    preflight("train", check_train, ["data=corpus", f"data.root={tmp_path}", "data.batch_size=4"])

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from vidrep.data.corpus import CorpusError, PairIndex, read_manifest
 from vidrep.eval.features import Network, pool_to_dims
@@ -145,7 +146,7 @@ def pair_features(index: PairIndex, rows: np.ndarray, featurizers: Sequence[Feat
     """({name: query features [N, D]}, {name: tracked features [N, D]}) of manifest rows `rows`;
     each batch of patches is decoded once for all featurizers."""
     out: tuple[dict[str, list], dict[str, list]] = ({}, {})
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="retrieval: features", unit="batch", disable=len(rows) <= batch_size):
         pairs = [index.read_pair(int(r)) for r in rows[start : start + batch_size]]
         for side, feats in enumerate(out):
             patches = np.stack([decode_patch(p[side]) for p in pairs])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +22,31 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
     if errors:
         raise PreflightError("settings that cannot train:\n  " + "\n  ".join(errors))
     require_path(cfg, "resume", "give the run directory of an earlier train.py run (outputs/train/<run>)", swept)
+    if cfg.data.get("demo") is None and "data.root" not in swept:
+        _check_corpus_size(cfg)
     require_path(cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept)
     _note_cpu_ddp(cfg)
+
+
+def _check_corpus_size(cfg: DictConfig) -> None:
+    """A corpus too small for one training batch, from the pair counts mine.py keeps in each
+    corpus's summary.json (no manifest is read here; the data module checks the exact split)."""
+    roots = OmegaConf.select(cfg, "data.root")
+    roots = list(roots) if OmegaConf.is_list(roots) else [roots]
+    counts = []
+    for root in roots:
+        summary = Path(str(root)).expanduser() / "summary.json"
+        if not summary.is_file():
+            return
+        try:
+            counts.append(int(json.loads(summary.read_text()).get("pairs", 0)))
+        except (ValueError, TypeError, AttributeError):
+            return  # a damaged summary is the data module's to report (with the verify command)
+    batch, val = cfg.data.get("batch_size"), float(cfg.data.get("val_fraction") or 0.0)
+    if isinstance(batch, int) and sum(counts) * (1 - val) < batch:
+        raise PreflightError(f"data.root holds {sum(counts)} pairs, about {int(sum(counts) * (1 - val))} of them for training "
+                             f"(data.val_fraction={val:g}), fewer than one batch of data.batch_size={batch}: lower "
+                             "data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
 
 
 def _note_cpu_ddp(cfg: DictConfig) -> None:
