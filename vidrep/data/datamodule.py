@@ -95,6 +95,11 @@ class BatchShards(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.mine)
 
+    @property
+    def num_batches(self) -> int:
+        """Batches of every rank together."""
+        return len(self.cuts) - 1
+
 
 def _merge_single_video_batches(ids: np.ndarray, cuts: np.ndarray) -> np.ndarray:
     """Cut points without the batches of one video: each such batch joins the next (the last one
@@ -266,7 +271,7 @@ class PairDataModule(L.LightningDataModule):
                       collate_fn=collate_jpegs if self.decoder == "device" else None)
         if not train:
             shards = BatchShards(dataset.video_ids(), self.batch_size, world, rank, self.seed)
-            batches = len(shards.cuts) - 1
+            batches = shards.num_batches
             if 0 < batches < world:
                 # every rank sees the same count, so all of them stop here: none waits for the others
                 raise CorpusError(f"validation holds {batches} batch(es) of data.batch_size={self.batch_size} pairs for {world} "

@@ -10,7 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from vidrep.mining.run import RunSummary, default_workers, mine_corpus
+from vidrep import usable_cores
+from vidrep.mining.run import RunSummary, mine_corpus
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ def resolve_workers(workers: int | None) -> int:
     runs at the same time (each of them is a mining run with its own worker pool)."""
     if workers is not None:
         return int(workers)
-    cores = default_workers()
+    cores = usable_cores()
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         launcher = hc.launcher.get("_target_", "") if hc.launcher else ""

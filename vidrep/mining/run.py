@@ -237,10 +237,6 @@ def _done_keys(root: Path, retry_failures: bool) -> set[str]:
     return done
 
 
-def default_workers() -> int:
-    return usable_cores()
-
-
 def mine_corpus(
     videos: str | Path,
     out: str | Path,
@@ -265,7 +261,7 @@ def mine_corpus(
     todo = [v for v in listed if v.key not in done]
     summary = RunSummary()
     summary.run.update(videos_listed=len(listed), videos_skipped_done=len(listed) - len(todo))
-    workers = default_workers() if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     workers = min(workers, len(todo) or 1)
     log.info("mining %d videos (%d already done) into %s with %d workers", len(todo), len(listed) - len(todo), root, workers)
     from tqdm import tqdm
