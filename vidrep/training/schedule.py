@@ -27,6 +27,15 @@ from dataclasses import asdict, dataclass
 SCALINGS = ("paper", "linear")
 
 
+def candidate_pool(pairs: int) -> int:
+    """The most negatives one pair can have in a batch of `pairs` pairs: both patches of every other
+    pair (2 (N - 1)), when all come from other videos. The loss divides by the fixed N K (the
+    released code's denominator, vidrep.losses): a pair of a batch that holds other pairs of its own
+    video has fewer negatives and weighs a little less, but K above this bound could be met by no
+    batch at all, and the loss would shrink by K / pool whatever the data."""
+    return 2 * (pairs - 1)
+
+
 def rank_shares(global_batch: int, world: int) -> list[int]:
     """Pairs per rank of one global batch: as equal as possible, the larger shares first
     (50 on 4 ranks -> [13, 13, 12, 12])."""
@@ -127,7 +136,7 @@ def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, va
         lr=s.lr * (world if scaling == "linear" else 1), max_steps=max_steps, lr_drops_at_steps=drops,
         train_pairs=train_pairs, val_pairs=val_pairs, steps_per_epoch=steps_per_epoch,
         epochs=max_steps * batch / train_pairs, hard_negatives_from_step=min(bounds) if bounds else None,
-        negative_pool=2 * pool_pairs - 2,
+        negative_pool=candidate_pool(pool_pairs),
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from vidrep.training.schedule import candidate_pool
+
 
 
 class SettingsError(ValueError):
@@ -34,15 +36,6 @@ def _is_int(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def candidate_pool(pairs: int) -> int:
-    """The most negatives one pair can have in a batch of `pairs` pairs: both patches of every other
-    pair (2 (N - 1)), when all come from other videos. The loss divides by the fixed N K (the
-    released code's denominator, vidrep.losses): a pair of a batch that holds other pairs of its own
-    video has fewer negatives and weighs a little less, but K above this bound could be met by no
-    batch at all, and the loss would shrink by K / pool whatever the data."""
-    return 2 * (pairs - 1)
 
 
 def settings_errors(cfg: Mapping) -> list[str]:
