@@ -193,7 +193,7 @@ def _evaluate(tmp_path, ckpt, *extra):
 def test_weight_change_per_layer():
     import copy
 
-    from vidrep.eval.demo import format_weight_change, weight_change
+    from vidrep.demo.check import format_weight_change, weight_change
 
     initial = CaffeNet(input_size=99, fc6_dim=16, fc7_dim=8)
     trained = copy.deepcopy(initial)

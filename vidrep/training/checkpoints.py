@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from vidrep.data.corpus import atomic_write
+from vidrep.common.io import atomic_write
 
 log = logging.getLogger(__name__)
 
