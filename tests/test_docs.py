@@ -5,16 +5,16 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+FENCED = re.compile(r"^```.*?^```", flags=re.DOTALL | re.MULTILINE)
 
 
 def _prose(text: str) -> str:
     """The text outside fenced code blocks and inline code, where a link is a link."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    text = FENCED.sub("", text)
     return re.sub(r"`[^`\n]*`", "", text)
 
 
@@ -26,7 +26,7 @@ def slug(heading: str) -> str:
 
 def anchors(page: Path) -> set[str]:
     found, seen = set(), {}
-    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    text = FENCED.sub("", page.read_text())
     for line in text.splitlines():
         m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
         if m:
