@@ -72,7 +72,8 @@ def test_the_readme_is_at_most_300_lines():
 @pytest.mark.parametrize("heading, expected", [
     ("How more GPUs train: `scaling`", "how-more-gpus-train-scaling"),
     ("The demo's check", "the-demos-check"),
-    ("A learning check on real footage: `bench/learning_check.py`", "a-learning-check-on-real-footage-benchlearning_checkpy"),
+    ("A learning check on real footage: `bench/learning_check.py`",
+     "a-learning-check-on-real-footage-benchlearning_checkpy"),
     ("Mining against decoding alone, on footage it was not tuned on",
      "mining-against-decoding-alone-on-footage-it-was-not-tuned-on"),
 ])
@@ -86,4 +87,5 @@ def test_a_broken_link_is_caught(tmp_path, monkeypatch):
                     "```\n[fenced](also-not.md)\n```\n")
     monkeypatch.setattr(__import__(__name__), "PAGES", [page])
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    assert [b.split(": ")[-1] for b in broken_links()] == [f"no file {tmp_path / 'missing.md'}", "no heading #nowhere in page.md"]
+    assert [b.split(": ")[-1] for b in broken_links()] == [f"no file {tmp_path / 'missing.md'}",
+                                                           "no heading #nowhere in page.md"]
