@@ -1,6 +1,6 @@
 """Did the demo's former check (frozen SVMs on synthetic VOC) reward better features at all? Its
-upper bound, by supervision. (The demo now measures retrieval on held-out videos; README
-"Evaluation" says why this probe was dropped.)
+upper bound, by supervision. (The demo now measures retrieval on held-out videos; docs/evaluation.md
+"The demo's check" says why this probe was dropped.)
 
     python bench/probe_calibration.py                  # ~7 min on 2 cores
     python bench/probe_calibration.py --train-images 64 --steps 2 --num-images 20   # a smoke run

@@ -36,7 +36,7 @@ def frozen_svm_report(trained: nn.Module, initial: nn.Module, input_size: int, p
     write_synthetic_voc(voc_root, num_trainval=num_images, num_test=num_images)
     train = read_voc(voc_root, 2007, "trainval", SHAPES)
     test = read_voc(voc_root, 2007, "test", SHAPES)
-    # the settings the README's demo figures were measured with (11-point AP, adaptive pooling, shuffled folds)
+    # the settings docs/evaluation.md's probe figures were measured with (11-point AP, adaptive pooling, shuffled folds)
     protocol = SvmProtocol(layers=list(layers), costs=list(costs), seed=seed, use_07_metric=True, pooling="adaptive", cv_scoring="voc",
                            max_iter=5000)
     report = {}
