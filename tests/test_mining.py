@@ -202,6 +202,19 @@ def test_decoders_agree(tmp_path):
     assert np.abs(pyav[5].astype(int) - ocv[5].astype(int)).mean() < 3
 
 
+def test_pyav_scaler_gives_the_pixels_of_a_fresh_one_per_frame(tmp_path):
+    """decode.py keeps one single-threaded scaler per video for speed; the frames must be those
+    PyAV's per-frame `to_ndarray(width=, height=)` gives (what corpora were mined from)."""
+    import av
+
+    path = SyntheticVideo(9, num_frames=6, height=360, width=480, object_size=(60, 120)).write(tmp_path / "v.avi")
+    with av.open(str(path)) as container:
+        expected = [f.to_ndarray(format="bgr24", width=600, height=448, interpolation="AREA") for f in container.decode(video=0)]
+    got = list(read_frames(path))
+    assert len(got) == len(expected) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
 # ---------------------------------------------------------------- the corpus-level run
 
 @pytest.fixture(scope="module")

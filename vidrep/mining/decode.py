@@ -36,6 +36,7 @@ def _check_file(path: Path) -> None:
 
 def _pyav_frames(path: Path, height: int, width: int) -> Iterator[np.ndarray]:
     import av  # imported here so that the OpenCV path works without PyAV's libraries loaded
+    from av.video.reformatter import VideoReformatter
 
     try:
         container = av.open(str(path))
@@ -47,9 +48,14 @@ def _pyav_frames(path: Path, height: int, width: int) -> Iterator[np.ndarray]:
         stream = container.streams.video[0]
         # One process per core does the parallelism; decoder threads would only contend.
         stream.thread_count = 1
+        # One scaler for the whole video, single-threaded: `frame.to_ndarray(width=...)` builds a
+        # new SwsContext (filter tables included) for every frame and lets it start a thread per
+        # core, which cost ~0.7 ms of CPU per 600x448 frame on the opencv-doc files (about as much
+        # as the scaling itself) and spun a second core. Same swscale settings, same pixels.
+        scaler = VideoReformatter()
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="bgr24", width=width, height=height, interpolation="AREA")
+                yield scaler.reformat(frame, width=width, height=height, format="bgr24", interpolation="AREA", threads=1).to_ndarray()
         except av.error.FFmpegError as e:
             raise VideoError("damaged", f"{path}: decoding stopped with {e}") from None
 
