@@ -571,6 +571,41 @@ def test_settings_added_later_keep_older_corpora_resumable():
         MinerConfig(homography_method="lmeds")
 
 
+def test_tracker_key_keeps_the_settings_of_corpora_mined_before_it():
+    kcf = MinerConfig()
+    assert kcf.tracker == "kcf" and "tracker" not in kcf.corpus_settings()
+    # a mining.json written before the key existed still matches today's default miner
+    assert MinerConfig.from_corpus_settings(kcf.corpus_settings()) == kcf
+    assert MinerConfig(tracker="csrt").corpus_settings()["tracker"] == "csrt"
+    assert MinerConfig.from_corpus_settings(MinerConfig(tracker="csrt").corpus_settings()).tracker == "csrt"
+    with pytest.raises(ValueError, match="miner.tracker"):
+        MinerConfig(tracker="goturn")
+
+
+def test_the_tracker_is_swapped_by_config(tmp_path, monkeypatch):
+    """miner.tracker=mosse from mine.yaml builds that tracker for every track and no KCF (MOSSE:
+    the cheapest alternative; CSRT costs ~5 s here)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from vidrep.mining import tracking
+
+    name = "mosse"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("mine", overrides=["videos=x", "out=y", f"miner.tracker={name}"])
+    config = instantiate(cfg.miner)
+    assert config.tracker == name and config.corpus_settings()["tracker"] == name
+    built = []
+    for kind, create in list(tracking.TRACKERS.items()):
+        monkeypatch.setitem(tracking.TRACKERS, kind, lambda patch, kind=kind, create=create: built.append(kind) or create(patch))
+    path = SyntheticVideo(1, num_frames=100, object_speed=(3.0, 4.0)).write(tmp_path / "v.avi")
+    result = VideoMiner(config).mine(path)
+    assert result.stats["tracks"] >= 1 and built == [name] * result.stats["tracks"]
+    assert result.stats["pairs"] >= 1, dict(result.stats)
+    for r in result.records:
+        assert r.tracked_box[2:] == (227, 227)
+
+
 def test_one_corner_pass_gives_exactly_the_gftt_detector_points():
     from vidrep.mining.points import gftt_with_weak_corners, make_detector
 

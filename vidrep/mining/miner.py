@@ -6,7 +6,7 @@ progress is advanced as frames arrive, so memory does not grow with the video's 
 Per candidate frame t (every `candidate_every` frames, never inside a track already taken):
   interest points on t -> their motion against t-1 after camera-motion compensation -> reject the
   frame when too few points, no camera model, < min_moving or > max_moving of the points move ->
-  the window with the most moving points -> track it with KCF over `track_length` frames -> the
+  the window with the most moving points -> track it (KCF by default) over `track_length` frames -> the
   window in frame t + track_length is the positive. A shot cut, a lost track or the end of the
   video before the track completes yields no pair.
 """
@@ -26,7 +26,7 @@ from vidrep.mining.decode import VideoError, read_frames
 from vidrep.mining.motion import HOMOGRAPHY_METHODS, MotionScreen, PointMotion, point_motion
 from vidrep.mining.points import gftt_with_weak_corners, make_detector, surf_available
 from vidrep.mining.shots import is_cut, thumbnail_histogram
-from vidrep.mining.tracking import WindowTracker
+from vidrep.mining.tracking import TRACKERS, WindowTracker
 from vidrep.mining.window import best_window
 
 # Every counter a video's mining reports, in the order the summary prints them.
@@ -38,7 +38,7 @@ STAT_KEYS = (
 
 
 # Settings that did not exist in earlier corpora's mining.json, with the behaviour those had.
-LEGACY_VALUES = {"homography_method": "ransac", "motion_sample": 0}
+LEGACY_VALUES = {"homography_method": "ransac", "motion_sample": 0, "tracker": "kcf"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class MinerConfig:
     min_points: int = 20
     window: int = 227
     track_length: int = 30
+    tracker: str = "kcf"  # vidrep.mining.tracking.TRACKERS
     track_size: int = 64
     track_patch: int = 48
     candidate_every: int = 5
@@ -85,6 +86,8 @@ class MinerConfig:
             raise ValueError(f"window {self.window} does not fit frames of {self.height}x{self.width}")
         if self.track_length < 1 or self.candidate_every < 1 or self.min_gap < 0:
             raise ValueError("need track_length >= 1, candidate_every >= 1 and min_gap >= 0")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"unknown tracker {self.tracker!r}; choose miner.tracker from {tuple(TRACKERS)}")
         if self.homography_method not in HOMOGRAPHY_METHODS:
             raise ValueError(f"unknown homography_method {self.homography_method!r}; choose from {tuple(HOMOGRAPHY_METHODS)}")
         if self.video_timeout is not None and self.video_timeout <= 0:
@@ -205,7 +208,7 @@ class VideoMiner:
         x, y, count = best_window(motion.points[moving], c.height, c.width, c.window)
         clock.lap("window")
         stats["tracks"] += 1
-        tracker = WindowTracker(frame, x, y, c.window, c.track_size, c.track_patch)
+        tracker = WindowTracker(frame, x, y, c.window, c.track_size, c.track_patch, c.tracker)
         clock.lap("track")
         query_jpeg = _jpeg(_crop(frame, x, y, c.window), c.jpeg_quality)
         clock.lap("encode")
