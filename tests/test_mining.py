@@ -174,6 +174,20 @@ def test_query_window_covers_the_moving_object_and_the_track_follows_it(tmp_path
     assert np.mean(tracked_cover) > np.mean(unmoved_cover) + 0.15, (tracked_cover, unmoved_cover)
 
 
+def test_frames_no_stage_looks_at_are_never_scaled(tmp_path, monkeypatch):
+    """The cut test reads each frame's luma plane; only candidate frames (and the frame before
+    each) and tracked frames are scaled to BGR."""
+    from vidrep.mining import decode
+
+    converted = []
+    bgr = decode.Picture.bgr
+    monkeypatch.setattr(decode.Picture, "bgr", lambda self: (self._bgr is None and converted.append(1)) or bgr(self))
+    path = SyntheticVideo(5, num_frames=60, num_objects=0, pan=(0.0, 0.0)).write(tmp_path / "still.avi")
+    result = VideoMiner(MinerConfig()).mine(path)
+    assert result.stats["tracks"] == 0 and result.stats["candidates"] == 11
+    assert len(converted) == 2 * result.stats["candidates"]  # of 60 frames
+
+
 def test_static_camera_without_motion_gives_no_pair(tmp_path):
     path = SyntheticVideo(5, num_frames=60, num_objects=0, pan=(0.0, 0.0)).write(tmp_path / "still.avi")
     result = VideoMiner(MinerConfig()).mine(path)

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from vidrep.data.corpus import PairRecord
-from vidrep.mining.decode import VideoError, read_frames
+from vidrep.mining.decode import Picture, VideoError, read_pictures
 from vidrep.mining.motion import HOMOGRAPHY_METHODS, MotionScreen, PointMotion, point_motion
 from vidrep.mining.points import gftt_with_weak_corners, make_detector, surf_available
 from vidrep.mining.shots import is_cut, thumbnail_histogram
@@ -222,16 +222,24 @@ class VideoMiner:
         name = str(path) if name is None else name
         result = VideoResult(records=[])
         stats, clock = result.stats, result.clock
-        prev_gray = prev_hist = None
+        prev: Picture | None = None
+        prev_hist = None
         track: _Track | None = None
         next_start = 1  # the first frame has no predecessor to measure motion against
-        for t, frame in enumerate(read_frames(path, c.height, c.width, c.decoder)):
+
+        def bgr(picture: Picture, t: int) -> np.ndarray:
+            frame = picture.bgr()
             if frame.shape != (c.height, c.width, 3):
                 raise VideoError("bad_frame", f"{path}: frame {t} has shape {frame.shape}")
+            clock.lap("decode")  # a frame is scaled and converted only when a stage uses it
+            return frame
+
+        for t, picture in enumerate(read_pictures(path, c.height, c.width, c.decoder)):
             clock.lap("decode")
             stats["frames"] += 1
-            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            hist = thumbnail_histogram(gray)
+            # Every frame is checked for a cut, on its luma only (the decoder's own plane: no
+            # scaling or colour conversion for frames no other stage looks at).
+            hist = thumbnail_histogram(picture.luma())
             cut = prev_hist is not None and is_cut(prev_hist, hist, c.cut_threshold)
             clock.lap("cuts")
             if track is not None:
@@ -239,6 +247,7 @@ class VideoMiner:
                     stats["tracks_cut"] += 1
                     track = None
                 else:
+                    frame = bgr(picture, t)
                     pos = track.tracker.update(frame)
                     clock.lap("track")
                     if pos is None:
@@ -262,8 +271,12 @@ class VideoMiner:
                     stats["candidates"] += 1
                     stats["rejected_cut"] += 1
                 else:
+                    frame = bgr(picture, t)
+                    bgr(prev, t - 1)
+                    gray, prev_gray = picture.gray(), prev.gray()
+                    clock.lap("decode")
                     track = self._start_track(stats, clock, prev_gray, gray, frame, t)
-            prev_gray, prev_hist = gray, hist
+            prev, prev_hist = picture, hist
         if track is not None:
             stats["tracks_unfinished"] += 1
         if stats["frames"] == 0:
