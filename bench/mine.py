@@ -7,7 +7,9 @@
     python bench/mine.py --trackers --film fetch                      # the miner.tracker options: cost and yield
 
 --ratio-only measures just mining against decoding alone, side by side: each round decodes every
-video (PyAV, 600x448 BGR, as the miner reads them) and mines it with the legacy settings
+video (PyAV, every frame scaled to 600x448 BGR: `read_frames`; the miner itself scales only the
+frames a stage uses), decodes it without scaling or conversion (the codec's own cost, for
+reference), and mines it with the legacy settings
 (homography_method=ransac, motion_sample=0) and with today's defaults, in one process; the medians
 over --rounds are reported in CPU time (what a core spends; on a machine shared with other jobs
 wall time charges their preemptions to whichever stage is running) and in wall time, with the
@@ -43,7 +45,7 @@ import numpy as np  # noqa: E402
 from _table import markdown_table  # noqa: E402
 from vidrep.data.demo import write_demo_videos  # noqa: E402
 from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
-from vidrep.mining.decode import read_frames  # noqa: E402
+from vidrep.mining.decode import read_frames, read_pictures  # noqa: E402
 from vidrep.mining.inputs import list_videos  # noqa: E402
 from vidrep.mining.miner import MinerConfig, VideoMiner  # noqa: E402
 from vidrep.mining.motion import point_motion  # noqa: E402
@@ -140,13 +142,19 @@ def timed_rounds(paths: list[Path], rounds: int) -> tuple[dict, Counter, dict]:
     defaults. Returns {variant: [(cpu s, wall s), ...]}, the frame count, and per variant the
     per-stage CPU seconds and counters of the first round."""
     configs = {"mining, legacy settings": MinerConfig(**LEGACY), "mining, defaults": MinerConfig()}
-    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], **{k: [] for k in configs}}
+    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], "decoding, no scaling or conversion": [],
+                                                   **{k: [] for k in configs}}
     first: dict = {}
     frames = 0
     for r in range(rounds):
         cpu, wall = time.process_time(), time.perf_counter()
         frames = sum(1 for path in paths for _ in read_frames(path))
         times["decoding alone"].append((time.process_time() - cpu, time.perf_counter() - wall))
+        cpu, wall = time.process_time(), time.perf_counter()
+        for path in paths:
+            for _ in read_pictures(path):
+                pass
+        times["decoding, no scaling or conversion"].append((time.process_time() - cpu, time.perf_counter() - wall))
         for name, config in configs.items():
             miner, stats, seconds = VideoMiner(config), Counter(), Counter()
             cpu, wall = time.process_time(), time.perf_counter()
