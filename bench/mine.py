@@ -4,9 +4,12 @@
     python bench/mine.py --videos /data/some/videos --synthetic 0     # your own footage
     python bench/mine.py --detectors                                  # + the SURF-substitute table
     python bench/mine.py --ratio-only --film fetch --synthetic 0 --hd 0 --rounds 3   # mining vs decoding, the film + opencv-doc
+    python bench/mine.py --trackers --film fetch                      # the miner.tracker options: cost and yield
 
 --ratio-only measures just mining against decoding alone, side by side: each round decodes every
-video (PyAV, 600x448 BGR, as the miner reads them) and mines it with the legacy settings
+video (PyAV, every frame scaled to 600x448 BGR: `read_frames`; the miner itself scales only the
+frames a stage uses), decodes it without scaling or conversion (the codec's own cost, for
+reference), and mines it with the legacy settings
 (homography_method=ransac, motion_sample=0) and with today's defaults, in one process; the medians
 over --rounds are reported in CPU time (what a core spends; on a machine shared with other jobs
 wall time charges their preemptions to whichever stage is running) and in wall time, with the
@@ -42,7 +45,7 @@ import numpy as np  # noqa: E402
 from _table import markdown_table  # noqa: E402
 from vidrep.demo.corpus import write_demo_videos  # noqa: E402
 from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
-from vidrep.mining.decode import read_frames  # noqa: E402
+from vidrep.mining.decode import read_frames, read_pictures  # noqa: E402
 from vidrep.mining.inputs import list_videos  # noqa: E402
 from vidrep.mining.miner import MinerConfig, VideoMiner  # noqa: E402
 from vidrep.mining.motion import point_motion  # noqa: E402
@@ -61,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--detectors", action="store_true", help="also compare the interest point detectors")
     p.add_argument("--video-minutes", type=float, default=4.0, help="mean video length assumed for the 100K projection")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate assumed for the 100K projection")
+    p.add_argument("--trackers", action="store_true", help="only the miner.tracker options: cost per tracked frame, yield, accuracy")
     p.add_argument("--ratio-only", action="store_true", help="only mining vs decoding alone, side by side (see above)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of --ratio-only (medians reported)")
     p.add_argument("--film", default=None, help="path of bbb.mp4, or `fetch` (cached in $VIDREP_CACHE_DIR or ~/.cache/vidrep)")
@@ -138,13 +142,19 @@ def timed_rounds(paths: list[Path], rounds: int) -> tuple[dict, Counter, dict]:
     defaults. Returns {variant: [(cpu s, wall s), ...]}, the frame count, and per variant the
     per-stage CPU seconds and counters of the first round."""
     configs = {"mining, legacy settings": MinerConfig(**LEGACY), "mining, defaults": MinerConfig()}
-    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], **{k: [] for k in configs}}
+    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], "decoding, no scaling or conversion": [],
+                                                   **{k: [] for k in configs}}
     first: dict = {}
     frames = 0
     for r in range(rounds):
         cpu, wall = time.process_time(), time.perf_counter()
         frames = sum(1 for path in paths for _ in read_frames(path))
         times["decoding alone"].append((time.process_time() - cpu, time.perf_counter() - wall))
+        cpu, wall = time.process_time(), time.perf_counter()
+        for path in paths:
+            for _ in read_pictures(path):
+                pass
+        times["decoding, no scaling or conversion"].append((time.process_time() - cpu, time.perf_counter() - wall))
         for name, config in configs.items():
             miner, stats, seconds = VideoMiner(config), Counter(), Counter()
             cpu, wall = time.process_time(), time.perf_counter()
@@ -180,6 +190,69 @@ def ratio_tables(label: str, paths: list[Path], rounds: int) -> str:
     counters = ["candidates", "rejected_static", "rejected_camera_motion", "tracks", "pairs"]
     out.append(markdown_table(["counter", *first], [[k, *(str(first[name][1][k]) for name in first)] for k in counters]))
     return "\n".join(out)
+
+
+class _CountingTracker:
+    """Wraps an OpenCV tracker to count its updates (tracked frames) and their CPU time."""
+
+    updates, seconds = 0, 0.0
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+
+    def init(self, *args):
+        return self.tracker.init(*args)
+
+    def update(self, image):
+        start = time.process_time()
+        out = self.tracker.update(image)
+        _CountingTracker.seconds += time.process_time() - start
+        _CountingTracker.updates += 1
+        return out
+
+
+def tracker_rows(footage: dict[str, list[Path]]) -> list[list[str]]:
+    """Per miner.tracker: the tracker's own CPU ms per tracked frame (the frame scaling before it,
+    ~0.1 ms, is the same for all), tracks, lost tracks and pairs per footage set, and on synthetic
+    videos with known object boxes (SyntheticVideo seeds 1-5, 160 frames, objects at 3-4 px/frame)
+    the share of the query's object inside the tracked box 30 frames later."""
+    from vidrep.mining import tracking
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic = {seed: SyntheticVideo(seed, num_frames=160, object_speed=(3.0, 4.0)) for seed in range(1, 6)}
+        paths = {seed: v.write(Path(tmp) / f"{seed}.avi") for seed, v in synthetic.items()}
+        for name, create in tracking.TRACKERS.items():
+            tracking.TRACKERS[name] = lambda patch, create=create: _CountingTracker(create(patch))
+            try:
+                miner = VideoMiner(MinerConfig(tracker=name))
+                _CountingTracker.updates, _CountingTracker.seconds = 0, 0.0
+                cells = []
+                for label, videos in footage.items():
+                    stats = Counter()
+                    for path in videos:
+                        stats.update(miner.mine(path).stats)
+                    cells.append(f"{stats['tracks']} / {stats['tracks_lost']} / {stats['pairs']}")
+                per_frame = 1000 * _CountingTracker.seconds / max(_CountingTracker.updates, 1)
+                covers = []
+                for seed, video in synthetic.items():
+                    for r in miner.mine(paths[seed]).records:
+                        boxes = video.boxes(r.query_frame)
+                        obj = int(np.argmax([_cover(b, r.query_box) for b in boxes]))
+                        covers.append(_cover(video.boxes(r.tracked_frame)[obj], r.tracked_box))
+                covers = np.array(covers)
+                rows.append([name, f"{per_frame:.2f}", *cells, str(len(covers)),
+                             f"{covers.mean():.3f}" if len(covers) else "-", f"{(covers >= 0.5).mean():.2f}" if len(covers) else "-"])
+            finally:
+                tracking.TRACKERS[name] = create
+    return rows
+
+
+def _cover(box, window) -> float:
+    """Share of `box` (x, y, w, h) inside `window`."""
+    x, y, w, h = box
+    wx, wy, ww, wh = window
+    return max(0, min(x + w, wx + ww) - max(x, wx)) * max(0, min(y + h, wy + wh) - max(y, wy)) / (w * h)
 
 
 def write_h264(path: Path, seed: int, num_frames: int = 220) -> Path:
@@ -242,6 +315,23 @@ def detector_rows(paths: list[Path]) -> list[list[str]]:
 def main() -> None:
     args = parse_args()
     cv2.setNumThreads(1)
+    if args.trackers:
+        import datetime
+        import platform
+
+        print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+              f"opencv {cv2.__version__}, load average {os.getloadavg()[0]:.1f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            footage = {}
+            if args.videos is not None:
+                footage["opencv-doc"] = [v.path for v in list_videos(args.videos)]
+            if args.film is not None:
+                film = fetch_film() if args.film == "fetch" else Path(args.film)
+                footage[film.name] = film_segments(film, Path(tmp) / "film", args.film_segments, args.segment_seconds)
+            print(markdown_table(["miner.tracker", "CPU ms per tracked frame", *(f"{k}: tracks / lost / pairs" for k in footage),
+                                  "synthetic: pairs", "object share in tracked box", "pairs with >= half the object"],
+                                 tracker_rows(footage)))
+        return
     if args.ratio_only:
         import datetime
         import platform

@@ -174,6 +174,20 @@ def test_query_window_covers_the_moving_object_and_the_track_follows_it(tmp_path
     assert np.mean(tracked_cover) > np.mean(unmoved_cover) + 0.15, (tracked_cover, unmoved_cover)
 
 
+def test_frames_no_stage_looks_at_are_never_scaled(tmp_path, monkeypatch):
+    """The cut test reads each frame's luma plane; only candidate frames (and the frame before
+    each) and tracked frames are scaled to BGR."""
+    from vidrep.mining import decode
+
+    converted = []
+    bgr = decode.Picture.bgr
+    monkeypatch.setattr(decode.Picture, "bgr", lambda self: (self._bgr is None and converted.append(1)) or bgr(self))
+    path = SyntheticVideo(5, num_frames=60, num_objects=0, pan=(0.0, 0.0)).write(tmp_path / "still.avi")
+    result = VideoMiner(MinerConfig()).mine(path)
+    assert result.stats["tracks"] == 0 and result.stats["candidates"] == 11
+    assert len(converted) == 2 * result.stats["candidates"]  # of 60 frames
+
+
 def test_static_camera_without_motion_gives_no_pair(tmp_path):
     path = SyntheticVideo(5, num_frames=60, num_objects=0, pan=(0.0, 0.0)).write(tmp_path / "still.avi")
     result = VideoMiner(MinerConfig()).mine(path)
@@ -200,6 +214,19 @@ def test_decoders_agree(tmp_path):
     assert len(pyav) == len(ocv) == 10
     assert pyav[0].shape == (448, 600, 3)
     assert np.abs(pyav[5].astype(int) - ocv[5].astype(int)).mean() < 3
+
+
+def test_pyav_scaler_gives_the_pixels_of_a_fresh_one_per_frame(tmp_path):
+    """decode.py keeps one single-threaded scaler per video for speed; the frames must be those
+    PyAV's per-frame `to_ndarray(width=, height=)` gives (what corpora were mined from)."""
+    import av
+
+    path = SyntheticVideo(9, num_frames=6, height=360, width=480, object_size=(60, 120)).write(tmp_path / "v.avi")
+    with av.open(str(path)) as container:
+        expected = [f.to_ndarray(format="bgr24", width=600, height=448, interpolation="AREA") for f in container.decode(video=0)]
+    got = list(read_frames(path))
+    assert len(got) == len(expected) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
 # ---------------------------------------------------------------- the corpus-level run
@@ -556,6 +583,41 @@ def test_settings_added_later_keep_older_corpora_resumable():
     assert MinerConfig.from_corpus_settings(old_file) == legacy
     with pytest.raises(ValueError, match="homography_method"):
         MinerConfig(homography_method="lmeds")
+
+
+def test_tracker_key_keeps_the_settings_of_corpora_mined_before_it():
+    kcf = MinerConfig()
+    assert kcf.tracker == "kcf" and "tracker" not in kcf.corpus_settings()
+    # a mining.json written before the key existed still matches today's default miner
+    assert MinerConfig.from_corpus_settings(kcf.corpus_settings()) == kcf
+    assert MinerConfig(tracker="csrt").corpus_settings()["tracker"] == "csrt"
+    assert MinerConfig.from_corpus_settings(MinerConfig(tracker="csrt").corpus_settings()).tracker == "csrt"
+    with pytest.raises(ValueError, match="miner.tracker"):
+        MinerConfig(tracker="goturn")
+
+
+def test_the_tracker_is_swapped_by_config(tmp_path, monkeypatch):
+    """miner.tracker=mosse from mine.yaml builds that tracker for every track and no KCF (MOSSE:
+    the cheapest alternative; CSRT costs ~5 s here)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from vidrep.mining import tracking
+
+    name = "mosse"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("mine", overrides=["videos=x", "out=y", f"miner.tracker={name}"])
+    config = instantiate(cfg.miner)
+    assert config.tracker == name and config.corpus_settings()["tracker"] == name
+    built = []
+    for kind, create in list(tracking.TRACKERS.items()):
+        monkeypatch.setitem(tracking.TRACKERS, kind, lambda patch, kind=kind, create=create: built.append(kind) or create(patch))
+    path = SyntheticVideo(1, num_frames=100, object_speed=(3.0, 4.0)).write(tmp_path / "v.avi")
+    result = VideoMiner(config).mine(path)
+    assert result.stats["tracks"] >= 1 and built == [name] * result.stats["tracks"]
+    assert result.stats["pairs"] >= 1, dict(result.stats)
+    for r in result.records:
+        assert r.tracked_box[2:] == (227, 227)
 
 
 def test_one_corner_pass_gives_exactly_the_gftt_detector_points():

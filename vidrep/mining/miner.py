@@ -6,7 +6,7 @@ progress is advanced as frames arrive, so memory does not grow with the video's 
 Per candidate frame t (every `candidate_every` frames, never inside a track already taken):
   interest points on t -> their motion against t-1 after camera-motion compensation -> reject the
   frame when too few points, no camera model, < min_moving or > max_moving of the points move ->
-  the window with the most moving points -> track it with KCF over `track_length` frames -> the
+  the window with the most moving points -> track it (KCF by default) over `track_length` frames -> the
   window in frame t + track_length is the positive. A shot cut, a lost track or the end of the
   video before the track completes yields no pair.
 """
@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 
 from vidrep.data.corpus import PairRecord
-from vidrep.mining.decode import VideoError, read_frames
+from vidrep.mining.decode import Picture, VideoError, read_pictures
 from vidrep.mining.motion import HOMOGRAPHY_METHODS, MotionScreen, PointMotion, point_motion
 from vidrep.mining.points import gftt_with_weak_corners, make_detector, surf_available
 from vidrep.mining.shots import is_cut, thumbnail_histogram
-from vidrep.mining.tracking import WindowTracker
+from vidrep.mining.tracking import TRACKERS, WindowTracker
 from vidrep.mining.window import best_window
 
 # Every counter a video's mining reports, in the order the summary prints them.
@@ -38,7 +38,7 @@ STAT_KEYS = (
 
 
 # Settings that did not exist in earlier corpora's mining.json, with the behaviour those had.
-LEGACY_VALUES = {"homography_method": "ransac", "motion_sample": 0}
+LEGACY_VALUES = {"homography_method": "ransac", "motion_sample": 0, "tracker": "kcf"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class MinerConfig:
     min_points: int = 20
     window: int = 227
     track_length: int = 30
+    tracker: str = "kcf"  # vidrep.mining.tracking.TRACKERS
     track_size: int = 64
     track_patch: int = 48
     candidate_every: int = 5
@@ -85,6 +86,8 @@ class MinerConfig:
             raise ValueError(f"window {self.window} does not fit frames of {self.height}x{self.width}")
         if self.track_length < 1 or self.candidate_every < 1 or self.min_gap < 0:
             raise ValueError("need track_length >= 1, candidate_every >= 1 and min_gap >= 0")
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"unknown tracker {self.tracker!r}; choose miner.tracker from {tuple(TRACKERS)}")
         if self.homography_method not in HOMOGRAPHY_METHODS:
             raise ValueError(f"unknown homography_method {self.homography_method!r}; choose from {tuple(HOMOGRAPHY_METHODS)}")
         if self.video_timeout is not None and self.video_timeout <= 0:
@@ -205,7 +208,7 @@ class VideoMiner:
         x, y, count = best_window(motion.points[moving], c.height, c.width, c.window)
         clock.lap("window")
         stats["tracks"] += 1
-        tracker = WindowTracker(frame, x, y, c.window, c.track_size, c.track_patch)
+        tracker = WindowTracker(frame, x, y, c.window, c.track_size, c.track_patch, c.tracker)
         clock.lap("track")
         query_jpeg = _jpeg(_crop(frame, x, y, c.window), c.jpeg_quality)
         clock.lap("encode")
@@ -219,16 +222,24 @@ class VideoMiner:
         name = str(path) if name is None else name
         result = VideoResult(records=[])
         stats, clock = result.stats, result.clock
-        prev_gray = prev_hist = None
+        prev: Picture | None = None
+        prev_hist = None
         track: _Track | None = None
         next_start = 1  # the first frame has no predecessor to measure motion against
-        for t, frame in enumerate(read_frames(path, c.height, c.width, c.decoder)):
+
+        def bgr(picture: Picture, t: int) -> np.ndarray:
+            frame = picture.bgr()
             if frame.shape != (c.height, c.width, 3):
                 raise VideoError("bad_frame", f"{path}: frame {t} has shape {frame.shape}")
+            clock.lap("decode")  # a frame is scaled and converted only when a stage uses it
+            return frame
+
+        for t, picture in enumerate(read_pictures(path, c.height, c.width, c.decoder)):
             clock.lap("decode")
             stats["frames"] += 1
-            gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            hist = thumbnail_histogram(gray)
+            # Every frame is checked for a cut, on its luma only (the decoder's own plane: no
+            # scaling or colour conversion for frames no other stage looks at).
+            hist = thumbnail_histogram(picture.luma())
             cut = prev_hist is not None and is_cut(prev_hist, hist, c.cut_threshold)
             clock.lap("cuts")
             if track is not None:
@@ -236,6 +247,7 @@ class VideoMiner:
                     stats["tracks_cut"] += 1
                     track = None
                 else:
+                    frame = bgr(picture, t)
                     pos = track.tracker.update(frame)
                     clock.lap("track")
                     if pos is None:
@@ -259,8 +271,12 @@ class VideoMiner:
                     stats["candidates"] += 1
                     stats["rejected_cut"] += 1
                 else:
+                    frame = bgr(picture, t)
+                    bgr(prev, t - 1)
+                    gray, prev_gray = picture.gray(), prev.gray()
+                    clock.lap("decode")
                     track = self._start_track(stats, clock, prev_gray, gray, frame, t)
-            prev_gray, prev_hist = gray, hist
+            prev, prev_hist = picture, hist
         if track is not None:
             stats["tracks_unfinished"] += 1
         if stats["frames"] == 0:

@@ -112,31 +112,44 @@ def point_motion(
     if weak_corners is None:
         weak_corners = cv2.goodFeaturesToTrack(gray, maxCorners=0, qualityLevel=0.001, minDistance=5)
         weak_corners = np.zeros((0, 2), np.float32) if weak_corners is None else weak_corners.reshape(-1, 2)
-    support = weak_corners[balanced_subset(weak_corners, height, width, grid, per_cell)]
+    chosen = balanced_subset(weak_corners, height, width, grid, per_cell)
     points = points.astype(np.float32).reshape(-1, 2)
-    if len(points) + len(support) == 0:
+    n = len(points)
+    if n + len(chosen) == 0:
         return PointMotion(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), None)
-    sampled = None if screen is None else screen.indices(len(points))
-    first = points if sampled is None else points[sampled]
+    # gftt's points are the head of its weak-corner list, and ~80 % of the support set are among
+    # them: each distinct corner is followed once (Lucas-Kanade solves each point on its own, so
+    # the results are those of following them twice).
+    if n <= len(weak_corners) and np.array_equal(weak_corners[:n], points):
+        own = chosen[chosen >= n]
+        support_at = np.concatenate([chosen[chosen < n], n + np.arange(len(own))])
+    else:
+        own = chosen
+        support_at = n + np.arange(len(own))
+    joint = np.concatenate([points, weak_corners[own]])  # support positions: joint[support_at]
+    matched, ok = np.empty_like(joint), np.zeros(len(joint), bool)
+    followed = np.zeros(len(joint), bool)
+
+    def follow(which: np.ndarray) -> None:
+        which = which[~followed[which]]
+        matched[which], ok[which] = _follow(prev_gray, gray, joint[which])
+        followed[which] = True
+
+    sampled = None if screen is None else screen.indices(n)
     # One call for the support set and the points (or their sample): each call builds the pyramids.
-    matched, ok = _follow(prev_gray, gray, np.concatenate([first, support]))
-    n = len(first)
-    s_ok = ok[n:]
+    follow(np.union1d(np.arange(n) if sampled is None else sampled, support_at))
+    support, s_matched, s_ok = joint[support_at], matched[support_at], ok[support_at]
     homography = None
     if s_ok.sum() >= 8:
-        homography, _ = cv2.findHomography(support[s_ok], matched[n:][s_ok], HOMOGRAPHY_METHODS[homography_method], ransac_px)
-    matched, ok = matched[:n], ok[:n]
+        homography, _ = cv2.findHomography(support[s_ok], s_matched[s_ok], HOMOGRAPHY_METHODS[homography_method], ransac_px)
     if sampled is not None:
         if homography is not None:
-            residual = residual_flow(first[ok], matched[ok], homography).astype(np.float32)
+            first, first_ok = points[sampled], ok[sampled]
+            residual = residual_flow(first[first_ok], matched[sampled][first_ok], homography).astype(np.float32)
             if screen.settled(residual):
-                return PointMotion(first[ok], residual, homography)
-        rest = np.ones(len(points), bool)
-        rest[sampled] = False
-        all_matched, all_ok = np.empty_like(points), np.empty(len(points), bool)
-        all_matched[sampled], all_ok[sampled] = matched, ok
-        all_matched[rest], all_ok[rest] = _follow(prev_gray, gray, points[rest])
-        matched, ok = all_matched, all_ok
+                return PointMotion(first[first_ok], residual, homography)
+        follow(np.arange(n))
+    matched, ok = matched[:n], ok[:n]
     if homography is None:
         return PointMotion(points[ok], np.full(int(ok.sum()), np.nan, np.float32), None)
     pts = points[ok]
