@@ -264,7 +264,8 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 
 # ---------------------------------------------------------------- the detection protocol end to end
 
-DETECTION_FAST = ["protocol=detection", "protocol.finetune_workers=0", "protocol.adapt.workers=0", "protocol.iterations=4", "protocol.batch_size=32", "protocol.fc_dim=64",
+DETECTION_FAST = ["protocol=detection", "protocol.finetune_workers=0", "protocol.adapt.workers=0", "protocol.iterations=4",
+                  "protocol.batch_size=32", "protocol.fc_dim=64",
                   "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=16", "protocol.svm.norm_images=10"]
 
 

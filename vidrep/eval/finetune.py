@@ -142,7 +142,9 @@ def make_trainer(folder: Path, max_steps: int, device: str, devices: int, checkp
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     return L.Trainer(max_steps=max_steps, max_epochs=-1, accelerator="gpu" if device.startswith("cuda") else "cpu",
-                     devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
+                     devices=devices, use_distributed_sampler=False,
+                     # the trunk's own fc layers are carried along unused by the detection network
+                     strategy="ddp_spawn_find_unused_parameters_true" if devices > 1 else "auto",
                      logger=loggers, default_root_dir=folder, limit_val_batches=0,
                      callbacks=[ProgressBar(), ModelCheckpoint(dirpath=folder, filename="latest", every_n_train_steps=checkpoint_every,
                                                                save_top_k=1, save_last=True, enable_version_counter=False)],
