@@ -15,9 +15,11 @@ finetune=none: pool5 region features of the network (no training) + SVMs.
 finetune=straightforward: conv layers from the checkpoint; fc6/fc7 re-initialised for an
   unsupervised network (the paper), kept for ImageNet weights (R-CNN's baseline); SVMs on fc7.
 finetune=iterative: fine-tune; copy its conv layers back into the triplet network and re-adapt it
-  on mined pairs with the ranking loss; fine-tune again (`rounds` fine-tunings in all).
+  on mined pairs with train.py's TripletModule (vidrep/eval/adapt.py); fine-tune again (`rounds`
+  fine-tunings in all).
 
-Fine-tuning is a LightningModule run by a Lightning Trainer (vidrep/eval/finetune.py). Every stage
+Fine-tuning is a LightningModule run by a Lightning Trainer (vidrep/eval/finetune.py) on R-CNN's
+batches of windows drawn from the whole training split (vidrep/eval/windows.py). Every stage
 leaves its result in the cache (the proposals per image, the fine-tuned weights and a Lightning
 checkpoint every `finetune_checkpoint_every` steps, the feature scale, the positives, the miner's
 state every `svm.checkpoint_every` images, the test detections per `test_chunk` images), so a
@@ -172,7 +174,7 @@ class DetectionProtocol:
     momentum: float = 0.9
     weight_decay: float = 0.0005
     batch_size: int = 128  # regions per step
-    images_per_batch: int = 2
+    images_per_batch: int = 2  # regions=roi_pool only (Fast R-CNN); warp draws its windows from the whole split
     fg_fraction: float = 0.25
     fg_iou: float = 0.5
     bg_iou: list = field(default_factory=lambda: [0.0, 0.5])

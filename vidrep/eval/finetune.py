@@ -156,6 +156,11 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path, log
     """Fine-tune `model` in place for protocol.iterations steps; checkpoints and curves in `folder`
     (`last.ckpt`, `metrics.csv`, W&B with `logger`); resumes from `folder/last.ckpt`. The split's
     windows (regions=warp) are kept in `folder/../../windows/<key>/`, shared by rounds and networks."""
+    devices, per_step = int(protocol.devices), protocol.batch_size if protocol.regions == "warp" else protocol.images_per_batch
+    if per_step < devices:
+        key = "batch_size" if protocol.regions == "warp" else "images_per_batch"
+        raise ValueError(f"protocol.{key}={per_step} cannot be dealt to protocol.devices={devices} ranks (each needs at least one "
+                         f"{'region' if protocol.regions == 'warp' else 'image'} a step): lower protocol.devices")
     folder.mkdir(parents=True, exist_ok=True)
     start = checkpoint_step(folder)
     if start:
@@ -170,7 +175,7 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path, log
     model.train()  # the trunk comes in eval mode; Lightning keeps submodules' modes, and dropout must be on
     module = FinetuneModule(model, net, protocol, start, images, store, windows)
     run_id = f"ft-{folder.parent.name}-{folder.name}"
-    trainer = make_trainer(folder, protocol.iterations, device, int(protocol.devices), protocol.finetune_checkpoint_every,
+    trainer = make_trainer(folder, protocol.iterations, device, devices, protocol.finetune_checkpoint_every,
                            make_loggers(folder, logger, f"finetune {folder.parent.name} {folder.name}", run_id))
     last = folder / "last.ckpt"
     trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
