@@ -44,6 +44,7 @@ def readapt(trunk: nn.Module, input_size: int, adapt: dict, model_cfg, folder: P
     from vidrep.data.datamodule import PairDataModule
     from vidrep.eval.detection import _atomic_torch_save
     from vidrep.eval.finetune import checkpoint_step, make_loggers, make_trainer
+    from vidrep.training.loggers import finish_wandb
 
     done = folder / "adapted.pt"
     if done.exists():
@@ -67,7 +68,10 @@ def readapt(trunk: nn.Module, input_size: int, adapt: dict, model_cfg, folder: P
     last = folder / "last.ckpt"
     where = next(trunk.parameters()).device
     trunk.train()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+    finally:
+        finish_wandb()
     trunk.to(where).eval()  # Lightning's teardown leaves the module on the CPU
     _atomic_torch_save(trunk.state_dict(), done)
     for ckpt in folder.glob("*.ckpt"):

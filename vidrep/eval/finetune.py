@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from vidrep.eval.windows import WindowBatches, WindowCrops, whole_batch, window_file
+from vidrep.training.loggers import finish_wandb
 from vidrep.training.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -178,5 +179,8 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path, log
     trainer = make_trainer(folder, protocol.iterations, device, devices, protocol.finetune_checkpoint_every,
                            make_loggers(folder, logger, f"finetune {folder.parent.name} {folder.name}", run_id))
     last = folder / "last.ckpt"
-    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    try:
+        trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    finally:
+        finish_wandb()  # each fine-tuning its own W&B run (a new WandbLogger would join an open one)
     model.to(device).eval()  # Lightning's teardown leaves the module on the CPU
