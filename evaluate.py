@@ -4,14 +4,15 @@ or by retrieval on held-out videos: python evaluate.py protocol=retrieval ckpt=<
 import hydra
 from omegaconf import DictConfig
 
+from vidrep.common.preflight import preflight
 from vidrep.eval.checks import check_evaluate
 from vidrep.eval.run import evaluate
-from vidrep.preflight import preflight
+from vidrep.viz.evaluation import draw_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    evaluate(cfg, draw=draw_evaluation)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vidrep.common.preflight import preflight  # noqa: E402
 from vidrep.mining.checks import check_mine  # noqa: E402
 from vidrep.mining.cli import mine  # noqa: E402
-from vidrep.preflight import preflight  # noqa: E402
+from vidrep.viz.mining import draw_run_pictures  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="mine")
 def main(cfg: DictConfig) -> None:
-    mine(cfg)
+    mine(cfg, draw=draw_run_pictures)
 
 
 if __name__ == "__main__":

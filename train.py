@@ -5,7 +5,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vidrep.preflight import preflight
+from vidrep.common.preflight import preflight
 from vidrep.training.checks import check_train
 from vidrep.training.resume import with_run_overrides
 from vidrep.training.run import train

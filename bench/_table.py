@@ -1,4 +1,4 @@
-"""The Markdown table every benchmark ends with (pasted as is into the README)."""
+"""The Markdown table every benchmark ends with (pasted as is into bench/README.md)."""
 
 from collections.abc import Iterable, Sequence
 

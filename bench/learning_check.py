@@ -351,7 +351,7 @@ def main() -> None:
     datamodule, trained, initial, train_s = train(cfg)
     clock["training"] = train_s
 
-    from vidrep.eval.demo import format_weight_change, held_out_retrieval, weight_change
+    from vidrep.demo.check import format_weight_change, held_out_retrieval, weight_change
     from vidrep.eval.retrieval import retrieval_table
 
     index = datamodule.val_set.index
@@ -392,7 +392,7 @@ def main() -> None:
 
     import torch
 
-    from vidrep.data.corpus import write_bytes
+    from vidrep.common.io import write_bytes
 
     write_bytes(out / "learning_check.md", (text + "\n").encode())
     buffer = io.BytesIO()

@@ -76,7 +76,7 @@ def interleaved_rates(decoders: dict, jpegs: list[bytes], rounds: int) -> dict[s
 
 def demo_corpus() -> Path:
     """The demo corpus (227x227 JPEGs), built into the cache on first use."""
-    from vidrep.data.demo import build_demo_corpus
+    from vidrep.demo.corpus import build_demo_corpus
 
     return build_demo_corpus(Path(os.environ.get("VIDREP_CACHE_DIR", Path.home() / ".cache/vidrep")) / "demo-corpus-v3")
 

@@ -40,7 +40,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _table import markdown_table  # noqa: E402
-from vidrep.data.demo import write_demo_videos  # noqa: E402
+from vidrep.demo.corpus import write_demo_videos  # noqa: E402
 from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
 from vidrep.mining.decode import read_frames  # noqa: E402
 from vidrep.mining.inputs import list_videos  # noqa: E402

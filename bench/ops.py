@@ -1,7 +1,7 @@
 """CaffeNet's equal-output implementation choices (vidrep/models/ops.py), side by side in one run.
 
     python bench/ops.py                                   # a GPU: bf16 autocast, channels_last, 256 pairs
-    python bench/ops.py --device cpu --patches 16 --threads 1 --rounds 5     # what the README's CPU table ran
+    python bench/ops.py --device cpu --patches 8 --threads 1 --rounds 7 --steps 2   # bench/README.md's CPU table
 
 Each variant is the whole trunk (CaffeNet at --input-size) with one key changed from the default
 (lrn=torch, conv1_in_channels=3, grouped_conv=grouped); timed as forward + backward of --patches

@@ -1,6 +1,6 @@
 """Did the demo's former check (frozen SVMs on synthetic VOC) reward better features at all? Its
-upper bound, by supervision. (The demo now measures retrieval on held-out videos; README
-"Evaluation" says why this probe was dropped.)
+upper bound, by supervision. (The demo now measures retrieval on held-out videos; docs/evaluation.md
+"The demo's check" says why this probe was dropped.)
 
     python bench/probe_calibration.py                  # ~7 min on 2 cores
     python bench/probe_calibration.py --train-images 64 --steps 2 --num-images 20   # a smoke run
@@ -8,7 +8,7 @@ upper bound, by supervision. (The demo now measures retrieval on held-out videos
 Builds the demo's trunk as `python train.py` does (the composed config; extra arguments are Hydra
 overrides of it), trains it *supervised* to name the shape classes in images of the demo check's
 own world (its own images, drawn with another seed), then runs that check
-(`vidrep.eval.demo.frozen_svm_report`) on it and on its initialisation. A probe on which even
+(`vidrep.demo.check.frozen_svm_report`) on it and on its initialisation. A probe on which even
 features trained on its own labels do not beat random ones cannot show what tracking taught. The
 supervised head's mAP on its training images and on the probe's test images says whether the
 network learned the classes or memorised its images.
@@ -31,7 +31,7 @@ from hydra import compose, initialize_config_dir
 from vidrep.data.synthetic import SHAPES
 from vidrep.data.synthetic_voc import write_synthetic_voc
 from vidrep.data.voc import VOCImage, read_voc
-from vidrep.eval.demo import format_report, frozen_svm_report
+from vidrep.demo.check import format_report, frozen_svm_report
 from vidrep.eval.features import load_image, mean_subtract
 from vidrep.eval.metrics import voc_classification_ap
 

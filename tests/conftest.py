@@ -13,7 +13,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """12 synthetic videos of 220 frames, mined like the demo (up to 6 pairs each)."""
-    from vidrep.data.demo import build_demo_corpus
+    from vidrep.demo.corpus import build_demo_corpus
 
     return build_demo_corpus(tmp_path_factory.mktemp("corpus") / "tiny", num_videos=12, num_frames=220, progress=False)
 
@@ -29,7 +29,7 @@ TINY = [
     "data.val_fraction=0.25",
     "~callbacks.progress",
     "trainer.accelerator=cpu",
-    "~demo_eval",
+    "~callbacks.demo_check",
     "callbacks.pictures.every_n_epochs=0",  # tests/test_viz.py turns them on
 ]
 

@@ -176,7 +176,7 @@ def _dry_run(tmp_path, corpus, *extra):
     from vidrep.training.run import train
 
     out = tmp_path / "_".join(e.replace("=", "-") for e in extra)
-    tiny = [o for o in TINY if o != "~demo_eval"]  # data=corpus: the paper's settings, not the demo's
+    tiny = [o for o in TINY if o != "~callbacks.demo_check"]  # data=corpus: the paper's settings, not the demo's
     cfg = compose_train(["data=corpus", *tiny, f"data.root={corpus}", "logger=csv", "dry_run=true", *extra], out)
     assert train(cfg) == {}
     assert sorted(p.name for p in out.iterdir()) == ["schedule.json"]  # no checkpoints, no logs: nothing ran

@@ -108,7 +108,7 @@ def test_ranks_train_the_global_batches_of_one_process():
     """Each global batch is dealt across the ranks (10 on 3: 4 + 3 + 3); the ranks' shares, put
     together, are the batches one process trains, in its order, every epoch."""
     from vidrep.data.datamodule import ResumableSampler
-    from vidrep.training.schedule import rank_shares
+    from vidrep.data.shares import rank_shares
 
     assert rank_shares(50, 4) == [13, 13, 12, 12] and rank_shares(10, 3) == [4, 3, 3] and rank_shares(8, 1) == [8]
     for epoch in (0, 3):
@@ -293,7 +293,8 @@ def test_training_reads_strictly_or_skips_and_counts(tiny_corpus, tmp_path):
 
 
 def test_damaged_or_lost_manifests_are_named(tmp_path):
-    from vidrep.data.corpus import DamagedCorpusError, check_complete, write_json
+    from vidrep.common.io import write_json
+    from vidrep.data.corpus import DamagedCorpusError, check_complete
 
     write_shard(tmp_path, "a", [record("v1.mp4", 0)])
     write_shard(tmp_path, "b", [record("v2.mp4", 0)])
@@ -310,13 +311,14 @@ def test_damaged_or_lost_manifests_are_named(tmp_path):
 def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import errno
 
+    from vidrep.common import io
     from vidrep.data import corpus
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     corpus.init_corpus(tmp_path)
-    monkeypatch.setattr(corpus.os, "fsync", no_space)
+    monkeypatch.setattr(io.os, "fsync", no_space)
     with pytest.raises(OSError, match=r"cannot write .*a.tar \(No space left on device\).*rerun the same command"):
         write_shard(tmp_path, "a", [record("v1.mp4", 0)])
     assert not list((tmp_path / "shards").iterdir()), "no partial file left"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from vidrep.data.synthetic import SHAPES
 from vidrep.data.synthetic_voc import write_synthetic_voc
 from vidrep.data.voc import VOCError, read_voc
@@ -193,7 +193,7 @@ def _evaluate(tmp_path, ckpt, *extra):
 def test_weight_change_per_layer():
     import copy
 
-    from vidrep.eval.demo import format_weight_change, weight_change
+    from vidrep.demo.check import format_weight_change, weight_change
 
     initial = CaffeNet(input_size=99, fc6_dim=16, fc7_dim=8)
     trained = copy.deepcopy(initial)
@@ -508,7 +508,6 @@ def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
     import tracemalloc
 
     from vidrep.eval.detection import DetectionProtocol
-
     from vidrep.eval.rcnn_svm import fit_rcnn_svm
 
     # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images

@@ -77,7 +77,8 @@ def test_a_batch_is_32_foreground_and_96_background_from_the_whole_set():
     seen = set()
     for step in range(20):
         rows, flips = window_batch(7, step, w.num_fg, w.num_bg, 128, 0.25, True)
-        assert len(rows) == 128 and (rows < w.num_fg).sum() == 32  # Caffe: int(128 x 0.25) foreground, the rest background
+        # Caffe: int(128 x 0.25) foreground, the rest background
+        assert len(rows) == 128 and (rows < w.num_fg).sum() == 32
         assert (w.label[rows[rows < w.num_fg]] > 0).all() and (w.label[rows[rows >= w.num_fg]] == 0).all()
         assert len(np.unique(w.image[rows])) > 40  # windows of many images, not 2
         assert 30 < flips.sum() < 98
@@ -89,8 +90,12 @@ def test_a_batch_is_32_foreground_and_96_background_from_the_whole_set():
 
 
 def _windows(n_fg=50, n_bg=150):
-    return Windows(np.arange(n_fg + n_bg, dtype=np.int32), np.zeros((n_fg + n_bg, 4), np.float32),
-                   np.r_[np.ones(n_fg, np.uint8), np.zeros(n_bg, np.uint8)], n_fg)
+    return Windows(
+        np.arange(n_fg + n_bg, dtype=np.int32),
+        np.zeros((n_fg + n_bg, 4), np.float32),
+        np.r_[np.ones(n_fg, np.uint8), np.zeros(n_bg, np.uint8)],
+        n_fg,
+    )
 
 
 def test_a_resumed_sampler_continues_the_same_sequence():
@@ -177,7 +182,9 @@ def test_readaptation_trains_through_triplet_module_and_resumes(tiny_corpus, tmp
     assert "train/loss" in metrics and "train/hard_phase" in metrics
     hard = [row.split(",") for row in metrics.splitlines()]
     column = hard[0].index("train/hard_phase_step")
-    assert {r[column] for r in hard[1:] if len(r) > column and r[column]} == {"1.0"}  # the paper's top-K negatives from step 0
+    assert {r[column] for r in hard[1:] if len(r) > column and r[column]} == {
+        "1.0"
+    }  # the paper's top-K negatives from step 0
 
     fresh = CaffeNet(67, 64, 32)
     monkeypatch.setattr(L.Trainer, "fit", lambda *a, **k: pytest.fail("a finished re-adaptation ran again"))

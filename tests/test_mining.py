@@ -487,7 +487,7 @@ def test_real_videos_give_pairs_of_the_same_thing_and_damage_never_stops_the_run
     assert done["vtest.avi"]["frames"] == 795 and done["Megamind.avi"]["frames"] == 270
     assert done["Megamind.avi"]["pairs"] >= 3 and done["Megamind_bugy.avi"]["pairs"] >= 3
     # vtest: a static camera on small pedestrians; with GFTT only ~14 % of the points move, under
-    # the paper's 25 % floor (see the README's detector table), so nearly every frame is rejected.
+    # the paper's 25 % floor (see the detector table in docs/mining.md), so nearly every frame is rejected.
     assert done["vtest.avi"]["rejected_static"] >= 0.9 * done["vtest.avi"]["candidates"]
     # Same thing in both patches: each tracked patch correlates better with its own query than
     # with the queries of the other pairs of its video.

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 from vidrep.eval.checks import check_evaluate
 from vidrep.mining.checks import check_mine
-from vidrep.preflight import PreflightError, compose, did_you_mean, first_values, preflight
+from vidrep.common.preflight import PreflightError, compose, did_you_mean, first_values, preflight
 from vidrep.training.checks import check_train
 
 

@@ -153,7 +153,7 @@ def test_demo_check_table_comes_from_the_run(tiny_corpus, tmp_path):
     from vidrep.eval.retrieval import baseline_featurizer, retrieval_results
     from vidrep.training.run import train
 
-    overrides = [o for o in TINY if o != "~demo_eval"]
+    overrides = [o for o in TINY if o != "~callbacks.demo_check"]
     cfg = compose_train([*overrides, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_steps=2"], tmp_path)
     metrics = train(cfg)
     lines = (tmp_path / "demo_eval.md").read_text().splitlines()

@@ -13,7 +13,7 @@ import yaml
 
 from conftest import ROOT, TINY
 from test_configs import compose_train
-from vidrep.training.loggers import resolve_wandb_mode
+from vidrep.common.loggers import resolve_wandb_mode
 from vidrep.training.run import train
 
 

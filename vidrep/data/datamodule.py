@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 
 import lightning as L
 import numpy as np
@@ -14,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidrep.data.corpora import as_roots, corpus_settings, open_index
 from vidrep.data.corpus import CorpusError, DamagedCorpusError, PairIndex, select_pairs
-from vidrep.data.demo import build_demo_corpus
 from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
-from vidrep.training.schedule import rank_shares
+from vidrep.common.workarounds import EpochForwarder, quiet_mid_epoch_resume_warning
+from vidrep.data.shares import rank_shares
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +118,6 @@ def _merge_single_video_batches(ids: np.ndarray, cuts: np.ndarray) -> np.ndarray
     return np.asarray(keep, np.int64)
 
 
-class _EpochForwarder:
-    """What Lightning finds as `batch_sampler.sampler`: passes its set_epoch on to the batch sampler."""
-
-    def __init__(self, owner: "ResumableSampler") -> None:
-        self.owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self.owner.set_epoch(epoch)
-
-
 class ResumableSampler(Sampler[list[int]]):
     """Training batches: one seeded permutation of the training pairs per epoch, cut into global
     batches of `global_batch` pairs (the last partial one dropped), each dealt across the ranks
@@ -154,7 +143,7 @@ class ResumableSampler(Sampler[list[int]]):
         self.epoch = 0
         # Lightning sets the epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`,
         # never on the batch sampler itself: without this every epoch would repeat epoch 0's order.
-        self.sampler = _EpochForwarder(self)
+        self.sampler = EpochForwarder(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -211,7 +200,6 @@ class PairDataModule(L.LightningDataModule):
         seed: int = 0,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        demo: dict | None = None,
         train_batch_size: int | None = None,
         skip_damaged: bool = False,
     ) -> None:
@@ -225,17 +213,11 @@ class PairDataModule(L.LightningDataModule):
         self.train_batch_size = batch_size if train_batch_size is None else train_batch_size
         self.input_size, self.flip_p, self.decoder = input_size, flip_p, decoder
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self.demo = dict(demo) if demo else None
         self.skip_damaged = skip_damaged
         self.train_set: PairDataset | None = None
         self.val_set: PairDataset | None = None
         self._train_sampler: ResumableSampler | None = None
         self._resume: dict | None = None
-
-    def prepare_data(self) -> None:
-        if self.demo is not None and not (self.root / "demo.json").exists():
-            log.info("building the demo corpus at %s (once; cached afterwards)", self.root)
-            build_demo_corpus(self.root, **self.demo)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -293,9 +275,7 @@ class PairDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("train_position")
         if self._resume is not None:
-            # Lightning looks for the resume state on the DataLoader only and would warn that a
-            # mid-epoch resume is unreliable; here the position travels with the datamodule.
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+            quiet_mid_epoch_resume_warning()
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """data.decoder=device: decode the batch's JPEGs on the training device (flips in training only)."""

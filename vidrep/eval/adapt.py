@@ -37,14 +37,23 @@ def triplet_module(model_cfg, trunk: nn.Module, input_size: int, lr: float | Non
     return hydra.utils.instantiate(cfg, _partial_=True)(net=EmbeddingNet(trunk))
 
 
-def readapt(trunk: nn.Module, input_size: int, adapt: dict, model_cfg, folder: Path, device: str, devices: int = 1,
-            logger: dict | None = None, seed: int = 0) -> None:
+def readapt(
+    trunk: nn.Module,
+    input_size: int,
+    adapt: dict,
+    model_cfg,
+    folder: Path,
+    device: str,
+    devices: int = 1,
+    logger: dict | None = None,
+    seed: int = 0,
+) -> None:
     """Re-adapt `trunk` in place on the pairs of `adapt["corpus"]` for `adapt["steps"]` steps of
     `adapt["batch_size"]` pairs; `folder` holds its checkpoints, curves and `adapted.pt`."""
+    from vidrep.common.loggers import finish_wandb
     from vidrep.data.datamodule import PairDataModule
     from vidrep.eval.detection import _atomic_torch_save
     from vidrep.eval.finetune import checkpoint_step, make_loggers, make_trainer
-    from vidrep.training.loggers import finish_wandb
 
     done = folder / "adapted.pt"
     if done.exists():
@@ -52,8 +61,10 @@ def readapt(trunk: nn.Module, input_size: int, adapt: dict, model_cfg, folder: P
         log.info("re-adapted trunk from %s", done)
         return
     if model_cfg is None:
-        raise ValueError("finetune=iterative re-adapts with the training module: evaluate.py needs its `model` config "
-                         "(conf/evaluate.yaml's defaults: model: caffenet)")
+        raise ValueError(
+            "finetune=iterative re-adapts with the training module: evaluate.py needs its `model` config "
+            "(conf/evaluate.yaml's defaults: model: caffenet)"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     steps = int(adapt["steps"])
     start = checkpoint_step(folder)
@@ -61,10 +72,26 @@ def readapt(trunk: nn.Module, input_size: int, adapt: dict, model_cfg, folder: P
         log.info("re-adaptation resumes at step %d of %d from %s", start, steps, folder / "last.ckpt")
     module = triplet_module(model_cfg, trunk, input_size, adapt.get("lr"))
     workers = int(adapt.get("workers", 0))
-    data = PairDataModule(str(adapt["corpus"]), batch_size=int(adapt["batch_size"]), num_workers=workers, input_size=input_size,
-                          val_fraction=0.0, seed=seed, persistent_workers=workers > 0, pin_memory=True)
-    trainer = make_trainer(folder, steps, device, devices, int(adapt.get("checkpoint_every", 1000)),
-                           make_loggers(folder, logger, f"re-adapt {folder.parent.name} {folder.name}", f"adapt-{folder.parent.name}-{folder.name}"))
+    data = PairDataModule(
+        str(adapt["corpus"]),
+        batch_size=int(adapt["batch_size"]),
+        num_workers=workers,
+        input_size=input_size,
+        val_fraction=0.0,
+        seed=seed,
+        persistent_workers=workers > 0,
+        pin_memory=True,
+    )
+    trainer = make_trainer(
+        folder,
+        steps,
+        device,
+        devices,
+        int(adapt.get("checkpoint_every", 1000)),
+        make_loggers(
+            folder, logger, f"re-adapt {folder.parent.name} {folder.name}", f"adapt-{folder.parent.name}-{folder.name}"
+        ),
+    )
     last = folder / "last.ckpt"
     where = next(trunk.parameters()).device
     trunk.train()

@@ -1,4 +1,4 @@
-"""evaluate.py's checks before anything starts (vidrep.preflight runs them on the composed config)."""
+"""evaluate.py's checks before anything starts (vidrep.common.preflight runs them on the composed config)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vidrep.eval.retrieval import BASELINES
-from vidrep.preflight import PreflightError, is_missing, require_path
+from vidrep.common.preflight import PreflightError, is_missing, require_path
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
 CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "

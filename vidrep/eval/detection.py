@@ -46,8 +46,8 @@ from torchvision.ops import roi_pool
 from tqdm import tqdm
 
 from vidrep.data.voc import VOCImage
-from vidrep.eval.features import Network
 from vidrep.eval.adapt import readapt
+from vidrep.eval.features import Network
 from vidrep.eval.finetune import finetune
 from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
 from vidrep.eval.proposals import ProposalStore

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
+from vidrep.common.loggers import finish_wandb
 from vidrep.eval.windows import WindowBatches, WindowCrops, whole_batch, window_file
-from vidrep.training.loggers import finish_wandb
 from vidrep.training.progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -74,18 +74,29 @@ class FinetuneModule(L.LightningModule):
         self.model, self.protocol, self.start = model, protocol, start
         self.net_input_size, self.preprocess = net.input_size, net.preprocess
         self.images, self.store, self.windows = images, store, windows
-        self.net = net if windows is None else None  # roi_pool's outputs need the whole Network; it stays in one process
+        # roi_pool's outputs need the whole Network; it stays in one process
+        self.net = net if windows is None else None
 
     def train_dataloader(self) -> DataLoader:
         p, world, rank = self.protocol, self.trainer.world_size, self.trainer.global_rank
         if self.windows is None:
-            return DataLoader(RegionSteps(p, self.images, self.store, self.start, p.iterations, world, rank), batch_size=None,
-                              collate_fn=whole_batch)
-        sampler = WindowBatches(self.windows, p.batch_size, p.fg_fraction, p.flip, p.seed, self.start, p.iterations, world, rank)
+            return DataLoader(
+                RegionSteps(p, self.images, self.store, self.start, p.iterations, world, rank),
+                batch_size=None,
+                collate_fn=whole_batch,
+            )
+        sampler = WindowBatches(
+            self.windows, p.batch_size, p.fg_fraction, p.flip, p.seed, self.start, p.iterations, world, rank
+        )
         workers = int(p.finetune_workers)
-        return DataLoader(WindowCrops([im.path for im in self.images], self.windows, self.net_input_size, int(p.warp["padding"])),
-                          batch_sampler=sampler, collate_fn=whole_batch, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            WindowCrops([im.path for im in self.images], self.windows, self.net_input_size, int(p.warp["padding"])),
+            batch_sampler=sampler,
+            collate_fn=whole_batch,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def training_step(self, batch, batch_idx):
         p, world = self.protocol, self.trainer.world_size
@@ -104,7 +115,8 @@ class FinetuneModule(L.LightningModule):
             summed = F.cross_entropy(logits, batch["labels"], reduction="sum")
             size = len(batch["labels"])
             local = summed / size
-            weighted = summed * world / p.batch_size  # DDP averages the ranks: every region of the batch weighs 1 / batch_size
+            # DDP averages the ranks: every region of the batch weighs 1 / batch_size
+            weighted = summed * world / p.batch_size
         self.log("finetune/loss", local, prog_bar=True, batch_size=size)
         return weighted
 
@@ -132,36 +144,69 @@ def make_loggers(folder: Path, logger: dict | None, name: str, run_id: str) -> l
     loggers = [csv_logger(str(folder))]
     if logger and logger.get("wandb"):
         w = logger["wandb"]
-        loggers.append(hydra.utils.instantiate(w, save_dir=str(folder), name=w.get("name") or name, id=w.get("id") or run_id,
-                                               resume=w.get("resume") or "allow", job_type="eval-finetune"))
+        loggers.append(
+            hydra.utils.instantiate(
+                w,
+                save_dir=str(folder),
+                name=w.get("name") or name,
+                id=w.get("id") or run_id,
+                resume=w.get("resume") or "allow",
+                job_type="eval-finetune",
+            )
+        )
     return loggers
 
 
-def make_trainer(folder: Path, max_steps: int, device: str, devices: int, checkpoint_every: int, loggers: list) -> L.Trainer:
+def make_trainer(
+    folder: Path, max_steps: int, device: str, devices: int, checkpoint_every: int, loggers: list
+) -> L.Trainer:
     """A Trainer bounded by steps: checkpoints `folder/last.ckpt` every `checkpoint_every` steps,
     the progress bar, DDP over `devices` when more than one (ddp_spawn; see the module's docstring)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return L.Trainer(max_steps=max_steps, max_epochs=-1, accelerator="gpu" if device.startswith("cuda") else "cpu",
-                     devices=devices, use_distributed_sampler=False,
-                     # the trunk's own fc layers are carried along unused by the detection network
-                     strategy="ddp_spawn_find_unused_parameters_true" if devices > 1 else "auto",
-                     logger=loggers, default_root_dir=folder, limit_val_batches=0,
-                     callbacks=[ProgressBar(), ModelCheckpoint(dirpath=folder, filename="latest", every_n_train_steps=checkpoint_every,
-                                                               save_top_k=1, save_last=True, enable_version_counter=False)],
-                     enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=max(1, min(20, max_steps // 2)),
-                     enable_progress_bar=True)
+    return L.Trainer(
+        max_steps=max_steps,
+        max_epochs=-1,
+        accelerator="gpu" if device.startswith("cuda") else "cpu",
+        devices=devices,
+        use_distributed_sampler=False,
+        # the trunk's own fc layers are carried along unused by the detection network
+        strategy="ddp_spawn_find_unused_parameters_true" if devices > 1 else "auto",
+        logger=loggers,
+        default_root_dir=folder,
+        limit_val_batches=0,
+        callbacks=[
+            ProgressBar(),
+            ModelCheckpoint(
+                dirpath=folder,
+                filename="latest",
+                every_n_train_steps=checkpoint_every,
+                save_top_k=1,
+                save_last=True,
+                enable_version_counter=False,
+            ),
+        ],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(20, max_steps // 2)),
+        enable_progress_bar=True,
+    )
 
 
 def finetune(protocol, model, net, images, store, device: str, folder: Path, logger: dict | None = None) -> None:
     """Fine-tune `model` in place for protocol.iterations steps; checkpoints and curves in `folder`
     (`last.ckpt`, `metrics.csv`, W&B with `logger`); resumes from `folder/last.ckpt`. The split's
     windows (regions=warp) are kept in `folder/../../windows/<key>/`, shared by rounds and networks."""
-    devices, per_step = int(protocol.devices), protocol.batch_size if protocol.regions == "warp" else protocol.images_per_batch
+    devices, per_step = (
+        int(protocol.devices),
+        protocol.batch_size if protocol.regions == "warp" else protocol.images_per_batch,
+    )
     if per_step < devices:
         key = "batch_size" if protocol.regions == "warp" else "images_per_batch"
-        raise ValueError(f"protocol.{key}={per_step} cannot be dealt to protocol.devices={devices} ranks (each needs at least one "
-                         f"{'region' if protocol.regions == 'warp' else 'image'} a step): lower protocol.devices")
+        raise ValueError(
+            f"protocol.{key}={per_step} cannot be dealt to protocol.devices={devices} ranks (each needs at least one "
+            f"{'region' if protocol.regions == 'warp' else 'image'} a step): lower protocol.devices"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     start = checkpoint_step(folder)
     if start:
@@ -169,15 +214,32 @@ def finetune(protocol, model, net, images, store, device: str, folder: Path, log
     windows = None
     if protocol.regions == "warp":
         num_classes = model.cls.out_features - 1
-        key = hashlib.blake2b(repr((str(store.folder), [im.id for im in images], num_classes, protocol.fg_iou,
-                                    list(protocol.bg_iou))).encode(), digest_size=8).hexdigest()
-        windows = window_file(folder.parent.parent / "windows" / key, images, store, num_classes, protocol.fg_iou, protocol.bg_iou)
-        log.info("fine-tuning windows: %d foreground, %d background (%.0f MB)", windows.num_fg, windows.num_bg, windows.nbytes / 2**20)
+        key = hashlib.blake2b(
+            repr(
+                (str(store.folder), [im.id for im in images], num_classes, protocol.fg_iou, list(protocol.bg_iou))
+            ).encode(),
+            digest_size=8,
+        ).hexdigest()
+        windows = window_file(
+            folder.parent.parent / "windows" / key, images, store, num_classes, protocol.fg_iou, protocol.bg_iou
+        )
+        log.info(
+            "fine-tuning windows: %d foreground, %d background (%.0f MB)",
+            windows.num_fg,
+            windows.num_bg,
+            windows.nbytes / 2**20,
+        )
     model.train()  # the trunk comes in eval mode; Lightning keeps submodules' modes, and dropout must be on
     module = FinetuneModule(model, net, protocol, start, images, store, windows)
     run_id = f"ft-{folder.parent.name}-{folder.name}"
-    trainer = make_trainer(folder, protocol.iterations, device, devices, protocol.finetune_checkpoint_every,
-                           make_loggers(folder, logger, f"finetune {folder.parent.name} {folder.name}", run_id))
+    trainer = make_trainer(
+        folder,
+        protocol.iterations,
+        device,
+        devices,
+        protocol.finetune_checkpoint_every,
+        make_loggers(folder, logger, f"finetune {folder.parent.name} {folder.name}", run_id),
+    )
     last = folder / "last.ckpt"
     try:
         trainer.fit(module, ckpt_path=str(last) if last.exists() else None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vidrep.data.corpus import write_array
+from vidrep.common.io import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network, extract_features
 from vidrep.eval.svm import svm_class_results

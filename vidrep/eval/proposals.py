@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from vidrep.data.corpus import write_array
+from vidrep.common.io import write_array
 from vidrep.data.voc import VOCImage
 
 log = logging.getLogger(__name__)

@@ -118,7 +118,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Gather evaluate.py results into the paper's table layout.")
     p.add_argument("results", nargs="+", type=Path, help="results.json files (e.g. outputs/eval/*/results.json)")
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    p.add_argument("--pictures", type=Path, help="also draw the table and the per-class AP bars as PNGs in this folder")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.results if not r.is_file()]
     if missing:
@@ -127,15 +126,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table)
     if args.out:
         args.out.write_text(table + "\n")
-    if args.pictures:
-        from vidrep.viz.canvas import PictureSink
-        from vidrep.viz.evaluation import comparison_pictures
-
-        sink = PictureSink(args.pictures)
-        voc = [r for r in args.results if "retrieval" not in json.loads(r.read_text())]  # pictures are of VOC results
-        if voc:
-            comparison_pictures([json.loads(r.read_text()) for r in voc], voc, sink)
-        print(f"pictures: {', '.join(str(p) for p in sink.written)}")
 
 
 if __name__ == "__main__":

@@ -258,7 +258,7 @@ def _log_wandb(cfg, run_dir: Path, result: dict) -> None:
     import wandb
     from omegaconf import OmegaConf
 
-    from vidrep.training.loggers import resolve_wandb_mode
+    from vidrep.common.loggers import resolve_wandb_mode
 
     run = wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.get("mode")),
                      job_type="eval", name=result["label"], config=OmegaConf.to_container(cfg, resolve=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -15,8 +16,6 @@ from vidrep.data.voc import read_voc
 from vidrep.eval.features import load_network
 from vidrep.eval.report import default_row, per_class_table, write_results
 from vidrep.eval.splits import check_disjoint, resolve_splits, use_07_metric_for
-from vidrep.viz.canvas import PictureSink
-from vidrep.viz.evaluation import evaluation_pictures
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict, pictures: list[Path
         return
     import wandb
 
-    from vidrep.training.loggers import resolve_wandb_mode
+    from vidrep.common.loggers import resolve_wandb_mode
 
     run = wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.get("mode")),
                      job_type="eval", name=result["label"], config=OmegaConf.to_container(cfg, resolve=True))
@@ -86,7 +85,9 @@ def _data_name(voc: DictConfig) -> dict:
     return {"name": "synthetic VOC-format" if synthetic else f"VOC{voc.year}", "synthetic": synthetic}
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = None) -> dict:
+    """Run the protocol, write results.json; `draw(result, folder)` (evaluate.py passes
+    vidrep.viz.evaluation.draw_evaluation) makes the pictures, which W&B then logs."""
     checkpoints = _checkpoints(cfg.ckpt)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.protocol.get("name") == "retrieval":
@@ -128,9 +129,8 @@ def evaluate(cfg: DictConfig) -> dict:
     write_results(run_dir, result)
     print(per_class_table(result))
     print(f"mAP {100 * result['map']:.1f} ({result.get('best_layer', '')}); results: {run_dir / 'results.json'}")
-    sink = PictureSink(run_dir / "pictures")
-    if cfg.get("pictures", True):
-        evaluation_pictures(result, sink)
+    pictures = draw(result, run_dir / "pictures") if draw is not None and cfg.get("pictures", True) else []
+    if pictures:
         print(f"pictures: {run_dir / 'pictures'}")
-    _log_wandb(cfg, run_dir, result, sink.written)
+    _log_wandb(cfg, run_dir, result, pictures)
     return result

@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from tqdm import tqdm
 
-from vidrep.data.corpus import write_json
+from vidrep.common.io import write_json
 from vidrep.eval.metrics import classification_pr, thin_curve, voc_classification_ap
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from vidrep.data.shares import rank_shares
 from vidrep.eval.warp import warp_regions
-from vidrep.training.schedule import rank_shares
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,14 @@ class Windows:
             return cls(z["image"], z["box"], z["label"], int(z["num_fg"]))
 
 
-def image_windows(gt: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray, num_classes: int, fg_iou: float,
-                  bg_iou: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def image_windows(
+    gt: np.ndarray,
+    gt_labels: np.ndarray,
+    proposals: np.ndarray,
+    num_classes: int,
+    fg_iou: float,
+    bg_iou: Sequence[float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One image's (fg boxes, fg labels, bg boxes, bg labels) from its ground truth (difficult
     included, as roidb_from_voc.m) and proposals: each box's label is the class of its highest
     IoU (inclusive pixels), foreground when that IoU >= fg_iou, background (label 0) when it lies in
@@ -76,7 +82,9 @@ def image_windows(gt: np.ndarray, gt_labels: np.ndarray, proposals: np.ndarray, 
 
 def build_windows(images, store, num_classes: int, fg_iou: float, bg_iou: Sequence[float]) -> Windows:
     """The Windows of `images` (VOCImages) with their proposals from `store` (a ProposalStore)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("fg_box", "fg_label", "fg_image", "bg_box", "bg_label", "bg_image")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("fg_box", "fg_label", "fg_image", "bg_box", "bg_label", "bg_image")
+    }
     for i, im in enumerate(tqdm(images, desc="fine-tuning windows", unit="image")):
         fb, fl, bb, bl = image_windows(im.boxes - 1.0, im.labels, store.boxes(im), num_classes, fg_iou, bg_iou)
         for kind, box, label in (("fg", fb, fl), ("bg", bb, bl)):
@@ -85,18 +93,24 @@ def build_windows(images, store, num_classes: int, fg_iou: float, bg_iou: Sequen
             parts[f"{kind}_image"].append(np.full(len(box), i, np.int32))
     cat = lambda k, empty: np.concatenate(parts[k]) if parts[k] else empty  # noqa: E731
     num_fg = sum(len(b) for b in parts["fg_box"])
-    windows = Windows(np.concatenate([cat("fg_image", np.zeros(0, np.int32)), cat("bg_image", np.zeros(0, np.int32))]),
-                      np.concatenate([cat("fg_box", np.zeros((0, 4), np.float32)), cat("bg_box", np.zeros((0, 4), np.float32))]),
-                      np.concatenate([cat("fg_label", np.zeros(0, np.uint8)), cat("bg_label", np.zeros(0, np.uint8))]), num_fg)
+    windows = Windows(
+        np.concatenate([cat("fg_image", np.zeros(0, np.int32)), cat("bg_image", np.zeros(0, np.int32))]),
+        np.concatenate([cat("fg_box", np.zeros((0, 4), np.float32)), cat("bg_box", np.zeros((0, 4), np.float32))]),
+        np.concatenate([cat("fg_label", np.zeros(0, np.uint8)), cat("bg_label", np.zeros(0, np.uint8))]),
+        num_fg,
+    )
     if windows.num_fg == 0 or windows.num_bg == 0:
-        raise ValueError(f"the fine-tuning split ({len(images)} images) has {windows.num_fg} foreground windows (IoU >= {fg_iou}) "
-                         f"and {windows.num_bg} background windows (IoU in [{bg_iou[0]}, {bg_iou[1]})); it needs both: check "
-                         "the annotations and proposals, or protocol.fg_iou / protocol.bg_iou")
+        raise ValueError(
+            f"the fine-tuning split ({len(images)} images) has {windows.num_fg} foreground windows (IoU >= {fg_iou}) "
+            f"and {windows.num_bg} background windows (IoU in [{bg_iou[0]}, {bg_iou[1]})); it needs both: check "
+            "the annotations and proposals, or protocol.fg_iou / protocol.bg_iou"
+        )
     return windows
 
 
-def window_batch(seed: int, step: int, num_fg: int, num_bg: int, batch_size: int, fg_fraction: float,
-                 flip: bool) -> tuple[np.ndarray, np.ndarray]:
+def window_batch(
+    seed: int, step: int, num_fg: int, num_bg: int, batch_size: int, fg_fraction: float, flip: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Global batch `step`: (window rows [batch_size] int64, mirror flags [batch_size] bool).
     int(batch_size x fg_fraction) foreground rows drawn uniformly with replacement from [0, num_fg),
     the rest from the background rows [num_fg, num_fg + num_bg), in a shuffled order (so that every
@@ -122,8 +136,18 @@ class WindowBatches(Sampler):
     mirror) pairs. No __len__: Lightning treats the loader as endless and stops at max_steps, and
     a resumed run passes its checkpoint's step as `start` (Lightning does not restore samplers)."""
 
-    def __init__(self, windows: Windows, batch_size: int, fg_fraction: float, flip: bool, seed: int, start: int, stop: int,
-                 world: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        windows: Windows,
+        batch_size: int,
+        fg_fraction: float,
+        flip: bool,
+        seed: int,
+        start: int,
+        stop: int,
+        world: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.num_fg, self.num_bg = windows.num_fg, windows.num_bg
         self.batch_size, self.fg_fraction, self.flip, self.seed = batch_size, fg_fraction, flip, seed
         self.start, self.stop = start, stop
@@ -131,7 +155,9 @@ class WindowBatches(Sampler):
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         for step in range(self.start, self.stop):
-            rows, flips = window_batch(self.seed, step, self.num_fg, self.num_bg, self.batch_size, self.fg_fraction, self.flip)
+            rows, flips = window_batch(
+                self.seed, step, self.num_fg, self.num_bg, self.batch_size, self.fg_fraction, self.flip
+            )
             yield list(zip(rows[self.share].tolist(), flips[self.share].tolist()))
 
 

@@ -1,10 +1,10 @@
-"""mine.py's checks before anything starts (vidrep.preflight runs them on the composed config)."""
+"""mine.py's checks before anything starts (vidrep.common.preflight runs them on the composed config)."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from vidrep.preflight import PreflightError, require_path
+from vidrep.common.preflight import PreflightError, require_path
 
 
 def check_mine(cfg: DictConfig, swept: set[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -32,21 +33,10 @@ def resolve_workers(workers: int | None) -> int:
     return cores
 
 
-def draw_pictures(cfg: DictConfig) -> None:
-    """Pictures of this run's share of the videos (its shard), never of other shards' videos."""
-    from vidrep.mining.inputs import list_videos, select_shard
-    from vidrep.viz.mining import render_corpus_pictures
-
-    videos = select_shard(list_videos(cfg.videos, tuple(cfg.extensions)), cfg.shard, cfg.num_shards)
-    written = render_corpus_pictures(cfg.out, max_videos=cfg.viz_videos, names=[v.name for v in videos],
-                                     video_paths={v.name: v.path for v in videos})
-    print(f"pictures: {len(written)} files in {Path(cfg.out).resolve() / 'pictures'}")
-
-
 def verify(cfg: DictConfig) -> int:
     """verify=true: the damage table, exit status 1 when anything is damaged; verify=repair: and
     remove the damaged videos' files, so the next mining run re-mines them."""
-    from vidrep.data.verify import damage_table, repair_corpus, verify_corpus
+    from vidrep.mining.verify import damage_table, repair_corpus, verify_corpus
 
     mode = cfg.verify
     if mode not in (True, "true", "repair"):
@@ -63,7 +53,9 @@ def verify(cfg: DictConfig) -> int:
     return 1 if damaged else 0
 
 
-def mine(cfg: DictConfig) -> RunSummary:
+def mine(cfg: DictConfig, draw: Callable[[DictConfig], None] | None = None) -> RunSummary:
+    """Mine (or verify) as the config says; with viz=true, `draw(cfg)` (mine.py passes
+    vidrep.viz.mining.draw_run_pictures) draws this run's videos."""
     if cfg.get("verify"):
         status = verify(cfg)
         if status:
@@ -81,8 +73,8 @@ def mine(cfg: DictConfig) -> RunSummary:
     )
     print(summary.table())
     print(f"corpus: {Path(cfg.out).resolve()} (summary.json, failures/ for skipped videos)")
-    if cfg.get("viz"):
-        draw_pictures(cfg)
+    if cfg.get("viz") and draw is not None:
+        draw(cfg)
     if HydraConfig.initialized():
         out = Path(HydraConfig.get().runtime.output_dir) / "summary.json"
         out.write_text(json.dumps({"run": dict(summary.run), "corpus": summary.corpus}, indent=2))

@@ -2,7 +2,7 @@
 
 Each detector maps a grey uint8 frame to float32 [N, 2] (x, y) points, strongest first, at most
 `max_points`. The PyPI OpenCV wheels exclude SURF (patented); goodFeaturesToTrack ("gftt") is the
-default substitute, chosen by `bench/mine.py --detectors` on real footage (see the README).
+default substitute, chosen by `bench/mine.py --detectors` on real footage (see docs/mining.md, "The detector").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 OpenCV's KCF runs its FFT at the box's own size (with padding): 227x227 (a prime) costs ~160 ms per
 frame. So the tracker runs on the frame scaled by track_size/227 and only the window's displacement
 is mapped back: the tracked box is the query window shifted by that displacement (in full-resolution
-pixels) and stays 227x227, as KCF keeps its box size anyway. Measured (bench/mine.py, the README):
+pixels) and stays 227x227, as KCF keeps its box size anyway. Measured (bench/mine.py, docs/mining.md):
 a 64 box with KCF's search region resampled to <= 48x48 costs 0.9 ms per frame, a 112 box 3.5 ms,
 and on synthetic videos with known motion both follow the object equally well (mean share of the
 object kept in the tracked box 0.874 vs 0.877). The frame is shrunk with INTER_LINEAR: INTER_AREA at

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from vidrep.data.corpus import atomic_write
+from vidrep.common.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""train.py's checks before anything starts (vidrep.preflight runs them on the composed config)."""
+"""train.py's checks before anything starts (vidrep.common.preflight runs them on the composed config)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vidrep.preflight import PreflightError, is_missing, require_path
+from vidrep.common.preflight import PreflightError, is_missing, require_path
 from vidrep.training.validate import settings_errors
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from vidrep.data.shares import rank_shares
+
 SCALINGS = ("paper", "linear")
 
 
@@ -34,16 +36,6 @@ def candidate_pool(pairs: int) -> int:
     video has fewer negatives and weighs a little less, but K above this bound could be met by no
     batch at all, and the loss would shrink by K / pool whatever the data."""
     return 2 * (pairs - 1)
-
-
-def rank_shares(global_batch: int, world: int) -> list[int]:
-    """Pairs per rank of one global batch: as equal as possible, the larger shares first
-    (50 on 4 ranks -> [13, 13, 12, 12])."""
-    if global_batch < world:
-        raise ValueError(f"a global batch of {global_batch} pairs cannot be dealt to {world} ranks (each needs >= 1 pair); "
-                         "raise data.batch_size or use fewer devices")
-    base, extra = divmod(global_batch, world)
-    return [base + (r < extra) for r in range(world)]
 
 
 @dataclass(frozen=True)

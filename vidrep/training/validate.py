@@ -1,7 +1,7 @@
 """Settings that would train to nothing, refused before anything starts.
 
 `settings_errors` is a pure function of the composed config. train.py runs it before Hydra starts
-(vidrep.training.checks, through vidrep.preflight: no run directory yet), and the training task
+(vidrep.training.checks, through vidrep.common.preflight: no run directory yet), and the training task
 runs it again first thing (for configs composed in code, and for each job of a multirun, whose
 settings are known only when it starts), before loggers, W&B, checkpoints or DDP processes exist.
 """

@@ -53,7 +53,7 @@ def slug(name: str) -> str:
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write an RGB image as PNG atomically (temporary name, then rename)."""
-    from vidrep.data.corpus import write_bytes
+    from vidrep.common.io import write_bytes
 
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:

@@ -108,6 +108,13 @@ def evaluation_pictures(result: dict, sink: PictureSink) -> None:
     sink.add("pictures/pr_curves", pr_curves_figure(result), f"precision-recall per class: {result['label']}")
 
 
+def draw_evaluation(result: dict, folder: Path) -> list[Path]:
+    """evaluate.py's pictures of one run in `folder`; returns the files written."""
+    sink = PictureSink(folder)
+    evaluation_pictures(result, sink)
+    return sink.written
+
+
 def comparison_pictures(results: Sequence[dict], paths: Sequence[Path], sink: PictureSink) -> None:
     """Several evaluations side by side: the paper-table image (the rows of `report.gather`), and
     per-class AP bars when they share their classes."""

@@ -174,3 +174,13 @@ def video_frame_picture(miner: VideoMiner, path: str | Path, name: str, query_fr
                                f"{name}: a mined pair (detector {c.detector}; a point moves when its camera-compensated "
                                f"motion exceeds {c.moving_px:g} px; frames kept with {100 * c.min_moving:.0f}-"
                                f"{100 * c.max_moving:.0f} % moving)", query_frame, tracked_frame)
+
+
+def draw_run_pictures(cfg) -> None:
+    """Pictures of this run's share of the videos (its shard), never of other shards' videos."""
+    from vidrep.mining.inputs import list_videos, select_shard
+
+    videos = select_shard(list_videos(cfg.videos, tuple(cfg.extensions)), cfg.shard, cfg.num_shards)
+    written = render_corpus_pictures(cfg.out, max_videos=cfg.viz_videos, names=[v.name for v in videos],
+                                     video_paths={v.name: v.path for v in videos})
+    print(f"pictures: {len(written)} files in {Path(cfg.out).resolve() / 'pictures'}")

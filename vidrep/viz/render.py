@@ -61,7 +61,7 @@ def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str
     from vidrep.data.corpus import CorpusError, select_pairs
     from vidrep.data.datamodule import PairDataset
     from vidrep.data.transforms import PatchTransform
-    from vidrep.training.pictures import HeldOut, TrainingPictures
+    from vidrep.viz.pictures import HeldOut, TrainingPictures
 
     ckpt = Path(ckpt).expanduser()
     module, epoch, step = triplet_module_from_checkpoint(ckpt)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vidrep.data.corpus import SCHEMA, _committed, verify_command, write_json
+from vidrep.common.io import write_json
+from vidrep.data.corpus import SCHEMA, _committed, verify_command
 
 
 @dataclass
@@ -169,7 +170,7 @@ def damage_table(root: str | Path, damaged: list[VideoDamage]) -> str:
 def repair_corpus(root: str | Path, damaged: list[VideoDamage]) -> list[str]:
     """Remove every file of the damaged videos (done marks last: a repair killed midway is redone
     by the next verify) and rewrite summary.json's totals; returns the removed paths."""
-    from vidrep.mining.run import corpus_totals
+    from vidrep.mining.run import corpus_totals  # run imports nothing of verify: no cycle
 
     root = Path(root)
     removed = []

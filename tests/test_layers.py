@@ -1,0 +1,84 @@
+"""The packages form one-way layers: a module imports only from its own package or a lower layer,
+so any layer can be read, tested and reused without the ones above it."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "vidrep"
+# Lower number = lower layer. Packages on one level do not import each other.
+LAYERS = {
+    "common": 0,
+    "models": 1, "losses": 1,
+    "data": 2,
+    "mining": 3, "training": 3,
+    "eval": 4,
+    "viz": 5, "demo": 5,
+}
+
+
+def _package(module: str) -> str | None:
+    """'vidrep.eval.run' -> 'eval'; the root package (vidrep/__init__.py) belongs to no layer."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "vidrep" else None
+
+
+def project_imports() -> list[tuple[str, str, int]]:
+    """(importing package, imported module, line) for every vidrep import in the package, at any
+    depth (function-level imports count: a lazy upward import is still a cycle)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        own = _package(".".join(rel.parts))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [(own, name, node.lineno, str(rel)) for name in names if name.startswith("vidrep")]
+    return found
+
+
+def upward_imports() -> list[str]:
+    wrong = []
+    for own, name, line, where in project_imports():
+        target = _package(name)
+        if own is None or target is None or target == own:
+            continue
+        if own not in LAYERS or target not in LAYERS:
+            wrong.append(f"{where}:{line}: package {own or target!r} has no layer; add it to LAYERS")
+        elif LAYERS[target] >= LAYERS[own]:
+            wrong.append(f"{where}:{line}: {own} (layer {LAYERS[own]}) imports {name} (layer {LAYERS[target]})")
+    return wrong
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} | {
+        p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert packages == set(LAYERS), f"packages without a layer: {packages - set(LAYERS)}; layers without a package: {set(LAYERS) - packages}"
+
+
+def test_no_upward_or_sideways_imports():
+    assert upward_imports() == []
+
+
+def test_common_imports_nothing_of_the_project():
+    assert [f"{w}:{line}" for own, name, line, w in project_imports() if own == "common" and name != "vidrep.common"
+            and not name.startswith("vidrep.common.")] == []
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from vidrep.training.schedule import x", "data (layer 2) imports vidrep.training.schedule (layer 3)"),
+    ("import vidrep.eval.report", "data (layer 2) imports vidrep.eval.report (layer 4)"),
+])
+def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, expected):
+    fake = tmp_path / "vidrep"
+    for name in LAYERS:
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text("")
+    (fake / "data" / "bad.py").write_text(f"def f():\n    {source}\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert any(expected in w for w in upward_imports())

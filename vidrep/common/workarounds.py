@@ -1,0 +1,75 @@
+"""Every place vidrep works around a Lightning, Hydra or PyTorch behaviour, each beside the
+behaviour it answers, so that an upgrade that fixes one can drop it here without a search."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from torch import nn
+
+# Variables Lightning sets when it starts the other DDP ranks itself.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+class EpochForwarder:
+    """Lightning calls set_epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`,
+    never on a batch sampler itself: a batch sampler that shuffles per epoch exposes one of these
+    as its `.sampler`, or every epoch repeats epoch 0's order."""
+
+    def __init__(self, owner) -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
+def quiet_mid_epoch_resume_warning() -> None:
+    """Lightning looks for a mid-epoch resume state on the DataLoader only, and warns that such a
+    resume is unreliable; vidrep keeps the position in the datamodule's state, where it is exact."""
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def compile_outside_module_tree(owner: nn.Module, name: str, net: nn.Module, compile: bool) -> None:
+    """`owner.<name>` = torch.compile(net) (or None), set without registering it as a submodule:
+    registered, the compiled wrapper would put its `_orig_mod.` prefix on every checkpoint key, and
+    checkpoints of compiled and plain runs would no longer load into each other."""
+    import torch
+
+    object.__setattr__(owner, name, torch.compile(net) if compile else None)
+
+
+def ddp_children_run_this_job_only() -> None:
+    """In a Hydra multirun, make the processes Lightning starts for the other DDP ranks run this
+    job, in this job's directory, rather than the whole sweep again.
+
+    Lightning starts rank k as `python train.py <sys.argv[1:]> hydra.run.dir=<hydra.run.dir>`: in
+    a multirun that is the sweep (`-m` and every value) and a fresh timestamped directory. Here
+    argv becomes this job's own overrides, and hydra.run.dir this job's output directory (Hydra
+    keeps its config read-only, hence the unlock)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    OmegaConf.set_readonly(hc, False)
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+
+
+def end_distributed(env_before: set[str]) -> None:
+    """Close this job's process group and drop the DDP variables Lightning put in the environment
+    when it started the other ranks, so that the next job of a multirun (same process) starts its
+    own ranks: with LOCAL_RANK left set, Lightning would take the processes as launched already
+    and wait for ranks that never come. Variables set by an outer launcher (srun, torchrun) stay."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for var in DDP_ENV:
+        if var not in env_before:
+            os.environ.pop(var, None)

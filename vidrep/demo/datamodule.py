@@ -1,0 +1,25 @@
+"""data=demo's data module: the pair data module over a corpus it builds on first use."""
+
+from __future__ import annotations
+
+import logging
+
+from vidrep.data.datamodule import PairDataModule
+from vidrep.demo.corpus import build_demo_corpus
+
+log = logging.getLogger(__name__)
+
+
+class DemoDataModule(PairDataModule):
+    """`demo` ({num_videos, num_frames}): the synthetic corpus to build at `root` when it is not
+    there yet (once; cached afterwards). `data.demo=null` (or `~data.demo`) trains on `root` as is."""
+
+    def __init__(self, *args, demo: dict | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.demo = dict(demo) if demo else None
+
+    def prepare_data(self) -> None:
+        if self.demo is not None and not (self.root / "demo.json").exists():
+            log.info("building the demo corpus at %s (once; cached afterwards)", self.root)
+            build_demo_corpus(self.root, **self.demo)
+        super().prepare_data()
