@@ -5,10 +5,12 @@
 
 Inputs as at paper scale: a 500x375 image, 2,000 proposals, AlexNet (CaffeNet 227, fc 4096), 20
 classes. Each stage is timed on a sample (a batch of warped regions, one RoI-pooled image, one
-fine-tuning step, one mining step, one SVM retraining, one test image) and projected with R-CNN's
+fine-tuning step's network part, the fine-tuning loader's batch of 128 windows from 128 JPEGs in one
+worker process, one mining step, one SVM retraining, one test image) and projected with R-CNN's
 counts: VOC2012 train 5,717 and val 5,823 images; feature passes over train = feature statistics
 (200 x 200 regions) + positives (13.6K objects) + the mining pass (5,717 x 2,000), and val x 2,000
-at test; fine-tuning 100,000 steps of 128 regions; a 3-network ensemble triples the network stages
+at test; fine-tuning 100,000 steps of 128 regions (each step the slower of the network and the
+loader's `--loader-workers` workers, which prefetch in parallel); a 3-network ensemble triples the network stages
 and the SVM dimension. Peak memory: the process's peak RSS after each stage (it only grows, so a
 stage's own peak is at most the figure on its row) and the arrays a stage holds, as arithmetic.
 """
@@ -18,9 +20,11 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -31,6 +35,7 @@ from vidrep.eval.detection import DetectionNet, nms_inclusive  # noqa: E402
 from vidrep.eval.proposals import selective_search  # noqa: E402
 from vidrep.eval.rcnn_svm import HardNegativeMiner, fit_rcnn_svm  # noqa: E402
 from vidrep.eval.warp import warp_regions  # noqa: E402
+from vidrep.eval.windows import WindowCrops, Windows, image_windows  # noqa: E402
 from vidrep.models.caffenet import CaffeNet  # noqa: E402
 
 TRAIN, VAL, PROPOSALS, OBJECTS, CLASSES, FT_STEPS = 5717, 5823, 2000, 13609, 20, 100_000
@@ -52,8 +57,6 @@ def timed(fn, reps: int = 1) -> float:
 
 def image(h: int = 375, w: int = 500, seed: int = 0) -> np.ndarray:
     """A natural-ish image: smoothed noise with a few flat shapes (selective search's cost depends on texture)."""
-    import cv2
-
     rng = np.random.default_rng(seed)
     img = cv2.GaussianBlur(rng.integers(0, 255, (h, w, 3)).astype(np.uint8), (0, 0), 3)
     for _ in range(8):
@@ -76,6 +79,7 @@ def main() -> None:
     p.add_argument("--ft-regions", type=int, default=32, help="regions in the timed fine-tuning step (scaled to 128)")
     p.add_argument("--svm-negatives", type=int, default=6000, help="cache size of the timed SVM retraining")
     p.add_argument("--workers", type=int, default=16, help="selective-search processes assumed in the projection")
+    p.add_argument("--loader-workers", type=int, default=14, help="fine-tuning DataLoader workers assumed in the projection")
     args = p.parse_args()
     dev = args.device
     torch.manual_seed(0)
@@ -120,20 +124,44 @@ def main() -> None:
 
     ft = DetectionNet(CaffeNet(227, 4096, 4096).to(dev), CLASSES, "warp", 227, 4096, 4096).to(dev).train()
     opt = torch.optim.SGD(ft.parameters(), lr=0.001, momentum=0.9)
-    ft_boxes = proposals_like(args.ft_regions, seed=1)
+    crops, mask = warp_regions(x, proposals_like(args.ft_regions, seed=1), 227, 16)
     target = torch.randint(0, CLASSES + 1, (args.ft_regions,), device=dev)
 
-    def ft_step():
-        crops, mask = warp_regions(x, ft_boxes, 227, 16)
+    def ft_step():  # the network's part of a step: the loader's workers bring the crops
         loss = torch.nn.functional.cross_entropy(ft.warped((crops - mean) * mask)["logits"], target)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    t = timed(ft_step) * 128 / args.ft_regions
-    seconds["fine-tuning"] = t * FT_STEPS
-    rows.append(["fine-tuning step, 128 warped regions (scaled)", f"{t:.2f} s", f"{peak_mb():.0f}",
-                 f"{seconds['fine-tuning'] / 3600:.1f} h for {FT_STEPS:,} steps"])
+    t_step = timed(ft_step) * 128 / args.ft_regions
+    rows.append([f"fine-tuning step, network only, {args.ft_regions} crops (scaled to 128)", f"{t_step:.2f} s", f"{peak_mb():.0f}",
+                 f"{t_step * FT_STEPS / 3600:.1f} h for {FT_STEPS:,} steps"])
+
+    # The loader: R-CNN's batch of 128 windows touches ~127 distinct images of 5,717, so each is a
+    # JPEG decode plus one warp; measured in this process (= one DataLoader worker).
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(128):
+            paths.append(Path(tmp) / f"{i}.jpg")
+            cv2.imwrite(str(paths[-1]), image(seed=i))
+        windows = Windows(np.arange(128, dtype=np.int32), proposals_like(128, seed=3), np.zeros(128, np.uint8), 0)
+        crops_of = WindowCrops(paths, windows, 227, 16)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a DataLoader worker
+        t_load = timed(lambda: crops_of.__getitems__([(i, bool(i % 2)) for i in range(128)]))
+        torch.set_num_threads(threads)
+    loader = t_load / args.loader_workers
+    seconds["fine-tuning"] = max(t_step, loader) * FT_STEPS  # the workers prefetch while the network trains
+    rows.append(["fine-tuning loader, 128 windows from 128 JPEGs (decode + warp), 1 worker", f"{t_load:.2f} s", f"{peak_mb():.0f}",
+                 f"{t_load * FT_STEPS / 3600:.1f} worker-h; {args.loader_workers} workers: {loader:.2f} s/step"])
+    rows.append(["fine-tuning, R-CNN's schedule (max of the two rows above per step)", f"{max(t_step, loader):.2f} s/step", "",
+                 f"{seconds['fine-tuning'] / 3600:.1f} h for {FT_STEPS:,} steps x 128 regions"])
+    boxes_im = proposals_like(PROPOSALS, seed=4)
+    gt_im = proposals_like(3, seed=5)
+    t_win = timed(lambda: image_windows(gt_im, np.array([0, 1, 2]), boxes_im, CLASSES, 0.5, (0.0, 0.5)), reps=3)
+    n_windows = TRAIN * (PROPOSALS + 2.4)
+    rows.append(["fine-tuning window index, 1 image (2,000 proposals)", f"{1e3 * t_win:.1f} ms", f"{peak_mb():.0f}",
+                 f"{t_win * TRAIN / 60:.1f} min once; {n_windows / 1e6:.1f}M windows x 21 B = {n_windows * 21 / 2**20:.0f} MB"])
 
     rng = np.random.default_rng(0)
     feats = (rng.normal(0, 1, (PROPOSALS, 4096)) * 20 / 64).astype(np.float32)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from vidrep.data.synthetic import SHAPES
 from vidrep.data.synthetic_voc import write_synthetic_voc
 from vidrep.data.voc import VOCError, read_voc
@@ -264,7 +264,8 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 
 # ---------------------------------------------------------------- the detection protocol end to end
 
-DETECTION_FAST = ["protocol=detection", "protocol.iterations=4", "protocol.batch_size=32", "protocol.fc_dim=64",
+DETECTION_FAST = ["protocol=detection", "protocol.finetune_workers=0", "protocol.adapt.workers=0", "protocol.iterations=4",
+                  "protocol.batch_size=32", "protocol.fc_dim=64",
                   "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=16", "protocol.svm.norm_images=10"]
 
 
@@ -507,7 +508,6 @@ def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
     import tracemalloc
 
     from vidrep.eval.detection import DetectionProtocol
-
     from vidrep.eval.rcnn_svm import fit_rcnn_svm
 
     # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images
@@ -568,6 +568,7 @@ def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
     def cmd(cache, run):
         return [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={voc}", f"voc.classes=[{','.join(CLASSES)}]",
                 "protocol=detection", "protocol.iterations=12", "protocol.finetune_checkpoint_every=4", "protocol.batch_size=16",
+                "protocol.finetune_workers=0",
                 "protocol.fc_dim=64", "protocol.proposals.max_side=128", "protocol.proposals.max_proposals=24",
                 "protocol.svm.norm_images=4", "protocol.svm.checkpoint_every=2", "protocol.test_chunk=2",
                 f"cache_dir={tmp_path / cache}", "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path / run}"]

@@ -15,9 +15,11 @@ finetune=none: pool5 region features of the network (no training) + SVMs.
 finetune=straightforward: conv layers from the checkpoint; fc6/fc7 re-initialised for an
   unsupervised network (the paper), kept for ImageNet weights (R-CNN's baseline); SVMs on fc7.
 finetune=iterative: fine-tune; copy its conv layers back into the triplet network and re-adapt it
-  on mined pairs with the ranking loss; fine-tune again (`rounds` fine-tunings in all).
+  on mined pairs with train.py's TripletModule (vidrep/eval/adapt.py); fine-tune again (`rounds`
+  fine-tunings in all).
 
-Fine-tuning is a LightningModule run by a Lightning Trainer (vidrep/eval/finetune.py). Every stage
+Fine-tuning is a LightningModule run by a Lightning Trainer (vidrep/eval/finetune.py) on R-CNN's
+batches of windows drawn from the whole training split (vidrep/eval/windows.py). Every stage
 leaves its result in the cache (the proposals per image, the fine-tuned weights and a Lightning
 checkpoint every `finetune_checkpoint_every` steps, the feature scale, the positives, the miner's
 state every `svm.checkpoint_every` images, the test detections per `test_chunk` images), so a
@@ -44,6 +46,7 @@ from torchvision.ops import roi_pool
 from tqdm import tqdm
 
 from vidrep.data.voc import VOCImage
+from vidrep.eval.adapt import readapt
 from vidrep.eval.features import Network
 from vidrep.eval.finetune import finetune
 from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
@@ -171,7 +174,7 @@ class DetectionProtocol:
     momentum: float = 0.9
     weight_decay: float = 0.0005
     batch_size: int = 128  # regions per step
-    images_per_batch: int = 2
+    images_per_batch: int = 2  # regions=roi_pool only (Fast R-CNN); warp draws its windows from the whole split
     fg_fraction: float = 0.25
     fg_iou: float = 0.5
     bg_iou: list = field(default_factory=lambda: [0.0, 0.5])
@@ -190,8 +193,10 @@ class DetectionProtocol:
     test_chunk: int = 100
     iou_threshold: float = 0.5
     use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
-    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "margin": 0.5,
-                                                 "num_negatives": 4, "hard_ratio": 1.0})
+    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "checkpoint_every": 1000,
+                                                 "workers": 4})
+    finetune_workers: int = 4  # DataLoader processes decoding and warping R-CNN's windows (regions=warp)
+    devices: int = 1  # devices for fine-tuning and re-adaptation; > 1: DDP
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -278,37 +283,11 @@ class DetectionProtocol:
             groups.append({"params": [p], "lr": self.lr * mult, "weight_decay": 0.0 if name.endswith("bias") else self.weight_decay})
         return groups
 
-    def _adapt(self, trunk: nn.Module, net: Network, device: str) -> None:
-        """Re-adapt a trunk on mined pairs with the paper's ranking loss and its hard negatives (the
-        `adapt.num_negatives` hardest in the batch; `adapt.hard_ratio: 0` draws them at random)."""
-        from vidrep.data.datamodule import PairDataModule
-        from vidrep.losses import ranking_loss
-
-        a = self.adapt
-        dm = PairDataModule(str(a["corpus"]), batch_size=int(a["batch_size"]), num_workers=0, input_size=net.input_size,
-                            val_fraction=0.0, persistent_workers=False, pin_memory=False)
-        dm.setup()
-        opt = torch.optim.SGD(trunk.parameters(), lr=float(a["lr"]), momentum=0.9, weight_decay=5e-4)
-        trunk.train()
-        step = 0
-        while step < int(a["steps"]):
-            for batch in dm.train_dataloader():
-                emb = F.normalize(trunk(net.preprocess(torch.cat([batch["anchor"], batch["positive"]]).to(device))), dim=1)
-                n = len(batch["anchor"])
-                loss = ranking_loss(emb[:n], emb[n:], batch["video_id"].to(device), margin=float(a["margin"]),
-                                    num_negatives=int(a.get("num_negatives", 4)), hard_ratio=float(a.get("hard_ratio", 1.0)),
-                                    symmetric=False, violators_only=False)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                if step >= int(a["steps"]):
-                    break
-        trunk.eval()
-
-    def build_detector(self, net: Network, images, store: ProposalStore, num_classes: int, device: str, folder: Path) -> DetectionNet:
+    def build_detector(self, net: Network, images, store: ProposalStore, num_classes: int, device: str, folder: Path,
+                       model_cfg=None, logger=None) -> DetectionNet:
         """The fine-tuned detection network, from `folder` when a previous run finished it; a killed
-        fine-tuning resumes from its last checkpoint there."""
+        fine-tuning or re-adaptation resumes from its last checkpoint there. `model_cfg`: evaluate.py's
+        `model` config, which builds the re-adaptation's TripletModule; `logger`: its `logger` config."""
         torch.manual_seed(self.seed)
         keep_fc = net.name.startswith("imagenet:")  # R-CNN's baseline keeps ImageNet's fc6/fc7
         make = lambda trunk: DetectionNet(trunk, num_classes, self.regions, net.input_size, self.fc_dim, self.fc_dim,  # noqa: E731
@@ -322,6 +301,9 @@ class DetectionProtocol:
             log.info("fine-tuned weights from %s", final)
             return model.eval()
         rounds = self.rounds if self.finetune == "iterative" else 1
+        if rounds > 1 and keep_fc:
+            raise ValueError(f"finetune=iterative re-adapts a network trained by train.py with its triplet loss; {net.name} is not one "
+                             "(its preprocessing is ImageNet's): use protocol.finetune=straightforward")
         triplet = copy.deepcopy(net.trunk).to(device)
         for r in range(rounds):
             done = folder / f"round{r}.pt"
@@ -329,12 +311,12 @@ class DetectionProtocol:
                 model.load_state_dict(torch.load(done, map_location=device, weights_only=True))
             else:
                 log.info("fine-tuning round %d/%d", r + 1, rounds)
-                finetune(self, model, net, images, store, device, folder / f"round{r}")
+                finetune(self, model, net, images, store, device, folder / f"round{r}", logger)
                 _atomic_torch_save(model.state_dict(), done)
             if r + 1 < rounds:
                 conv = {k: v for k, v in model.trunk.state_dict().items() if k.startswith(("conv", "convs"))}
                 triplet.load_state_dict(conv, strict=False)
-                self._adapt(triplet, net, device)
+                readapt(triplet, net.input_size, self.adapt, model_cfg, folder / f"adapt{r}", device, int(self.devices), logger, self.seed)
                 conv = {k: v for k, v in triplet.state_dict().items() if k.startswith(("conv", "convs"))}
                 model.trunk.load_state_dict(conv, strict=False)
                 torch.manual_seed(self.seed + r + 1)
@@ -454,15 +436,21 @@ class DetectionProtocol:
         return preds
 
     def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
-            classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
+            classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu", model=None, logger=None) -> dict:
+        """`model`, `logger`: evaluate.py's configs of those names (the re-adaptation's TripletModule; W&B curves)."""
         store = ProposalStore(cache_dir, data_key, self.proposals)
         store.ensure(list(train) + list(test))
         s = self.settings()
         finetune_settings = {k: s[k] for k in ("finetune", "rounds", "regions", "warp", "roi_pool", "iterations", "lr", "lr_step",
                                                 "momentum", "weight_decay", "batch_size", "images_per_batch", "fg_fraction", "fg_iou",
-                                                "bg_iou", "dropout", "cls_lr_mult", "bias_lr_mult", "flip", "fc_dim", "adapt", "seed")}
+                                                "bg_iou", "dropout", "cls_lr_mult", "bias_lr_mult", "flip", "fc_dim", "seed")}
+        if self.finetune == "iterative":  # where and how fast it runs (workers, checkpoints) is not what it trains
+            from omegaconf import OmegaConf
+
+            finetune_settings["adapt"] = {k: v for k, v in self.adapt.items() if k not in ("workers", "checkpoint_every")}
+            finetune_settings["model"] = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else model
         ft_keys = [_key(n.key, data_key, store.folder.name, finetune_settings) for n in networks]
-        detectors = [self.build_detector(n, train, store, len(classes), device, cache_dir / "detection" / k)
+        detectors = [self.build_detector(n, train, store, len(classes), device, cache_dir / "detection" / k, model, logger)
                      for n, k in zip(networks, ft_keys)]
         feats = self._svm_features(detectors, networks, device)
         svm_key = _key(ft_keys, self.svm)

@@ -4,6 +4,7 @@ L2-normalised (the Goyal et al. 2019 benchmark protocol)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -37,9 +38,13 @@ class Network:
     key: str  # identifies the weights for caches
 
 
+def _subtract(mean: Tensor, x: Tensor) -> Tensor:
+    return x.float() - mean.to(x.device)
+
+
 def mean_subtract(mean: Sequence[float]) -> Callable[[Tensor], Tensor]:
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    return lambda x: x.float() - m.to(x.device)
+    """A picklable preprocess (fine-tuning's DDP ranks are spawned processes)."""
+    return functools.partial(_subtract, torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
 
 
 def _imagenet_normalise(x: Tensor) -> Tensor:

@@ -106,7 +106,10 @@ def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = 
     start = time.perf_counter()
     # the split names too: the protocols cache per role (train, test), and the roles' images change with them
     data_key = f"{_data_key(cfg.voc.root, cfg.voc.year, classes)}-{train_split}-{test_split}"
-    outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device)
+    # the detection protocol's training runs: the re-adaptation's TripletModule (`model`) and their W&B curves (`logger`)
+    trainers = {"model": cfg.get("model"), "logger": cfg.get("logger") if cfg.wandb.enabled else None} \
+        if protocol.settings()["name"] == "detection" else {}
+    outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device, **trainers)
     run_dir = Path(cfg.run_dir)
     row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
     result = {

@@ -10,6 +10,7 @@ refused with the file named, instead of loading garbage that trains to NaN.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -21,7 +22,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from vidrep.common.io import atomic_write
 
@@ -227,27 +231,25 @@ def prepare_run_dir(output_dir: str | Path, ckpt_path: str | Path | None) -> Pat
     return aside
 
 
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class _AppendingCSVLogger(CSVLogger):
+    """At module level so that it pickles (the detection protocol's fine-tuning spawns its DDP ranks)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return super().experiment
+
+
 def csv_logger(save_dir: str, name: str = "", version: str = "", **kwargs):
     """Lightning's CSVLogger, except that it appends to an existing metrics.csv instead of deleting
     it: `prepare_run_dir` has already cut the file to the history this run continues."""
-    import csv
-
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class AppendingWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:
-            if os.path.isfile(self.metrics_file_path):
-                with open(self.metrics_file_path, newline="") as f:
-                    self.metrics_keys = sorted(next(csv.reader(f), []))
-
-    class AppendingCSVLogger(CSVLogger):
-        @property
-        def experiment(self):
-            if self._experiment is None and rank_zero_only.rank == 0:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = AppendingWriter(log_dir=self.log_dir)
-            return super().experiment
-
-    return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
+    return _AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
