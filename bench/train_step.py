@@ -141,7 +141,8 @@ def bare_block(module: TripletModule, batch: dict[str, Tensor], steps: int, devi
 
     def step() -> None:
         embeddings = module(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
-        loss, _ = loss_across_ranks(module.loss, embeddings[:n], embeddings[n:], batch["video_id"], hard_ratio=hard_ratio)
+        loss, _ = loss_across_ranks(module.loss, embeddings[:n], embeddings[n:], batch["video_id"],
+                                    hard_ratio=hard_ratio)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -192,7 +193,9 @@ def gathered_loss_seconds(pairs: int, ranks: int, dim: int, module: TripletModul
 
     def one_pass() -> None:
         candidates = Candidates(torch.cat([all_anchor, all_positive]), torch.cat([ids, ids]))
-        module.loss(all_anchor[:own], all_positive[:own], ids[:own], hard_ratio=hard_ratio, candidates=candidates)[0].backward()
+        loss, _ = module.loss(all_anchor[:own], all_positive[:own], ids[:own], hard_ratio=hard_ratio,
+                              candidates=candidates)
+        loss.backward()
 
     one_pass()
     return statistics.median(timed(one_pass, device) for _ in range(reps))

@@ -28,7 +28,8 @@ def make_batch(n=12, d=16, videos=5, seed=0):
 
 # --- the ranking loss: the same numbers as its pieces ---------------------------------------------
 
-@pytest.mark.parametrize("hard_ratio,symmetric,violators_only", [(0.0, False, False), (0.5, True, True), (1.0, False, True)])
+@pytest.mark.parametrize("hard_ratio,symmetric,violators_only",
+                         [(0.0, False, False), (0.5, True, True), (1.0, False, True)])
 @pytest.mark.parametrize("gathered", [False, True])
 def test_ranking_object_equals_select_then_score(hard_ratio, symmetric, violators_only, gathered):
     """The object's loss, gradients and stats are those of the functions it calls, with the same
@@ -47,7 +48,8 @@ def test_ranking_object_equals_select_then_score(hard_ratio, symmetric, violator
             loss, stats = loss_fn(a1, p1, vid, hard_ratio=hard_ratio, candidates=Candidates(patches, ids))
         else:
             mask = select_negatives(a1, p1, vid, **kw, hard_ratio=hard_ratio, patches=patches, patch_ids=ids)
-            loss = ranking_loss_from_mask(a1, p1, mask, margin=0.5, num_negatives=4, symmetric=symmetric, patches=patches)
+            loss = ranking_loss_from_mask(a1, p1, mask, margin=0.5, num_negatives=4, symmetric=symmetric,
+                                          patches=patches)
             s = triplet_stats(a1, p1, mask, patches.detach())
             stats = {name: getattr(s, name) for name in RankingLoss.stat_names}
         loss.backward()
@@ -76,7 +78,8 @@ def brute_infonce(a, p, vid, patches, ids, t, symmetric):
     for queries in ([a, p] if symmetric else [a]):
         for i in range(a.shape[0]):
             pos = torch.exp(a[i] @ p[i] / t)
-            neg = sum((torch.exp(queries[i] @ patches[j] / t) for j in range(len(ids)) if ids[j] != vid[i]), torch.zeros(()))
+            neg = sum((torch.exp(queries[i] @ patches[j] / t) for j in range(len(ids)) if ids[j] != vid[i]),
+                      torch.zeros(()))
             terms.append(-torch.log(pos / (pos + neg)))
     return torch.stack(terms).mean()
 
@@ -94,7 +97,8 @@ def test_infonce_matches_brute_force(symmetric, gathered):
         if reference:
             loss = brute_infonce(a1, p1, vid, patches, ids, 0.1, symmetric)
         else:
-            loss, stats = InfoNCELoss(temperature=0.1, symmetric=symmetric)(a1, p1, vid, candidates=Candidates(patches, ids))
+            loss_fn = InfoNCELoss(temperature=0.1, symmetric=symmetric)
+            loss, stats = loss_fn(a1, p1, vid, candidates=Candidates(patches, ids))
             other = (vid[:, None] != ids[None, :]).sum(dim=1).double()
             assert stats["negatives_per_pair"] == pytest.approx(float(other.mean()))
             assert set(stats) == set(InfoNCELoss.stat_names) and 0.0 <= float(stats["top1_acc"]) <= 1.0
@@ -133,8 +137,8 @@ def test_losses_round_trip_through_their_config():
 
 def test_presets_instantiate_their_loss(tmp_path):
     paper = instantiate(compose_train([], tmp_path).model.loss)
-    assert paper == RankingLoss(margin=0.5, num_negatives=4, hard_ratio=1.0, initial_hard_ratio=0.0, hard_after_epochs=6,
-                                hard_after_pairs=7_500_000)  # data=demo's switch after 6 epochs
+    assert paper == RankingLoss(margin=0.5, num_negatives=4, hard_ratio=1.0, initial_hard_ratio=0.0,
+                                hard_after_epochs=6, hard_after_pairs=7_500_000)  # data=demo's switch after 6 epochs
     code = instantiate(compose_train(["model/loss=code_faithful"], tmp_path).model.loss)
     assert (code.margin, code.symmetric, code.violators_only, code.schedule.ratio(0, 0)) == (1.0, True, True, 0.5)
     cfg = compose_train(["model/loss=infonce", "model.loss.temperature=0.2"], tmp_path)

@@ -42,12 +42,14 @@ class Candidates:
 
 def check_pairs(anchor: Tensor, positive: Tensor, video_ids: Tensor) -> None:
     if anchor.ndim != 2 or anchor.shape != positive.shape:
-        raise ValueError(f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+        raise ValueError(f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and "
+                         f"{tuple(positive.shape)}")
     if video_ids.shape != (anchor.shape[0],):
         raise ValueError(f"video_ids must be [N] = [{anchor.shape[0]}]; got {tuple(video_ids.shape)}")
 
 
-def batch_candidates(anchor: Tensor, positive: Tensor, video_ids: Tensor, candidates: Candidates | None = None) -> Candidates:
+def batch_candidates(anchor: Tensor, positive: Tensor, video_ids: Tensor,
+                     candidates: Candidates | None = None) -> Candidates:
     """`candidates`, or by default the batch's own 2N patches: every anchor, then every positive
     (the pairs' shapes checked first)."""
     check_pairs(anchor, positive, video_ids)
@@ -70,7 +72,7 @@ class PairLoss(Protocol):
                  candidates: Candidates | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                  candidates: Candidates | None = None) -> Tensor: ...  # bool [N, M]: the negatives each pair is scored against
+                  candidates: Candidates | None = None) -> Tensor: ...  # bool [N, M]: each pair's scored negatives
 
     def config(self) -> dict: ...  # `_target_` and settings, plain types: rebuilds the loss (loss_from_config)
 

@@ -10,9 +10,9 @@ own video other than p_i (its query, other pairs of that video) are left out of 
 they are not negatives, whatever they look like. With `symmetric` the tracked patch is a query
 too, and the loss is the mean of both directions. This is the NT-Xent loss of SimCLR (Chen et al.
 2020, "A Simple Framework for Contrastive Learning of Visual Representations", arXiv:2002.05709,
-eq. 1, the mean over both views of each pair; temperature 0.1, the default of its released
-run.py), an InfoNCE loss (van den Oord et al. 2018, arXiv:1807.03748) whose negatives are the
-paper's: patches of other videos.
+eq. 1 for one query, Algorithm 1 for the mean over both views of each pair; temperature 0.1, the
+default of its released run.py), an InfoNCE loss (van den Oord et al. 2018, arXiv:1807.03748)
+whose negatives are the paper's: patches of other videos.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class InfoNCELoss:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"model.loss.temperature={self.temperature!r}: must be > 0; use model.loss.temperature=0.1")
+            raise ValueError(f"model.loss.temperature={self.temperature!r}: must be > 0; "
+                             "use model.loss.temperature=0.1")
 
     def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
                   candidates: Candidates | None = None) -> Tensor:

@@ -85,7 +85,8 @@ class TripletModule(L.LightningModule):
         if stage == "val":
             for name, value in values.items():
                 self.val_means[name].update(value.detach(), weight=n)
-                self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True, prog_bar=name in self.progress_bar_names)
+                self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True,
+                         prog_bar=name in self.progress_bar_names)
             return loss
         log = dict(on_step=True, on_epoch=True, batch_size=n, sync_dist=False)
         for name, value in values.items():
@@ -130,6 +131,7 @@ class TripletModule(L.LightningModule):
         if saved != expected:
             raise ValueError(
                 f"checkpoint was in the {saved!r} negative phase at epoch {checkpoint.get('epoch')}, but "
-                f"model.loss (hard_after_epochs={schedule.hard_after_epochs}, hard_after_steps={schedule.hard_after_steps}) puts it in {expected!r}; "
+                f"model.loss (hard_after_epochs={schedule.hard_after_epochs}, "
+                f"hard_after_steps={schedule.hard_after_steps}) puts it in {expected!r}; "
                 "resume with the loss settings the run started with"
             )

@@ -116,7 +116,8 @@ class TrainingPictures:
             if phase is None:  # a loss without negative selection: every patch of another video is a negative
                 what = f"{title}: every other-video patch a negative, in a batch of {b} held-out pairs"
             else:
-                chosen = "top-K hard negatives" if hard_ratio >= 1 else ("random negatives" if hard_ratio == 0 else f"{hard_ratio:g} hard")
+                chosen = ("top-K hard negatives" if hard_ratio >= 1 else
+                          "random negatives" if hard_ratio == 0 else f"{hard_ratio:g} hard")
                 what = f"{title}: {phase} phase ({chosen}, in a batch of {b} held-out pairs)"
             # Without a margin, red marks a negative that scores above the tracked patch.
             add("triplets", triplet_figure(heldout.anchor[rows], heldout.positive[rows], negatives, s_pos[rows].tolist(),
