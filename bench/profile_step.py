@@ -61,7 +61,7 @@ def main() -> None:
                 embeddings = module(patches).float()
             if upto == "forward":
                 return
-            loss, _ = module.loss_cfg.loss(embeddings[:pairs], embeddings[pairs:], video_id, 1.0, gather=False)
+            loss, _ = module.loss(embeddings[:pairs], embeddings[pairs:], video_id, hard_ratio=1.0)
             if upto == "loss":
                 return
             optimizer.zero_grad(set_to_none=True)

@@ -7,8 +7,8 @@
 (a) The model of conf/model/caffenet.yaml (composed and instantiated by Hydra, as train.py does;
 only model.input_size is overridden) trains on one fixed random batch in interleaved blocks:
 `lightning.Trainer.fit` with a callback timing on_train_batch_start -> on_train_batch_end, against
-a bare loop doing the same work: forward, the loss (`LossConfig.loss`: `select_negatives` +
-`ranking_loss_from_mask`), backward, optimiser and scheduler step, zero_grad. The batch is already
+a bare loop doing the same work: forward, the loss (`RankingLoss`: `select_negatives` +
+`ranking_loss_from_mask` + its stats), backward, optimiser and scheduler step, zero_grad. The batch is already
 on the device in both
 (Lightning moves it before on_train_batch_start). The first `--warmup` steps of every block are
 dropped; the target is a median ratio <= 1.05.
@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from _table import markdown_table
 
 from vidrep.training.module import TripletModule
+from vidrep.training.ranks import loss_across_ranks
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # The two negative phases of the paper's schedule: random negatives first, then the top K.
@@ -135,12 +136,13 @@ def bare_block(module: TripletModule, batch: dict[str, Tensor], steps: int, devi
     configured = module.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     scheduler = configured["lr_scheduler"]["scheduler"] if isinstance(configured, dict) else None
-    cfg, n = module.loss_cfg, batch["anchor"].shape[0]
-    hard_ratio = cfg.ratio(0, 0)
+    n = batch["anchor"].shape[0]
+    hard_ratio = module.negatives_at(0, 0)[0]
 
     def step() -> None:
         embeddings = module(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
-        loss, _ = cfg.loss(embeddings[:n], embeddings[n:], batch["video_id"], hard_ratio)
+        loss, _ = loss_across_ranks(module.loss, embeddings[:n], embeddings[n:], batch["video_id"],
+                                    hard_ratio=hard_ratio)
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -165,7 +167,7 @@ def compare_steps(module: TripletModule, batch: dict[str, Tensor], args: argpars
 # --- (b) the loss next to the network ------------------------------------------------------------
 
 def loss_pass(anchor: Tensor, positive: Tensor, video_ids: Tensor, module: TripletModule, hard_ratio: float) -> None:
-    loss, _ = module.loss_cfg.loss(anchor, positive, video_ids, hard_ratio)
+    loss, _ = loss_across_ranks(module.loss, anchor, positive, video_ids, hard_ratio=hard_ratio)
     loss.backward()
 
 
@@ -182,21 +184,18 @@ def loss_seconds(pairs: int, dim: int, module: TripletModule, hard_ratio: float,
 
 def gathered_loss_seconds(pairs: int, ranks: int, dim: int, module: TripletModule, hard_ratio: float, reps: int,
                           device: torch.device) -> float:
-    """What one rank computes with model.loss.gather_across_ranks (`LossConfig._gathered_loss`, less
+    """What one rank computes with model.loss.gather_across_ranks (`vidrep.training.ranks`, less
     the collectives): selection + loss of its own pairs / ranks pairs against all 2 x pairs patches."""
-    from vidrep.losses import ranking_loss_from_mask, select_negatives
+    from vidrep.losses import Candidates
 
-    cfg = module.loss_cfg
     all_anchor, all_positive, ids = random_embeddings(pairs, dim, device)
     own = pairs // ranks
 
     def one_pass() -> None:
-        patches = torch.cat([all_anchor, all_positive])
-        mask = select_negatives(all_anchor[:own], all_positive[:own], ids[:own], margin=cfg.margin, num_negatives=cfg.num_negatives,
-                                hard_ratio=hard_ratio, violators_only=cfg.violators_only, patches=patches,
-                                patch_ids=torch.cat([ids, ids]))
-        ranking_loss_from_mask(all_anchor[:own], all_positive[:own], mask, margin=cfg.margin, num_negatives=cfg.num_negatives,
-                               symmetric=cfg.symmetric, patches=patches).backward()
+        candidates = Candidates(torch.cat([all_anchor, all_positive]), torch.cat([ids, ids]))
+        loss, _ = module.loss(all_anchor[:own], all_positive[:own], ids[:own], hard_ratio=hard_ratio,
+                              candidates=candidates)
+        loss.backward()
 
     one_pass()
     return statistics.median(timed(one_pass, device) for _ in range(reps))

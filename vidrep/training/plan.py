@@ -5,14 +5,18 @@ train() for the dry run (`dry_run=true`: print, write schedule.json, exit) and t
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vidrep.losses import NegativeSchedule
+from vidrep.losses.base import resolve_target
 from vidrep.training.schedule import Schedule, Settings, compute_schedule, format_table, global_batch, scaled_steps, warmup_steps
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,35 @@ def world_size(trainer: DictConfig, dry_run: bool) -> int:
 
     gpus = trainer.get("accelerator", "auto") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return (torch.cuda.device_count() if gpus else 1) * nodes
+
+
+SCHEDULE_KEYS = tuple(f.name for f in fields(NegativeSchedule))
+
+
+def drop_unused_schedule_keys(cfg: DictConfig) -> DictConfig:
+    """`cfg` without the negative schedule's keys (vidrep.losses.NegativeSchedule) that model.loss's
+    class does not take, each named in a warning. Configs written for the ranking loss set them on
+    model.loss whichever loss is chosen (data=demo: hard_after_epochs 6); a loss without a negative
+    schedule (model/loss=infonce) would fail on them at instantiation."""
+    loss = cfg.model.get("loss")
+    if loss is None or "_target_" not in loss:
+        return cfg
+    takes = inspect.signature(resolve_target(str(loss._target_))).parameters
+    unused = [k for k in SCHEDULE_KEYS if k in loss and k not in takes]
+    if not unused:
+        return cfg
+    log.warning("%s has no negative schedule: ignoring %s", loss._target_,
+                ", ".join(f"model.loss.{k}={loss.get(k)}" for k in unused))
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for k in unused:
+            cfg.model.loss.pop(k)
+    return cfg
+
+
+def has_negative_schedule(loss: DictConfig) -> bool:
+    """Whether model.loss states a negative switch (the keys the run turns into `hard_after_steps`)."""
+    return "hard_after_epochs" in loss or "hard_after_pairs" in loss
 
 
 def settings_of(cfg: DictConfig) -> Settings:
@@ -79,7 +112,8 @@ def apply_schedule(cfg: DictConfig, schedule: Schedule, warmup: int) -> DictConf
             }
         elif sched is not None:
             cfg.model.scheduler.step_size = scaled_steps(int(sched.step_size), world, scaling)
-        cfg.model.loss.hard_after_steps = schedule.hard_negatives_from_step
+        if has_negative_schedule(cfg.model.loss):
+            cfg.model.loss.hard_after_steps = schedule.hard_negatives_from_step
     return cfg
 
 
@@ -93,6 +127,7 @@ def prepare(cfg: DictConfig, dry_run: bool = False):
     scaling = cfg.get("scaling", "paper")
     world = world_size(cfg.trainer, dry_run)
     _check_scheduler(cfg)
+    cfg = drop_unused_schedule_keys(cfg)
     settings = settings_of(cfg)
     datamodule = hydra.utils.instantiate(cfg.data, train_batch_size=global_batch(settings.batch_size, world, scaling))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))

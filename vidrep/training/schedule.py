@@ -16,7 +16,7 @@ Two ways to use more GPUs (`scaling`):
 The negative switch is one rule in pairs seen, the same for every data size, GPU count and
 scaling: random negatives for `hard_after_epochs` epochs of the training pairs or
 `hard_after_pairs` pairs (the paper: 10 epochs, or 150K steps of 50 = 7.5M pairs), whichever
-comes first.
+comes first (vidrep.losses.schedule, which also answers the phase at each step).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from vidrep.data.shares import rank_shares
+from vidrep.losses.schedule import switch_step
 
 SCALINGS = ("paper", "linear")
 
@@ -69,7 +70,7 @@ class Settings:
     max_steps: int  # trainer.max_steps; <= 0: none (max_epochs decides)
     max_epochs: int | None  # trainer.max_epochs
     lr_step_size: int | None  # model.scheduler.step_size (StepLR); None: no scheduler
-    hard_after_epochs: float | None  # model.loss.hard_after_epochs
+    hard_after_epochs: float | None  # model.loss.hard_after_epochs (None: a loss without a negative schedule)
     hard_after_pairs: int | None  # model.loss.hard_after_pairs
     gather_across_ranks: bool  # model.loss.gather_across_ranks
     warmup_pairs: int = 0  # scaling=linear: pairs over which the lr rises to world x lr
@@ -117,17 +118,13 @@ def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, va
     if s.lr_step_size is not None:
         step = scaled_steps(s.lr_step_size, world, scaling)
         drops = list(range(step, max_steps, step))
-    bounds = []
-    if s.hard_after_epochs is not None:
-        bounds.append(math.ceil(s.hard_after_epochs * steps_per_epoch))
-    if s.hard_after_pairs is not None:
-        bounds.append(math.ceil(s.hard_after_pairs / batch))
     pool_pairs = batch if (world == 1 or s.gather_across_ranks) else min(shares)
     return Schedule(
         world_size=world, scaling=scaling, global_batch_pairs=batch, per_rank_pairs=shares,
         lr=s.lr * (world if scaling == "linear" else 1), max_steps=max_steps, lr_drops_at_steps=drops,
         train_pairs=train_pairs, val_pairs=val_pairs, steps_per_epoch=steps_per_epoch,
-        epochs=max_steps * batch / train_pairs, hard_negatives_from_step=min(bounds) if bounds else None,
+        epochs=max_steps * batch / train_pairs,
+        hard_negatives_from_step=switch_step(s.hard_after_epochs, s.hard_after_pairs, steps_per_epoch, batch),
         negative_pool=candidate_pool(pool_pairs),
     )
 

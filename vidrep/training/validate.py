@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from vidrep.losses import InfoNCELoss, RankingLoss
+from vidrep.losses.base import resolve_target
 from vidrep.training.schedule import candidate_pool
-
 
 
 class SettingsError(ValueError):
@@ -45,28 +46,13 @@ def settings_errors(cfg: Mapping) -> list[str]:
     if not _is_int(batch) or batch < 2:
         errors.append(f"data.batch_size={batch!r}: a batch needs at least 2 pairs (negatives come from the other pairs' videos); "
                       "use data.batch_size=50 (the released code's batch)")
-    margin = _get(cfg, "model.loss.margin")
-    if not _is_number(margin) or margin <= 0:
-        errors.append(f"model.loss.margin={margin!r}: must be > 0 (with margin <= 0 the loss is 0 from the first step); "
-                      "use model.loss.margin=0.5 (the paper) or 1.0 (the released code)")
-    k = _get(cfg, "model.loss.num_negatives")
-    if not _is_int(k) or k < 1:
-        errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
-    elif _is_int(batch) and batch >= 2:
-        # Negatives come from the whole global batch (data.batch_size pairs) when gathered across
-        # ranks; rank-local, from a rank's share, the smallest of which is batch // world.
-        gather = bool(_get(cfg, "model.loss.gather_across_ranks"))
-        devices = _get(cfg, "trainer.devices")
-        nodes = _get(cfg, "trainer.num_nodes")
-        world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
-        pool = candidate_pool(batch if gather else max(1, batch // world))
-        if k > pool:
-            errors.append(f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
-                          f"(2 x (pairs - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
-    for key, low in (("model.loss.hard_ratio", 0.0), ("model.loss.initial_hard_ratio", 0.0)):
-        v = _get(cfg, key)
-        if v is not None and (not _is_number(v) or not low <= v <= 1.0):
-            errors.append(f"{key}={v!r}: a share, in [0, 1]; use {key}=0.5")
+    loss = _loss_class(cfg, errors)
+    if loss is not None and issubclass(loss, RankingLoss):
+        errors += _ranking_errors(cfg, batch)
+    if loss is not None and issubclass(loss, InfoNCELoss):
+        t = _get(cfg, "model.loss.temperature")
+        if t is not None and (not _is_number(t) or t <= 0):
+            errors.append(f"model.loss.temperature={t!r}: must be > 0; use model.loss.temperature=0.1 (SimCLR's)")
     for key, example in (("model.input_size", 227), ("model.net.trunk.fc6_dim", 4096), ("model.net.trunk.fc7_dim", 1024)):
         v = _get(cfg, key)
         if v is not None and (not _is_int(v) or v < 1):
@@ -91,6 +77,47 @@ def settings_errors(cfg: Mapping) -> list[str]:
     every = _get(cfg, "callbacks.periodic_checkpoint.every_n_train_steps")
     if every is not None and (not _is_int(every) or every < 1):
         errors.append(f"callbacks.periodic_checkpoint.every_n_train_steps={every!r}: must be >= 1; use 10000")
+    return errors
+
+
+def _loss_class(cfg: Mapping, errors: list[str]) -> type | None:
+    """The class model.loss instantiates; a config without `_target_` (written before losses were
+    objects) holds the ranking loss's settings."""
+    target = _get(cfg, "model.loss._target_")
+    if target is None:
+        return RankingLoss
+    try:
+        return resolve_target(str(target))
+    except ValueError as e:
+        errors.append(str(e))
+        return None
+
+
+def _ranking_errors(cfg: Mapping, batch) -> list[str]:
+    """The ranking loss's settings (vidrep.losses.RankingLoss)."""
+    errors: list[str] = []
+    margin = _get(cfg, "model.loss.margin")
+    if not _is_number(margin) or margin <= 0:
+        errors.append(f"model.loss.margin={margin!r}: must be > 0 (with margin <= 0 the loss is 0 from the first step); "
+                      "use model.loss.margin=0.5 (the paper) or 1.0 (the released code)")
+    k = _get(cfg, "model.loss.num_negatives")
+    if not _is_int(k) or k < 1:
+        errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
+    elif _is_int(batch) and batch >= 2:
+        # Negatives come from the whole global batch (data.batch_size pairs) when gathered across
+        # ranks; rank-local, from a rank's share, the smallest of which is batch // world.
+        gather = bool(_get(cfg, "model.loss.gather_across_ranks"))
+        devices = _get(cfg, "trainer.devices")
+        nodes = _get(cfg, "trainer.num_nodes")
+        world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
+        pool = candidate_pool(batch if gather else max(1, batch // world))
+        if k > pool:
+            errors.append(f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
+                          f"(2 x (pairs - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
+    for key, low in (("model.loss.hard_ratio", 0.0), ("model.loss.initial_hard_ratio", 0.0)):
+        v = _get(cfg, key)
+        if v is not None and (not _is_number(v) or not low <= v <= 1.0):
+            errors.append(f"{key}={v!r}: a share, in [0, 1]; use {key}=0.5")
     return errors
 
 

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vidrep.losses import select_negatives
 from vidrep.viz.canvas import PictureSink, wandb_loggers_of
 from vidrep.viz.training import (
     cross_video_neighbours, embed_2d, embedding_figure, filters_figure, first_conv_weight, hardest_chosen_negative,
@@ -85,7 +84,7 @@ class TrainingPictures:
         if unknown:
             raise ValueError(f"unknown pictures {sorted(unknown)}; choose from {PICTURES}")
 
-    def draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str, title: str, sink: PictureSink,
+    def draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str | None, title: str, sink: PictureSink,
              step: int | None = None, tag: str = "") -> None:
         """Every chosen picture of `module` (a TripletModule) on `heldout`, into `sink`."""
         was_training = module.training
@@ -98,7 +97,7 @@ class TrainingPictures:
         finally:
             module.train(was_training)
 
-    def _draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str, title: str, sink: PictureSink,
+    def _draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str | None, title: str, sink: PictureSink,
               step: int | None, tag: str) -> None:
         n = len(heldout)
         patches = torch.cat([heldout.anchor, heldout.positive])
@@ -108,17 +107,21 @@ class TrainingPictures:
         add = lambda name, image, caption: sink.add(f"pictures/{name}", image, caption, step, tag)  # noqa: E731
         if "triplets" in self.pictures:
             b = min(self.batch_size, n)
-            loss = module.loss_cfg
-            mask = select_negatives(anchor[:b], positive[:b], heldout.video_id[:b], margin=loss.margin,
-                                    num_negatives=loss.num_negatives, hard_ratio=hard_ratio, violators_only=loss.violators_only)
+            loss = module.loss
+            mask = loss.negatives(anchor[:b], positive[:b], heldout.video_id[:b], hard_ratio=hard_ratio)
             neg, s_pos, s_neg = hardest_chosen_negative(anchor[:b], positive[:b], mask)
             rows = torch.arange(min(self.num_triplets, b))
             batch_patches = torch.cat([heldout.anchor[:b], heldout.positive[:b]])
             negatives = [batch_patches[j] if j >= 0 else torch.zeros_like(heldout.anchor[0]) for j in neg[rows].tolist()]
-            what = "top-K hard negatives" if hard_ratio >= 1 else ("random negatives" if hard_ratio == 0 else f"{hard_ratio:g} hard")
+            if phase is None:  # a loss without negative selection: every patch of another video is a negative
+                what = f"{title}: every other-video patch a negative, in a batch of {b} held-out pairs"
+            else:
+                chosen = ("top-K hard negatives" if hard_ratio >= 1 else
+                          "random negatives" if hard_ratio == 0 else f"{hard_ratio:g} hard")
+                what = f"{title}: {phase} phase ({chosen}, in a batch of {b} held-out pairs)"
+            # Without a margin, red marks a negative that scores above the tracked patch.
             add("triplets", triplet_figure(heldout.anchor[rows], heldout.positive[rows], negatives, s_pos[rows].tolist(),
-                                           s_neg[rows].tolist(), loss.margin,
-                                           f"{title}: {phase} phase ({what}, in a batch of {b} held-out pairs)"),
+                                           s_neg[rows].tolist(), getattr(loss, "margin", 0.0), what),
                 "query, tracked patch, hardest chosen negative")
         if "retrieval" in self.pictures:
             q = torch.linspace(0, n - 1, min(self.num_queries, n)).round().long().unique()
@@ -181,10 +184,9 @@ class PicturesCallback(L.Callback):
             # The data seed, as `python -m vidrep.viz train` uses: both draw the same held-out pairs.
             self.heldout = HeldOut.from_dataset(dataset, self.num_heldout, getattr(dm, "seed", 0))
         epoch = trainer.current_epoch
-        loss = pl_module.loss_cfg
         sink = PictureSink(self.folder, wandb_loggers_of(trainer.loggers))
         try:
-            self.pictures.draw(pl_module, self.heldout, loss.ratio(epoch, trainer.global_step), loss.phase(epoch, trainer.global_step),
+            self.pictures.draw(pl_module, self.heldout, *pl_module.negatives_at(epoch, trainer.global_step),
                                f"epoch {epoch + 1}, step {trainer.global_step}", sink, step=trainer.global_step, tag=f"epoch{epoch + 1:03d}")
         except Exception:  # noqa: BLE001 - a failed picture must not end a multi-day run
             log.exception("pictures of epoch %d failed; training goes on", epoch + 1)

@@ -41,12 +41,12 @@ def triplet_module_from_checkpoint(ckpt: str | Path):
     (weights_only loading, like evaluate.py), and the (epoch, step) it was saved at."""
     from vidrep.eval.features import load_checkpoint_trunk, read_checkpoint
     from vidrep.models import EmbeddingNet
-    from vidrep.training.module import LossConfig, TripletModule
+    from vidrep.training.module import TripletModule
 
     saved = read_checkpoint(ckpt)
     network = load_checkpoint_trunk(ckpt, saved)
     hp = saved.get("hyper_parameters", {})
-    module = TripletModule(EmbeddingNet(network.trunk), LossConfig(**hp.get("loss", {})), optimizer=None,
+    module = TripletModule(EmbeddingNet(network.trunk), hp.get("loss", {}), optimizer=None,
                            pixel_mean=hp.get("pixel_mean", (107.99, 102.75, 96.64)), input_size=network.input_size)
     return module, int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
 
@@ -77,9 +77,8 @@ def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str
     heldout = HeldOut.from_dataset(PairDataset(index, sel.val, PatchTransform(module.input_size, 0.0, data.get("decoder") or "opencv")), num_heldout, seed)
     out = Path(out) if out is not None else ckpt.resolve().parent.parent / "pictures" / f"render-step{step:07d}"
     sink = PictureSink(out)
-    loss = module.loss_cfg
     TrainingPictures(batch_size=data.get("batch_size") or 50, embedding=embedding).draw(
-        module, heldout, loss.ratio(epoch, step), loss.phase(epoch, step), f"{ckpt.name} (step {step})", sink)
+        module, heldout, *module.negatives_at(epoch, step), f"{ckpt.name} (step {step})", sink)
     return sink.written
 
 

@@ -1,4 +1,5 @@
-"""The ranking loss of Wang & Gupta (ICCV 2015) and its negative selection, as pure functions.
+"""The ranking loss of Wang & Gupta (ICCV 2015) and its negative selection: pure functions, and
+`RankingLoss`, the object `model.loss` instantiates (conf/model/loss/{paper,code_faithful}.yaml).
 
 Embeddings are L2-normalised, so s(x, y) = x . y is a cosine. Pair i has an anchor a_i (the query
 patch) and a positive p_i (the patch tracked 30 frames later). Its candidate negatives are the 2N
@@ -7,17 +8,18 @@ patches of the batch (every anchor, then every positive) whose video id differs 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from vidrep.losses.base import Candidates, batch_candidates, check_pairs, target_of
+from vidrep.losses.schedule import NegativeSchedule
+
 
 def _check_inputs(anchor: Tensor, positive: Tensor, video_ids: Tensor, num_negatives: int, hard_ratio: float) -> None:
-    if anchor.ndim != 2 or anchor.shape != positive.shape:
-        raise ValueError(f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and {tuple(positive.shape)}")
-    if video_ids.shape != (anchor.shape[0],):
-        raise ValueError(f"video_ids must be [N] = [{anchor.shape[0]}]; got {tuple(video_ids.shape)}")
+    check_pairs(anchor, positive, video_ids)
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1; got {num_negatives}")
     if not 0.0 <= hard_ratio <= 1.0:
@@ -126,11 +128,9 @@ def ranking_loss(
     >>> loss.ndim
     0
     """
-    mask = select_negatives(
-        anchor, positive, video_ids,
-        margin=margin, num_negatives=num_negatives, hard_ratio=hard_ratio, violators_only=violators_only,
-    )
-    return ranking_loss_from_mask(anchor, positive, mask, margin=margin, num_negatives=num_negatives, symmetric=symmetric)
+    loss = RankingLoss(margin=margin, num_negatives=num_negatives, hard_ratio=hard_ratio, symmetric=symmetric,
+                       violators_only=violators_only)
+    return loss(anchor, positive, video_ids, hard_ratio=hard_ratio)[0]
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,57 @@ def triplet_stats(anchor: Tensor, positive: Tensor, mask: Tensor, patches: Tenso
         embed_std=patches.float().std(dim=0).mean(),
         negatives_per_pair=mask.sum(dim=1).float().mean(),
     )
+
+
+@dataclass(frozen=True)
+class RankingLoss:
+    """The triplet ranking loss with its negative schedule: `model.loss` of the paper's and the
+    released code's presets. The call selects each pair's negatives among the candidates
+    (`select_negatives` at the schedule's `hard_ratio`), scores them (`ranking_loss_from_mask`) and
+    reports the selection's `TripletStats`.
+
+    The settings are the config keys of model.loss; the schedule's keys are those of
+    `NegativeSchedule`, whose `hard_after_steps` the run sets from the other two.
+    `gather_across_ranks`: under DDP, negatives from the whole global batch (all_gather of the
+    embeddings and video ids, as one process would); False: from this rank's share only (a
+    deviation: a smaller pool).
+    """
+
+    margin: float = 0.5
+    num_negatives: int = 4
+    hard_ratio: float = 1.0
+    initial_hard_ratio: float = 0.0
+    hard_after_epochs: float | None = 10
+    hard_after_pairs: int | None = 7_500_000
+    hard_after_steps: int | None = None
+    symmetric: bool = False
+    violators_only: bool = False
+    gather_across_ranks: bool = True
+
+    stat_names: ClassVar[tuple[str, ...]] = tuple(f.name for f in fields(TripletStats))
+
+    @property
+    def schedule(self) -> NegativeSchedule:
+        return NegativeSchedule(self.initial_hard_ratio, self.hard_ratio, self.hard_after_epochs, self.hard_after_pairs,
+                                self.hard_after_steps)
+
+    def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
+                  candidates: Candidates | None = None) -> Tensor:
+        """Boolean [N, M]: the negatives of each pair among the M candidates (`select_negatives`;
+        `hard_ratio` None: the schedule's final ratio)."""
+        c = batch_candidates(anchor, positive, video_ids, candidates)
+        return select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
+                                hard_ratio=self.hard_ratio if hard_ratio is None else hard_ratio,
+                                violators_only=self.violators_only, patches=c.patches, patch_ids=c.video_ids)
+
+    def __call__(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
+                 candidates: Candidates | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        c = batch_candidates(anchor, positive, video_ids, candidates)
+        mask = self.negatives(anchor, positive, video_ids, hard_ratio=hard_ratio, candidates=c)
+        loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
+                                      symmetric=self.symmetric, patches=c.patches)
+        stats = triplet_stats(anchor, positive, mask, c.patches.detach())
+        return loss, {name: getattr(stats, name) for name in self.stat_names}
+
+    def config(self) -> dict:
+        return {"_target_": target_of(self), **asdict(self)}
