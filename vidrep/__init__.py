@@ -21,3 +21,14 @@ OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if ru
                                 replace=True)
 # hydra.run.dir's default: the run directory given by resume=<run dir>, else a new one.
 OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True)
+
+
+def _trunk_pixel_mean(target: str) -> list[float]:
+    from vidrep.models.trunk import trunk_class
+
+    return [float(v) for v in trunk_class(target).pixel_mean]
+
+
+# model.pixel_mean's default: the mean the configured trunk class expects (vidrep.models.Trunk.pixel_mean),
+# stated once, in the trunk; `model.pixel_mean=[r,g,b]` still overrides it.
+OmegaConf.register_new_resolver("vidrep.pixel_mean", _trunk_pixel_mean, replace=True)

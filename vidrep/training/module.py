@@ -131,7 +131,7 @@ class TripletModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         bias_lr_mult: float = 2.0,
         bias_weight_decay: float = 0.0,
-        pixel_mean: Sequence[float] = (107.99, 102.75, 96.64),
+        pixel_mean: Sequence[float] | None = None,
         input_size: int = 227,
         channels_last: bool = False,
         compile: bool = False,
@@ -139,11 +139,14 @@ class TripletModule(L.LightningModule):
         super().__init__()
         self.net = net
         self.loss_cfg = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        if pixel_mean is None:  # the mean the trunk expects (vidrep.models.Trunk.pixel_mean)
+            pixel_mean = net.trunk.pixel_mean
         # Plain types only, so checkpoints load with torch.load(weights_only=True); the full
-        # config is in the run directory (.hydra/config.yaml) and in the loggers.
+        # config is in the run directory (.hydra/config.yaml) and in the loggers. "net" is the
+        # network's own config (`model.net` with its _target_s), from which evaluate.py rebuilds it.
         self.save_hyperparameters({"loss": asdict(self.loss_cfg), "bias_lr_mult": bias_lr_mult,
                                    "bias_weight_decay": bias_weight_decay, "input_size": input_size,
-                                   "pixel_mean": [float(v) for v in pixel_mean]})
+                                   "pixel_mean": [float(v) for v in pixel_mean], "net": net.config()})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
         self.input_size = input_size
