@@ -2,7 +2,7 @@
 
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 __version__ = "0.1.0"
 
@@ -23,10 +23,11 @@ OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if ru
 OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True)
 
 
-def _trunk_pixel_mean(target: str) -> list[float]:
+def _trunk_pixel_mean(target: str):
     from vidrep.models.trunk import trunk_class
 
-    return [float(v) for v in trunk_class(target).pixel_mean]
+    # a ListConfig, not a list: OmegaConf.resolve() writes resolved values back into the config
+    return ListConfig([float(v) for v in trunk_class(target).pixel_mean])
 
 
 # model.pixel_mean's default: the mean the configured trunk class expects (vidrep.models.Trunk.pixel_mean),
