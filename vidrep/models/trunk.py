@@ -89,15 +89,17 @@ class Trunk(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.head_prefixes)}
 
     @torch.no_grad()
-    def feature_shapes(self, input_size: int | None = None) -> dict[str, tuple[int, ...]]:
-        """{layer: shape of one image's feature} at `input_size` (default: the trunk's), measured."""
+    def feature_shapes(self, input_size: int | None = None, layers: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
+        """{layer: shape of one image's feature} of `layers` (default: all) at `input_size` (default:
+        the trunk's), measured; layers past a flattening need the trunk's own input size."""
         size = input_size or self.input_size
+        layers = self.feature_layers if layers is None else self.check_layers(layers)
         was_training = self.training
         self.eval()
         try:
             param = next(self.parameters())
             x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-            return {k: tuple(v.shape[1:]) for k, v in self.forward_features(x, self.feature_layers).items()}
+            return {k: tuple(v.shape[1:]) for k, v in self.forward_features(x, layers).items()}
         finally:
             self.train(was_training)
 
