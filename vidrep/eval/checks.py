@@ -29,6 +29,9 @@ def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
         for path in checkpoint_files(cfg.ckpt):
             if not path or not Path(path).expanduser().exists():
                 raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
+    if "random" in [str(v) for v in (list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]:
+        require_path(cfg, "model.net.trunk.weights", "ckpt=random builds model.net.trunk: give a local weights file "
+                     "(nothing is downloaded), or model.net.trunk.weights=null", swept)
     if cfg.protocol.get("name") == "retrieval":
         if is_missing(cfg, "retrieval.corpus"):
             raise PreflightError("retrieval.corpus is not set: retrieval.corpus=<a mine.py corpus>")
