@@ -32,7 +32,8 @@ def test_declared_layers_and_dims_are_what_the_trunk_computes(cls):
         feats = trunk.forward_features(torch.randn(2, 3, trunk.input_size, trunk.input_size), trunk.feature_layers)
     assert list(feats) == list(trunk.feature_layers)
     assert {k: tuple(v.shape[1:]) for k, v in feats.items()} == trunk.feature_shapes()
-    assert feats[trunk.feature_layers[-1]].shape == (2, trunk.out_dim) == trunk(torch.zeros(2, 3, trunk.input_size, trunk.input_size)).shape
+    out = trunk(torch.zeros(2, 3, trunk.input_size, trunk.input_size))
+    assert feats[trunk.feature_layers[-1]].shape == (2, trunk.out_dim) == out.shape
     assert all(feats[name].dim() == 4 for name in (*trunk.benchmark_layers, *trunk.fixed_pooling, trunk.region_layer))
     assert feats[trunk.pooled_layer].dim() == 2 and len(trunk.pixel_mean) == 3
     # the Goyal-style kernels give ~9K values per layer at the trunk's own input size (torchvision's
@@ -42,7 +43,8 @@ def test_declared_layers_and_dims_are_what_the_trunk_computes(cls):
     dims = {name: fixed_pool(feats[name], *k).shape[1] for name, k in trunk.fixed_pooling.items()}
     assert set(dims) == set(trunk.benchmark_layers)
     assert cls is TorchvisionAlexNet or all(8192 <= d <= 9600 for d in dims.values()), dims
-    # RoI-pooled region cells, finished by the trunk, are as wide as the warp path's pooled layer (CaffeNet: 256 x 6 x 6)
+    # RoI-pooled region cells, finished by the trunk, are as wide as the warp path's pooled layer
+    # (CaffeNet: 256 x 6 x 6)
     channels = trunk.feature_shapes()[trunk.region_layer][0]
     cells = trunk.pool_regions(torch.zeros(3, channels, trunk.region_cells, trunk.region_cells))
     assert cells.shape == (3, feats[trunk.pooled_layer].shape[1])
@@ -113,7 +115,8 @@ def test_resnet18_by_config_through_checkpoint_rebuild_and_every_feature_path(tm
     from vidrep.eval.frozen import benchmark_layers
     from vidrep.eval.retrieval import network_featurizer
 
-    cfg = _compose(["model=resnet18", "model.input_size=67", "model.net.trunk.fc6_dim=64", "model.net.trunk.fc7_dim=32"])
+    cfg = _compose(["model=resnet18", "model.input_size=67", "model.net.trunk.fc6_dim=64",
+                    "model.net.trunk.fc7_dim=32"])
     assert cfg.model.pixel_mean == [255.0 * m for m in IMAGENET_MEAN]
     module = hydra.utils.instantiate(cfg.model)
     assert type(module.net.trunk) is ResNet18Trunk
@@ -126,7 +129,8 @@ def test_resnet18_by_config_through_checkpoint_rebuild_and_every_feature_path(tm
     assert type(net.trunk) is ResNet18Trunk and net.input_size == 67
     patches = torch.randint(0, 256, (3, 3, 67, 67), dtype=torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(net.trunk(net.preprocess(patches)), module.net.trunk.eval()(module.preprocess(patches)))
+        expected = module.net.trunk.eval()(module.preprocess(patches))
+        torch.testing.assert_close(net.trunk(net.preprocess(patches)), expected)
 
     images = []
     for i in range(2):
@@ -153,7 +157,8 @@ def test_resnet18_by_config_through_checkpoint_rebuild_and_every_feature_path(tm
                 out = det.warped(net.preprocess(patches))
             else:
                 image = net.preprocess(torch.randint(0, 256, (1, 3, 120, 160), dtype=torch.uint8))
-                out = det.pooled(image, torch.tensor([[0.0, 0.0, 60.0, 60.0], [40.0, 20.0, 159.0, 119.0], [5.0, 5.0, 20.0, 30.0]]))
+                rois = torch.tensor([[0.0, 0.0, 60.0, 60.0], [40.0, 20.0, 159.0, 119.0], [5.0, 5.0, 20.0, 30.0]])
+                out = det.pooled(image, rois)
         assert out["pool5"].shape == (3, 512) and out["fc7"].shape == (3, 16) and out["logits"].shape == (3, 5)
     # iterative fine-tuning copies the body (batch norm statistics included), never the head
     assert not any(k.startswith(("fc6.", "fc7.")) for k in net.trunk.body_state())
@@ -179,17 +184,18 @@ def test_train_then_evaluate_resnet18_by_config_alone(tmp_path, tiny_corpus):
     from vidrep.data.synthetic_voc import write_synthetic_voc
 
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=resnet18", *TINY, f"data.root={tiny_corpus}", "~data.demo",
-                            "logger=csv", "trainer.max_steps=2", f"hydra.run.dir={run}"],
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=resnet18", *TINY, f"data.root={tiny_corpus}",
+                            "~data.demo", "logger=csv", "trainer.max_steps=2", f"hydra.run.dir={run}"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["net"]["trunk"]["_target_"] == "vidrep.models.resnet.ResNet18Trunk"
     voc = write_synthetic_voc(tmp_path / "voc", num_trainval=12, num_test=12, height=96, width=128)
-    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={voc}", f"voc.classes=[{','.join(SHAPES)}]",
-                          "protocol=svm_cpu", "protocol.layers=[layer4,fc7]", "protocol.costs=[0.1,10]", "protocol.folds=2",
-                          f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path}/eval"],
+    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={voc}",
+                          f"voc.classes=[{','.join(SHAPES)}]", "protocol=svm_cpu", "protocol.layers=[layer4,fc7]",
+                          "protocol.costs=[0.1,10]", "protocol.folds=2", f"cache_dir={tmp_path / 'cache'}",
+                          "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path}/eval"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -11,8 +11,9 @@ from vidrep.preflight import PreflightError, is_missing, require_path
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
 CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
-              "network), ckpt=imagenet:<torchvision AlexNet weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval "
-              "also takes ckpt=colour_histogram or ckpt=pixels")
+              "network of model=<caffenet|resnet18|...>, CaffeNet by default), ckpt=imagenet:<torchvision AlexNet "
+              "weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval also takes ckpt=colour_histogram or "
+              "ckpt=pixels")
 KEYWORDS = ("random", *BASELINES)
 
 

@@ -73,9 +73,11 @@ def read_checkpoint(path: str | Path) -> dict:
     elif _stored_net_config(ckpt) is not None:  # names its trunk's class: any trunk
         has_trunk = any(k.startswith(TRUNK_PREFIX) for k in state)
     else:  # from before checkpoints stored their network: a CaffeNet-family trunk
-        has_trunk = (f"{TRUNK_PREFIX}conv1.weight" in state or f"{TRUNK_PREFIX}convs.0.weight" in state) and f"{TRUNK_PREFIX}fc7.weight" in state
+        conv1 = f"{TRUNK_PREFIX}conv1.weight" in state or f"{TRUNK_PREFIX}convs.0.weight" in state
+        has_trunk = conv1 and f"{TRUNK_PREFIX}fc7.weight" in state
     if not has_trunk:
-        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint (no {TRUNK_PREFIX}* trunk weights in its state_dict)")
+        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint "
+                              f"(no {TRUNK_PREFIX}* trunk weights in its state_dict)")
     return ckpt
 
 
@@ -102,7 +104,8 @@ def checkpoint_trunk(path: Path, ckpt: dict) -> Trunk:
         trunk = _legacy_trunk(trunk_state, input_size) if stored is None else build_trunk(stored["trunk"])
         trunk.load_state_dict(trunk_state)
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its trunk cannot be rebuilt from the network config it stores ({str(e)[:300]})") from None
+        raise CheckpointError(f"{path}: its trunk cannot be rebuilt from the network config it stores "
+                              f"({str(e)[:300]})") from None
     return trunk.eval()
 
 

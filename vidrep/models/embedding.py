@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 
 class EmbeddingNet(nn.Module):
-    """Wraps a trunk (a `vidrep.models.Trunk`: CaffeNet by default) so that one module is shared by training, fine-tuning
-    and feature extraction: `trunk.*` keys are the same in every checkpoint."""
+    """Wraps a trunk (a `vidrep.models.Trunk`: CaffeNet by default) so that one module is shared by
+    training, fine-tuning and feature extraction: `trunk.*` keys are the same in every checkpoint."""
 
     def __init__(self, trunk: nn.Module) -> None:
         super().__init__()
