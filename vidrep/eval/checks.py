@@ -30,7 +30,8 @@ def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
         for path in checkpoint_files(cfg.ckpt):
             if not path or not Path(path).expanduser().exists():
                 raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
-    if "random" in [str(v) for v in (list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]:
+    random = "random" in [str(v) for v in (list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]
+    if random and OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
         require_path(cfg, "model.net.trunk.weights", "ckpt=random builds model.net.trunk: give a local weights file "
                      "(nothing is downloaded), or model.net.trunk.weights=null", swept)
     if cfg.protocol.get("name") == "retrieval":
