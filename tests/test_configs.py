@@ -15,7 +15,7 @@ from vidrep.training.run import check_config
 CONF = str(ROOT / "conf")
 GROUPS = {
     "data": ["demo", "corpus", "1.5M", "5M", "8M"],
-    "model": ["caffenet", "torchvision_alexnet"],
+    "model": ["caffenet", "torchvision_alexnet", "resnet18"],
     "model/loss": ["paper", "code_faithful", "infonce"],
     "trainer": ["default", "cpu", "gpu", "ddp"],
     "logger": ["wandb", "csv", "none"],

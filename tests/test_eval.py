@@ -634,7 +634,8 @@ def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_
 # ---------------------------------------------------------------- the frozen protocol as Goyal et al.
 
 def test_goyal_pooling_per_layer_at_227():
-    from vidrep.eval.features import GOYAL_POOLING, fixed_pool
+    from vidrep.eval.features import fixed_pool
+    from vidrep.models.caffenet import GOYAL_POOLING
 
     maps = {"conv1": (96, 55), "conv2": (256, 27), "conv3": (384, 13), "conv4": (384, 13), "conv5": (256, 13)}
     dims = {name: fixed_pool(torch.zeros(1, c, s, s), *GOYAL_POOLING[name]).shape[1] for name, (c, s) in maps.items()}

@@ -2,7 +2,7 @@
 
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 __version__ = "0.1.0"
 
@@ -21,3 +21,15 @@ OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if ru
                                 replace=True)
 # hydra.run.dir's default: the run directory given by resume=<run dir>, else a new one.
 OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True)
+
+
+def _trunk_pixel_mean(target: str):
+    from vidrep.models.trunk import trunk_class
+
+    # a ListConfig, not a list: OmegaConf.resolve() writes resolved values back into the config
+    return ListConfig([float(v) for v in trunk_class(target).pixel_mean])
+
+
+# model.pixel_mean's default: the mean the configured trunk class expects (vidrep.models.Trunk.pixel_mean),
+# stated once, in the trunk; `model.pixel_mean=[r,g,b]` still overrides it.
+OmegaConf.register_new_resolver("vidrep.pixel_mean", _trunk_pixel_mean, replace=True)

@@ -11,8 +11,9 @@ from vidrep.common.preflight import PreflightError, is_missing, require_path
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
 CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
-              "network), ckpt=imagenet:<torchvision AlexNet weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval "
-              "also takes ckpt=colour_histogram or ckpt=pixels")
+              "network of model=<caffenet|resnet18|...>, CaffeNet by default), ckpt=imagenet:<torchvision AlexNet "
+              "weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval also takes ckpt=colour_histogram or "
+              "ckpt=pixels")
 KEYWORDS = ("random", *BASELINES)
 
 
@@ -29,6 +30,10 @@ def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
         for path in checkpoint_files(cfg.ckpt):
             if not path or not Path(path).expanduser().exists():
                 raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
+    random = "random" in [str(v) for v in (list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]
+    if random and OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
+        require_path(cfg, "model.net.trunk.weights", "ckpt=random builds model.net.trunk: give a local weights file "
+                     "(nothing is downloaded), or model.net.trunk.weights=null", swept)
     if cfg.protocol.get("name") == "retrieval":
         if is_missing(cfg, "retrieval.corpus"):
             raise PreflightError("retrieval.corpus is not set: retrieval.corpus=<a mine.py corpus>")

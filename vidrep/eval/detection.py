@@ -8,8 +8,9 @@ VOC detection AP at IoU 0.5. No bounding-box regression, as in the paper.
 
 Regions (`regions`): `warp` (R-CNN: each proposal plus 16 px of context warped to the network
 input, vidrep/eval/warp.py; numbers comparable with R-CNN's and the paper's) or `roi_pool` (Fast
-R-CNN's one conv pass per image at its image scale, RoI max-pooling of conv5 to 6x6: much faster,
-not the paper's regions; compare only with other roi_pool runs).
+R-CNN's one conv pass per image at its image scale, RoI max-pooling of the trunk's region layer, conv5
+to 6x6 for CaffeNet: much faster, not the paper's regions; compare only with other roi_pool runs).
+The trunk's layers, sizes and body come from its interface (vidrep/models/trunk.py).
 
 finetune=none: pool5 region features of the network (no training) + SVMs.
 finetune=straightforward: conv layers from the checkpoint; fc6/fc7 re-initialised for an
@@ -53,6 +54,7 @@ from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
 from vidrep.eval.proposals import ProposalStore
 from vidrep.eval.rcnn_svm import HardNegativeMiner, atomic_savez, feature_scale, save_scale
 from vidrep.eval.warp import warp_regions
+from vidrep.models.trunk import Trunk
 
 log = logging.getLogger(__name__)
 FINETUNE_MODES = ("none", "straightforward", "iterative")
@@ -100,17 +102,22 @@ def nms_inclusive(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np
 # ---------------------------------------------------------------- the network
 
 class DetectionNet(nn.Module):
-    """The trunk's conv layers, fc6, fc7 (dropout in training) and a (classes + background) classifier
-    over regions that are either warped crops (`warp`) or RoI-pooled conv5 cells (`roi_pool`)."""
+    """The trunk's body, fc6, fc7 (dropout in training) and a (classes + background) classifier over
+    regions that are either warped crops (`warp`) or RoI-pooled cells of the trunk's `region_layer`
+    (`roi_pool`). Its "pool5" output is the trunk's `pooled_layer` (pool5 for the AlexNets, avgpool
+    for ResNet-18), or the RoI-pooled cells finished as the trunk finishes that layer."""
 
-    def __init__(self, trunk: nn.Module, num_classes: int, regions: str, input_size: int, fc6_dim: int = 4096,
+    def __init__(self, trunk: Trunk, num_classes: int, regions: str, input_size: int, fc6_dim: int = 4096,
                  fc7_dim: int = 4096, dropout: float = 0.5, keep_fc: bool = False) -> None:
         super().__init__()
-        self.trunk = trunk  # only its conv layers are used
+        self.trunk = trunk  # only its body is used
         self.regions = regions
-        with torch.no_grad():
-            pool5 = trunk.forward_features(torch.zeros(1, 3, input_size, input_size), ("pool5",))["pool5"].shape[1]
-        in_dim = pool5 if regions == "warp" else 256 * 6 * 6
+        shapes = trunk.feature_shapes(input_size)
+        if regions == "warp":
+            in_dim = shapes[trunk.pooled_layer][0]
+        else:
+            cells = torch.zeros(1, shapes[trunk.region_layer][0], trunk.region_cells, trunk.region_cells)
+            in_dim = trunk.pool_regions(cells).shape[1]
         theirs = (getattr(trunk, "fc6", None), getattr(trunk, "fc7", None))
         if keep_fc and all(isinstance(m, nn.Linear) for m in theirs) and theirs[0].in_features == in_dim:
             self.fc6, self.fc7 = copy.deepcopy(theirs[0]), copy.deepcopy(theirs[1])
@@ -130,15 +137,18 @@ class DetectionNet(nn.Module):
 
     def warped(self, crops: Tensor) -> dict[str, Tensor]:
         """Regions already warped and mean-subtracted: [R, 3, S, S]."""
-        return self.head(self.trunk.forward_features(crops, ("pool5",))["pool5"])
+        layer = self.trunk.pooled_layer
+        return self.head(self.trunk.forward_features(crops, (layer,))[layer])
 
     def pooled(self, image: Tensor, rois: Tensor) -> dict[str, Tensor]:
         """`rois` ([R, 4] in the resized image's pixels) of one image [1, 3, H, W], each axis scaled
-        to conv5 by its own ratio (a portrait image's height is not its width)."""
-        conv5 = self.trunk.forward_features(image, ("conv5",))["conv5"]
-        sy, sx = conv5.shape[-2] / image.shape[-2], conv5.shape[-1] / image.shape[-1]
+        to the region layer's map by its own measured ratio (a portrait image's height is not its
+        width; about 1 / `region_stride`, less the trunk's border arithmetic)."""
+        t = self.trunk
+        fmap = t.forward_features(image, (t.region_layer,))[t.region_layer]
+        sy, sx = fmap.shape[-2] / image.shape[-2], fmap.shape[-1] / image.shape[-1]
         scaled = rois * torch.tensor([sx, sy, sx, sy], device=rois.device, dtype=rois.dtype)
-        return self.head(torch.flatten(roi_pool(conv5, [scaled], output_size=6, spatial_scale=1.0), 1))
+        return self.head(t.pool_regions(roi_pool(fmap, [scaled], output_size=t.region_cells, spatial_scale=1.0)))
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -314,11 +324,9 @@ class DetectionProtocol:
                 finetune(self, model, net, images, store, device, folder / f"round{r}", logger)
                 _atomic_torch_save(model.state_dict(), done)
             if r + 1 < rounds:
-                conv = {k: v for k, v in model.trunk.state_dict().items() if k.startswith(("conv", "convs"))}
-                triplet.load_state_dict(conv, strict=False)
+                triplet.load_state_dict(model.trunk.body_state(), strict=False)
                 readapt(triplet, net.input_size, self.adapt, model_cfg, folder / f"adapt{r}", device, int(self.devices), logger, self.seed)
-                conv = {k: v for k, v in triplet.state_dict().items() if k.startswith(("conv", "convs"))}
-                model.trunk.load_state_dict(conv, strict=False)
+                model.trunk.load_state_dict(triplet.body_state(), strict=False)
                 torch.manual_seed(self.seed + r + 1)
                 model = make(model.trunk)
         _atomic_torch_save(model.state_dict(), final)

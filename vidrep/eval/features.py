@@ -1,11 +1,14 @@
 """Networks to evaluate (a train.py checkpoint, a random init, ImageNet AlexNet weights) and their
-frozen features of whole images: conv layers average-pooled to ~9K dims, pool5, fc6, fc7, each
-L2-normalised (the Goyal et al. 2019 benchmark protocol)."""
+frozen features of whole images: conv maps average-pooled to ~9K dims, flat layers as they are,
+each L2-normalised (the Goyal et al. 2019 benchmark protocol). Any `vidrep.models.Trunk` works:
+layer names, pooling kernels and the pixel mean come from the trunk; a checkpoint's trunk is
+rebuilt from the network config it stores."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,13 +18,15 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from vidrep.models.caffenet import FEATURE_LAYERS, CaffeNet, TorchvisionAlexNet
+from vidrep.models.caffenet import CaffeNet, TorchvisionAlexNet
+from vidrep.models.trunk import Trunk, build_trunk
 from vidrep.training.checkpoints import DamagedCheckpointError, load_verified
 
 TARGET_DIMS = 9216  # conv maps are average-pooled to about this many values (Goyal et al.)
+TRUNK_PREFIX = "net.trunk."  # the trunk's keys in a train.py checkpoint's state_dict
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -32,7 +37,7 @@ class CheckpointError(ValueError):
 @dataclass
 class Network:
     name: str  # what results.json records: the checkpoint path, "random" or "imagenet:<path>"
-    trunk: nn.Module  # forward_features(x, layers)
+    trunk: Trunk
     input_size: int
     preprocess: Callable[[Tensor], Tensor]  # uint8 RGB [N, 3, S, S] -> network input
     key: str  # identifies the weights for caches
@@ -68,31 +73,69 @@ def read_checkpoint(path: str | Path) -> dict:
     except DamagedCheckpointError as e:
         raise CheckpointError(f"{e}; evaluate.py takes checkpoints written by train.py") from None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not state or "net.trunk.conv1.weight" not in state or "net.trunk.fc7.weight" not in state:
-        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint (no net.trunk.conv1..fc7 weights in its state_dict)")
+    if not state:
+        has_trunk = False
+    elif _stored_net_config(ckpt) is not None:  # names its trunk's class: any trunk
+        has_trunk = any(k.startswith(TRUNK_PREFIX) for k in state)
+    else:  # from before checkpoints stored their network: a CaffeNet-family trunk
+        conv1 = f"{TRUNK_PREFIX}conv1.weight" in state or f"{TRUNK_PREFIX}convs.0.weight" in state
+        has_trunk = conv1 and f"{TRUNK_PREFIX}fc7.weight" in state
+    if not has_trunk:
+        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint "
+                              f"(no {TRUNK_PREFIX}* trunk weights in its state_dict)")
     return ckpt
 
 
+def _stored_net_config(ckpt) -> dict | None:
+    """The network config a checkpoint stores (hyper_parameters["net"], TripletModule saves it); None in older ones."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    net = hp.get("net") if isinstance(hp, dict) else None
+    return net if isinstance(net, dict) and isinstance(net.get("trunk"), dict) else None
+
+
+def _legacy_trunk(trunk_state: dict[str, Tensor], input_size: int) -> Trunk:
+    """A checkpoint from before checkpoints stored their network: CaffeNet, or torchvision's AlexNet
+    (its `convs.*` keys), with the fc sizes of its weights."""
+    fc6_dim, fc7_dim = trunk_state["fc6.weight"].shape[0], trunk_state["fc7.weight"].shape[0]
+    return (TorchvisionAlexNet if "convs.0.weight" in trunk_state else CaffeNet)(input_size, fc6_dim, fc7_dim)
+
+
+def checkpoint_trunk(path: Path, ckpt: dict) -> Trunk:
+    """The trunk of a checkpoint read by `read_checkpoint`, built from its stored config, its weights loaded."""
+    trunk_state = {k[len(TRUNK_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    input_size = int(ckpt.get("hyper_parameters", {}).get("input_size", 227))
+    stored = _stored_net_config(ckpt)
+    try:
+        trunk = _legacy_trunk(trunk_state, input_size) if stored is None else build_trunk(stored["trunk"])
+        trunk.load_state_dict(trunk_state)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its trunk cannot be rebuilt from the network config it stores "
+                              f"({str(e)[:300]})") from None
+    return trunk.eval()
+
+
 def load_checkpoint_trunk(path: str | Path, ckpt: dict | None = None) -> Network:
-    """The CaffeNet trunk of a train.py checkpoint (`ckpt`: the checkpoint already read from `path`)."""
+    """The trunk of a train.py checkpoint (`ckpt`: the checkpoint already read from `path`)."""
     path = Path(path).expanduser()
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
-    prefix = "net.trunk."
-    trunk_state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    trunk = checkpoint_trunk(path, ckpt)
     hp = ckpt.get("hyper_parameters", {})
-    input_size = int(hp.get("input_size", 227))
-    fc6_dim, fc7_dim = trunk_state["fc6.weight"].shape[0], trunk_state["fc7.weight"].shape[0]
-    trunk = TorchvisionAlexNet(input_size, fc6_dim, fc7_dim) if "convs.0.weight" in trunk_state else CaffeNet(input_size, fc6_dim, fc7_dim)
-    trunk.load_state_dict(trunk_state)
-    mean = hp.get("pixel_mean", [107.99, 102.75, 96.64])
-    return Network(str(path), trunk.eval(), input_size, mean_subtract(mean), _file_key(path))
+    mean = hp.get("pixel_mean", trunk.pixel_mean)
+    return Network(str(path), trunk, trunk.input_size, mean_subtract(mean), _file_key(path))
 
 
-def random_network(input_size: int = 227, fc6_dim: int = 4096, fc7_dim: int = 1024, seed: int = 0) -> Network:
-    """The same architecture with the released random initialisation (the "scratch" baseline)."""
+def random_network(input_size: int = 227, fc6_dim: int = 4096, fc7_dim: int = 1024, seed: int = 0,
+                   trunk_config: dict | None = None) -> Network:
+    """The untrained network (the "scratch" baseline): the trunk `trunk_config` names (a resolved
+    `model.net.trunk` node) at `input_size`, else CaffeNet with the released initialisation."""
     torch.manual_seed(seed)
-    trunk = CaffeNet(input_size, fc6_dim, fc7_dim)
-    return Network("random", trunk.eval(), input_size, mean_subtract([107.99, 102.75, 96.64]), f"random-{input_size}-{fc6_dim}-{fc7_dim}-{seed}")
+    if trunk_config is None:
+        trunk, key = CaffeNet(input_size, fc6_dim, fc7_dim), f"random-{input_size}-{fc6_dim}-{fc7_dim}-{seed}"
+    else:
+        trunk = build_trunk(trunk_config, input_size=input_size)
+        text = json.dumps([trunk.config(), dict(trunk_config)], sort_keys=True, default=str)
+        key = f"random-{hashlib.blake2b(text.encode(), digest_size=8).hexdigest()}-{seed}"
+    return Network("random", trunk.eval(), input_size, mean_subtract(trunk.pixel_mean), key)
 
 
 def imagenet_network(path: str | Path, input_size: int = 227) -> Network:
@@ -112,24 +155,19 @@ def imagenet_network(path: str | Path, input_size: int = 227) -> Network:
     return Network(f"imagenet:{path}", trunk.eval(), input_size, _imagenet_normalise, _file_key(path))
 
 
-def load_network(spec: str, *, input_size: int = 227, seed: int = 0) -> Network:
+def load_network(spec: str, *, input_size: int = 227, seed: int = 0, trunk_config: dict | None = None) -> Network:
+    """`spec`: a checkpoint path, "random" (the trunk `trunk_config` names, CaffeNet without one) or "imagenet:<file>"."""
     if spec == "random":
-        return random_network(input_size=input_size, seed=seed)
+        return random_network(input_size=input_size, seed=seed, trunk_config=trunk_config)
     if spec.startswith("imagenet:"):
         return imagenet_network(spec[len("imagenet:"):], input_size)
     return load_checkpoint_trunk(spec)
 
 
-# Goyal et al.'s AlexNet VOC07 benchmark (facebookresearch/fair_self_supervision_benchmark,
-# configs/benchmark_tasks/image_classification/voc07/*_extract_features.yaml: conv1_s4k19_resize,
-# conv2_s3k12_resize, conv3_s1k9_resize, conv4_s1k9_resize, conv5_s1k8_resize): average pooling with
-# these (kernel, stride) per layer, 9,216-9,600 values at 227 input.
-GOYAL_POOLING = {"conv1": (19, 4), "conv2": (12, 3), "conv3": (9, 1), "conv4": (9, 1), "conv5": (8, 1)}
-
-
 def fixed_pool(x: Tensor, kernel: int, stride: int) -> Tensor:
-    """[N, C, H, W] average-pooled with a fixed kernel and stride, flattened; the kernel shrinks to
-    the map when the input is smaller than the benchmark's 227 (e.g. the tests' 67)."""
+    """[N, C, H, W] average-pooled with a fixed kernel and stride (a trunk's `fixed_pooling`),
+    flattened; the kernel shrinks to the map when the input is smaller than the benchmark's (e.g.
+    the tests' 67)."""
     k = min(kernel, x.shape[-1], x.shape[-2])
     return torch.flatten(F.avg_pool2d(x, k, stride), 1)
 
@@ -152,13 +190,12 @@ def load_image(path: Path, size: int) -> np.ndarray:
 @torch.no_grad()
 def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str], batch_size: int = 64,
                      device: str = "cpu", pooling: str = "adaptive", desc: str | None = None) -> dict[str, np.ndarray]:
-    """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with
-    GOYAL_POOLING (pooling="goyal") or adaptively to ~9K values (pooling="adaptive"). With `desc`,
-    a progress bar of that name counts the images."""
-    unknown = set(layers) - set(FEATURE_LAYERS)
-    if unknown:
-        raise ValueError(f"unknown layers {sorted(unknown)}; choose from {FEATURE_LAYERS}")
+    """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with the
+    trunk's `fixed_pooling` (pooling="goyal") or adaptively to ~9K values (pooling="adaptive"). With
+    `desc`, a progress bar of that name counts the images."""
     trunk = net.trunk.to(device)
+    trunk.check_layers(layers)
+    kernels = trunk.fixed_pooling if pooling == "goyal" else {}
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     bar = tqdm(total=len(images), desc=desc, unit="image", disable=desc is None)
     for start in range(0, len(images), batch_size):
@@ -168,7 +205,7 @@ def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str]
         for name in layers:
             f = feats[name]
             if f.dim() == 4:
-                f = fixed_pool(f, *GOYAL_POOLING[name]) if pooling == "goyal" and name in GOYAL_POOLING else pool_to_dims(f)
+                f = fixed_pool(f, *kernels[name]) if name in kernels else pool_to_dims(f)
             out[name].append(F.normalize(f, dim=1).cpu().numpy().astype(np.float32))
     bar.close()
     return {name: np.concatenate(chunks) for name, chunks in out.items()}

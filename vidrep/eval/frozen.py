@@ -43,7 +43,8 @@ class SvmProtocol:
     conv1-conv5 with their fixed pooling, their cost list, 3-fold CV scored by sklearn's AP, the
     test AP of their calculate_ap (all points). Deviations are the named options."""
 
-    layers: list[str] = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
+    # None: the trunk's benchmark_layers
+    layers: list[str] | None = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
     costs: list[float] = field(default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0]
                                + [0.5 ** k for k in range(4, 20)])
     folds: int = 3
@@ -60,6 +61,8 @@ class SvmProtocol:
     def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
             classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
         """{"layers": {layer: {"ap": [...], "map": float, "classes": [per-class dicts]}}, "best_layer"}."""
+        if self.layers is None:  # resolved here, so that settings() (caches, results.json) name the layers evaluated
+            self.layers = benchmark_layers(networks)
         feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device,
                                          self.pooling, split)
                          for net in networks]
@@ -79,6 +82,15 @@ class SvmProtocol:
             log.info("%s: mAP %.4f", layer, out[layer]["map"])
         best = max(out, key=lambda k: -np.inf if np.isnan(out[k]["map"]) else out[k]["map"])
         return {"layers": out, "best_layer": best, "map": out[best]["map"]}
+
+
+def benchmark_layers(networks: Sequence[Network]) -> list[str]:
+    """The benchmark layers (`Trunk.benchmark_layers`) of the first network that every network has."""
+    layers = [name for name in networks[0].trunk.benchmark_layers
+              if all(name in n.trunk.feature_layers for n in networks)]
+    if not layers:
+        raise ValueError(f"the networks {[n.name for n in networks]} share no benchmark layer; name them: protocol.layers=[...]")
+    return layers
 
 
 def _concat(features: list[np.ndarray]) -> np.ndarray:

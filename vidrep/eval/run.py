@@ -85,21 +85,29 @@ def _data_name(voc: DictConfig) -> dict:
     return {"name": "synthetic VOC-format" if synthetic else f"VOC{voc.year}", "synthetic": synthetic}
 
 
+def _network_loader(cfg: DictConfig):
+    """spec -> Network; ckpt=random builds the trunk of `model.net.trunk` (the model config group)."""
+    trunk = OmegaConf.select(cfg, "model.net.trunk")
+    trunk_config = OmegaConf.to_container(trunk, resolve=True) if trunk is not None else None
+    return lambda spec: load_network(spec, input_size=cfg.input_size, seed=cfg.seed, trunk_config=trunk_config)
+
+
 def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = None) -> dict:
     """Run the protocol, write results.json; `draw(result, folder)` (evaluate.py passes
     vidrep.viz.evaluation.draw_evaluation) makes the pictures, which W&B then logs."""
     checkpoints = _checkpoints(cfg.ckpt)
+    load = _network_loader(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.protocol.get("name") == "retrieval":
         from vidrep.eval.retrieval import run_retrieval
 
-        return run_retrieval(cfg, checkpoints, device, lambda c: load_network(c, input_size=cfg.input_size, seed=cfg.seed))
+        return run_retrieval(cfg, checkpoints, device, load)
     classes = tuple(cfg.voc.classes)
     train_split, test_split = resolve_splits(cfg.voc.year, cfg.voc.train_split, cfg.voc.test_split)
     train = read_voc(cfg.voc.root, cfg.voc.year, train_split, classes)
     test = read_voc(cfg.voc.root, cfg.voc.year, test_split, classes)
     check_disjoint([im.id for im in train], [im.id for im in test], train_split, test_split, cfg.voc.year)
-    networks = [load_network(c, input_size=cfg.input_size, seed=cfg.seed) for c in checkpoints]
+    networks = [load(c) for c in checkpoints]
     # use_07_metric: null follows the year, as the devkit does
     ap_variant = {"use_07_metric": use_07_metric_for(cfg.voc.year, None)} if cfg.protocol.get("use_07_metric", False) is None else {}
     protocol = hydra.utils.instantiate(cfg.protocol, **ap_variant)

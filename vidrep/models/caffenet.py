@@ -14,8 +14,31 @@ import torch
 from torch import Tensor, nn
 
 from vidrep.models.ops import GroupedConv2d, LRN, PaddedInputConv2d
+from vidrep.models.trunk import Trunk
 
 FEATURE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")
+# Channel means of the released mean image, in RGB order (the Caffe file is BGR 96.64, 102.75, 107.99).
+PIXEL_MEAN = (107.99, 102.75, 96.64)
+# Goyal et al.'s AlexNet VOC07 benchmark (facebookresearch/fair_self_supervision_benchmark,
+# configs/benchmark_tasks/image_classification/voc07/*_extract_features.yaml: conv1_s4k19_resize,
+# conv2_s3k12_resize, conv3_s1k9_resize, conv4_s1k9_resize, conv5_s1k8_resize): average pooling with
+# these (kernel, stride) per layer, 9,216-9,600 values at 227 input.
+GOYAL_POOLING = {"conv1": (19, 4), "conv2": (12, 3), "conv3": (9, 1), "conv4": (9, 1), "conv5": (8, 1)}
+
+
+class _AlexNetInterface(Trunk):
+    """The trunk interface (vidrep/models/trunk.py) as both AlexNets declare it."""
+
+    feature_layers = FEATURE_LAYERS
+    benchmark_layers = ("conv1", "conv2", "conv3", "conv4", "conv5")
+    fixed_pooling = GOYAL_POOLING
+    pooled_layer = "pool5"
+    # Fast R-CNN's RoI pooling of conv5 (stride 4 x 2 x 2) to pool5's 6x6 grid.
+    region_layer = "conv5"
+    region_stride = 16
+    region_cells = 6
+    head_prefixes = ("fc6.", "fc7.")
+    pixel_mean = PIXEL_MEAN
 
 
 def _conv_out(size: int, kernel: int, stride: int = 1, pad: int = 0) -> int:
@@ -59,7 +82,7 @@ def caffe_init(layers: list[nn.Module], conv_std: float, fc_std: float, bias_one
         nn.init.constant_(layer.bias, 1.0 if bias_one and i not in (1, 3) else 0.0)
 
 
-class CaffeNet(nn.Module):
+class CaffeNet(_AlexNetInterface):
     """96-256-384-384-256 convolutions with LRN and 2 groups, then fc6 and fc7 (ReLU, no dropout).
 
     Equal-output implementation choices (vidrep/models/ops.py; parameters and state dicts are the
@@ -142,7 +165,7 @@ class CaffeNet(nn.Module):
         return self.forward_features(x, ("fc7",))["fc7"]
 
 
-class TorchvisionAlexNet(nn.Module):
+class TorchvisionAlexNet(_AlexNetInterface):
     """torchvision's AlexNet variant (64-192-384-256-256, no LRN, no groups) with the same named
     features and fc6/fc7 head; offered for comparison, not the paper's trunk."""
 

@@ -25,6 +25,9 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
     if cfg.data.get("demo") is None and "data.root" not in swept:
         _check_corpus_size(cfg)
     require_path(cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept)
+    if OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
+        require_path(cfg, "model.net.trunk.weights", "give a local torchvision weights file for the trunk (nothing is "
+                     "downloaded), or model.net.trunk.weights=null for a random init", swept)
     _note_cpu_ddp(cfg)
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from vidrep.common.workarounds import compile_outside_module_tree
 from vidrep.losses import PairLoss, loss_from_config
 from vidrep.training.ranks import loss_across_ranks
 
@@ -25,7 +26,7 @@ class TripletModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         bias_lr_mult: float = 2.0,
         bias_weight_decay: float = 0.0,
-        pixel_mean: Sequence[float] = (107.99, 102.75, 96.64),
+        pixel_mean: Sequence[float] | None = None,
         input_size: int = 227,
         channels_last: bool = False,
         compile: bool = False,
@@ -34,19 +35,21 @@ class TripletModule(L.LightningModule):
         self.net = net
         # A loss object (what Hydra instantiates from model.loss), or its config (a checkpoint's).
         self.loss = loss_from_config(loss) if isinstance(loss, Mapping) else loss
+        if pixel_mean is None:  # the mean the trunk expects (vidrep.models.Trunk.pixel_mean)
+            pixel_mean = net.trunk.pixel_mean
         # Plain types only, so checkpoints load with torch.load(weights_only=True); the full
-        # config is in the run directory (.hydra/config.yaml) and in the loggers.
+        # config is in the run directory (.hydra/config.yaml) and in the loggers. "net" is the
+        # network's own config (`model.net` with its _target_s), from which evaluate.py rebuilds it.
         self.save_hyperparameters({"loss": self.loss.config(), "bias_lr_mult": bias_lr_mult,
                                    "bias_weight_decay": bias_weight_decay, "input_size": input_size,
-                                   "pixel_mean": [float(v) for v in pixel_mean]})
+                                   "pixel_mean": [float(v) for v in pixel_mean], "net": net.config()})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
         self.input_size = input_size
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # Compiled outside the module tree, so checkpoints keep the plain keys (no "_orig_mod.").
-        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
+        compile_outside_module_tree(self, "_compiled_net", self.net, compile)
         # Validation means weighted by batch size and synced as (sum, weight) across ranks: with
         # BatchShards' rank-independent batches they do not change with the number of devices.
         self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", *self.loss.stat_names)})

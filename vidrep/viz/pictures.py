@@ -54,13 +54,16 @@ class HeldOut:
 
 @torch.no_grad()
 def _features(module, patches: Tensor, chunk: int = 128) -> tuple[Tensor, Tensor]:
-    """(L2-normalised embeddings, pool5) of uint8 patches, through the module's own preprocessing."""
+    """(L2-normalised embeddings, pool5) of uint8 patches, through the module's own preprocessing;
+    "pool5" is the trunk's `pooled_layer` (pool5 for the AlexNets, avgpool for ResNet-18)."""
+    trunk = module.net.trunk
+    pooled, out = trunk.pooled_layer, trunk.feature_layers[-1]
     embs, pools = [], []
     for start in range(0, len(patches), chunk):
         x = module.preprocess(patches[start : start + chunk].to(module.device))
-        feats = module.net.trunk.forward_features(x, ("pool5", "fc7"))
-        embs.append(F.normalize(feats["fc7"].float(), dim=1).cpu())
-        pools.append(feats["pool5"].float().cpu())
+        feats = trunk.forward_features(x, (pooled, out))
+        embs.append(F.normalize(feats[out].float(), dim=1).cpu())
+        pools.append(feats[pooled].float().cpu())
     return torch.cat(embs), torch.cat(pools)
 
 

@@ -47,7 +47,7 @@ def triplet_module_from_checkpoint(ckpt: str | Path):
     network = load_checkpoint_trunk(ckpt, saved)
     hp = saved.get("hyper_parameters", {})
     module = TripletModule(EmbeddingNet(network.trunk), hp.get("loss", {}), optimizer=None,
-                           pixel_mean=hp.get("pixel_mean", (107.99, 102.75, 96.64)), input_size=network.input_size)
+                           pixel_mean=hp.get("pixel_mean"), input_size=network.input_size)
     return module, int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
 
 
