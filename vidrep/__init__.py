@@ -1,5 +1,6 @@
 """vidrep: visual representations learned from tracked patches in unlabelled video."""
 
+import importlib
 import os
 
 from omegaconf import ListConfig, OmegaConf
@@ -24,10 +25,16 @@ OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if v
 
 
 def _trunk_pixel_mean(target: str):
-    from vidrep.models.trunk import trunk_class
-
+    """The `pixel_mean` the trunk class `target` declares, found by name: the root package sits
+    below every layer and imports none of them (tests/test_layers.py)."""
+    module_name, _, name = target.rpartition(".")
+    try:
+        mean = getattr(importlib.import_module(module_name), name).pixel_mean
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"model.pixel_mean: the trunk {target!r} declares no pixel_mean ({e}); "
+                         "set model.pixel_mean=[r,g,b]") from None
     # a ListConfig, not a list: OmegaConf.resolve() writes resolved values back into the config
-    return ListConfig([float(v) for v in trunk_class(target).pixel_mean])
+    return ListConfig([float(v) for v in mean])
 
 
 # model.pixel_mean's default: the mean the configured trunk class expects (vidrep.models.Trunk.pixel_mean),
