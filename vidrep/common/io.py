@@ -45,3 +45,17 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """A file, atomically, creating the folder if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(Path(path), lambda f: f.write(data))
+
+
+def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz file of `arrays`, atomically, creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
+
+
+def write_torch(path: str | Path, obj) -> None:
+    """torch.save(obj), atomically, creating the folder if needed."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda f: torch.save(obj, f))

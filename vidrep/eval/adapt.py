@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vidrep.common.io import write_torch
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,6 @@ def readapt(
     `adapt["batch_size"]` pairs; `folder` holds its checkpoints, curves and `adapted.pt`."""
     from vidrep.common.loggers import finish_wandb
     from vidrep.data.datamodule import PairDataModule
-    from vidrep.eval.detection import _atomic_torch_save
     from vidrep.eval.finetune import checkpoint_step, make_loggers, make_trainer
 
     done = folder / "adapted.pt"
@@ -100,6 +101,6 @@ def readapt(
     finally:
         finish_wandb()
     trunk.to(where).eval()  # Lightning's teardown leaves the module on the CPU
-    _atomic_torch_save(trunk.state_dict(), done)
+    write_torch(done, trunk.state_dict())
     for ckpt in folder.glob("*.ckpt"):
         ckpt.unlink()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vidrep.eval.retrieval import BASELINES
 from vidrep.common.preflight import PreflightError, is_missing, require_path
+from vidrep.eval.retrieval import BASELINES
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
 CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "

@@ -33,7 +33,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,13 +45,14 @@ from torch import Tensor, nn
 from torchvision.ops import roi_pool
 from tqdm import tqdm
 
+from vidrep.common.io import write_npz, write_torch
 from vidrep.data.voc import VOCImage
 from vidrep.eval.adapt import readapt
 from vidrep.eval.features import Network
 from vidrep.eval.finetune import finetune
 from vidrep.eval.metrics import ap_of_curves, thin_curve, voc_detection_pr
 from vidrep.eval.proposals import ProposalStore
-from vidrep.eval.rcnn_svm import HardNegativeMiner, atomic_savez, feature_scale, save_scale
+from vidrep.eval.rcnn_svm import HardNegativeMiner, feature_scale, save_scale
 from vidrep.eval.warp import warp_regions
 from vidrep.models.trunk import Trunk
 
@@ -161,13 +161,6 @@ def read_rgb(path: Path) -> np.ndarray:
 def _gt0(im: VOCImage) -> np.ndarray:
     """Ground-truth boxes in 0-based pixels (VOC's XML is 1-based)."""
     return im.boxes - 1.0
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -322,14 +315,14 @@ class DetectionProtocol:
             else:
                 log.info("fine-tuning round %d/%d", r + 1, rounds)
                 finetune(self, model, net, images, store, device, folder / f"round{r}", logger)
-                _atomic_torch_save(model.state_dict(), done)
+                write_torch(done, model.state_dict())
             if r + 1 < rounds:
                 triplet.load_state_dict(model.trunk.body_state(), strict=False)
                 readapt(triplet, net.input_size, self.adapt, model_cfg, folder / f"adapt{r}", device, int(self.devices), logger, self.seed)
                 model.trunk.load_state_dict(triplet.body_state(), strict=False)
                 torch.manual_seed(self.seed + r + 1)
                 model = make(model.trunk)
-        _atomic_torch_save(model.state_dict(), final)
+        write_torch(final, model.state_dict())
         for r in range(rounds):  # the checkpoints; the curves (metrics.csv) stay
             for ckpt in (folder / f"round{r}").glob("*.ckpt"):
                 ckpt.unlink()
@@ -372,7 +365,7 @@ class DetectionProtocol:
                 for c in range(num_classes):
                     per_class[c].append(f[im.labels == c])
             dim = next(x.shape[1] for chunks in per_class for x in chunks)
-            atomic_savez(pos_file, {f"c{c}": np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+            write_npz(pos_file, {f"c{c}": np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
                                      for c, chunks in enumerate(per_class)})
         with np.load(pos_file) as z:
             positives = [z[f"c{c}"] for c in range(num_classes)]
@@ -396,7 +389,7 @@ class DetectionProtocol:
                 miner.save(state)
         bar.close()
         W, B = miner.weights()
-        atomic_savez(done, {"W": W, "B": B, "scale": np.array(scale), "updates": miner.updates, "last_update": miner.last_update,
+        write_npz(done, {"W": W, "B": B, "scale": np.array(scale), "updates": miner.updates, "last_update": miner.last_update,
                              "passes": np.array(miner.position / len(train)), "cache_sizes": np.array(miner.cache_sizes())})
         state.unlink(missing_ok=True)
         return W, B, scale
@@ -432,7 +425,7 @@ class DetectionProtocol:
                     boxes = store.boxes(im)
                     det = self.detect(feats(im, boxes) * scale @ W + B, boxes, B)
                     arrays.update({f"{k}_{name}": v for name, v in det.items()})
-                atomic_savez(chunk, arrays)
+                write_npz(chunk, arrays)
             with np.load(chunk) as z:
                 for k in range(len(test[start : start + self.test_chunk])):
                     preds.append({"boxes": torch.from_numpy(z[f"{k}_boxes"] + 1.0).float(),

@@ -22,12 +22,12 @@ mined and dropped. The miner's state (caches, weights, the pass position) is sav
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from vidrep.common.io import write_json, write_npz
 
 
 def fit_rcnn_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float = 0.001, bias_mult: float = 10.0, pos_loss_weight: float = 2.0,
@@ -49,19 +49,6 @@ def feature_scale(norms: np.ndarray, target_norm: float = 20.0) -> float:
     if mean <= 0:
         raise ValueError("region features are all zero: the network gives no signal to train SVMs on (check the checkpoint)")
     return target_norm / mean
-
-
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class HardNegativeMiner:
@@ -142,7 +129,7 @@ class HardNegativeMiner:
                   "last_update": self.last_update, "position": np.array(self.position)}
         for c in range(len(self.positives)):
             arrays[f"x_neg{c}"], arrays[f"keys_neg{c}"] = self.x_neg[c], self.keys_neg[c]
-        atomic_savez(path, arrays)
+        write_npz(path, arrays)
 
     def load(self, path: Path) -> None:
         with np.load(path) as z:
@@ -154,7 +141,4 @@ class HardNegativeMiner:
 
 
 def save_scale(path: Path, scale: float, mean_norm: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"scale": scale, "mean_norm": mean_norm}))
-    os.replace(tmp, path)
+    write_json(path, {"scale": scale, "mean_norm": mean_norm})

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm import tqdm
 
+from vidrep.common.io import write_npz
 from vidrep.data.shares import rank_shares
 from vidrep.eval.warp import warp_regions
 
@@ -48,9 +49,7 @@ class Windows:
         return self.image.nbytes + self.box.nbytes + self.label.nbytes
 
     def save(self, path: Path) -> None:
-        from vidrep.eval.rcnn_svm import atomic_savez
-
-        atomic_savez(path, {"image": self.image, "box": self.box, "label": self.label, "num_fg": np.array(self.num_fg)})
+        write_npz(path, {"image": self.image, "box": self.box, "label": self.label, "num_fg": np.array(self.num_fg)})
 
     @classmethod
     def load(cls, path: Path) -> "Windows":
