@@ -1,7 +1,8 @@
 """Training throughput on a GPU: compute alone, the loader alone, and the whole step with the loader.
 
     python bench/gpu.py                                   # on a GPU machine; ~3 min on one H200
-    python bench/gpu.py --device cpu --input-size 67 --pairs 4 8 --steps 3 --warmup 1 --workers 2 --synthetic-pairs 200   # a smoke run
+    # a smoke run:
+    python bench/gpu.py --device cpu --input-size 67 --pairs 4 8 --steps 3 --warmup 1 --workers 2 --synthetic-pairs 200
 
 For each batch size (pairs; 50 pairs = 100 patches, the paper's batch; 256 pairs = 512 patches),
 all rates timed over the steps after `--warmup` as training runs them (no synchronisation between
@@ -30,12 +31,11 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from torch.utils.data import DataLoader, Dataset
-
 from _table import markdown_table
+from hydra import compose, initialize_config_dir
 from loader import loader_rate
 from synthetic_corpus import PAIRS_PER_VIDEO, make_pairs, write_corpus
+from torch.utils.data import DataLoader, Dataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -50,13 +50,26 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--override", nargs="*", default=[],
-                   help="more config overrides of the model, e.g. model.net.trunk.lrn=slices model.net.trunk.conv1_in_channels=4")
+    p.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="more config overrides of the model, e.g. model.net.trunk.lrn=slices model.net.trunk.conv1_in_channels=4",
+    )
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--corpus", type=Path, default=None)
-    p.add_argument("--synthetic-pairs", type=int, default=20_000, help="pairs of the synthetic corpus made when --corpus is not given")
-    p.add_argument("--decoders", nargs="*", default=["opencv", "device"],
-                   help="data.decoder values for (b) and (c): opencv (in the workers) | device (nvJPEG, batched); none: (a) only")
+    p.add_argument(
+        "--synthetic-pairs",
+        type=int,
+        default=20_000,
+        help="pairs of the synthetic corpus made when --corpus is not given",
+    )
+    p.add_argument(
+        "--decoders",
+        nargs="*",
+        default=["opencv", "device"],
+        help="data.decoder values for (b) and (c): opencv (in the workers) | device (nvJPEG, batched); none: (a) only",
+    )
     args = p.parse_args()
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} leaves nothing to time after --warmup {args.warmup}; raise --steps")
@@ -111,18 +124,35 @@ class Repeat(Dataset):
 
 def module(args):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["data=corpus", f"model.input_size={args.input_size}",
-                                          f"model.channels_last={args.channels_last}", f"model.compile={args.compile}",
-                                          *args.override])
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=corpus",
+                f"model.input_size={args.input_size}",
+                f"model.channels_last={args.channels_last}",
+                f"model.compile={args.compile}",
+                *args.override,
+            ],
+        )
     return hydra.utils.instantiate(cfg.model)
 
 
 def fit(args, data) -> Timer:
     """`data`: a DataLoader, or a PairDataModule (its batch hooks, e.g. decoding on the device, run)."""
     timer = Timer(args.device, args.warmup)
-    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,
-                        max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     if isinstance(data, DataLoader):
         trainer.fit(module(args), train_dataloaders=data)
     else:
@@ -133,8 +163,16 @@ def fit(args, data) -> Timer:
 def datamodule(args, corpus, pairs, decoder):
     from vidrep.data.datamodule import PairDataModule
 
-    dm = PairDataModule(str(corpus), batch_size=pairs, num_workers=args.workers, input_size=args.input_size, val_fraction=0.0,
-                        pin_memory=args.device == "cuda", persistent_workers=True, decoder=decoder)
+    dm = PairDataModule(
+        str(corpus),
+        batch_size=pairs,
+        num_workers=args.workers,
+        input_size=args.input_size,
+        val_fraction=0.0,
+        pin_memory=args.device == "cuda",
+        persistent_workers=True,
+        decoder=decoder,
+    )
     dm.setup()
     return dm
 
@@ -157,7 +195,10 @@ def measure(args, corpus: Path) -> None:
     rows = []
     for pairs in args.pairs:
         g = torch.Generator().manual_seed(0)
-        patches = lambda: torch.randint(0, 256, (pairs, 3, args.input_size, args.input_size), generator=g, dtype=torch.uint8)  # noqa: E731
+
+        def patches():
+            return torch.randint(0, 256, (pairs, 3, args.input_size, args.input_size), generator=g, dtype=torch.uint8)
+
         batch = {"anchor": patches(), "positive": patches(), "video_id": torch.arange(pairs)}
         compute = fit(args, DataLoader(Repeat(batch, args.steps), batch_size=None)).rate(2 * pairs)
         if not args.decoders:
@@ -166,13 +207,34 @@ def measure(args, corpus: Path) -> None:
             dm = datamodule(args, corpus, pairs, decoder)
             rate = loader_rate(dm, max(args.steps // 2, 2), args.device)
             both = fit(args, dm)
-            rows.append([str(2 * pairs), f"{compute:,.0f}", decoder, f"{rate:,.0f}",
-                         f"{both.rate(2 * pairs):,.0f}", f"{100 * both.wait / both.wall:.0f} %"])
+            rows.append(
+                [
+                    str(2 * pairs),
+                    f"{compute:,.0f}",
+                    decoder,
+                    f"{rate:,.0f}",
+                    f"{both.rate(2 * pairs):,.0f}",
+                    f"{100 * both.wait / both.wall:.0f} %",
+                ]
+            )
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
-          f"compile={args.compile}, {args.workers} loader workers, overrides {args.override or 'none'}")
-    print(markdown_table(["patches per batch", "compute alone (patches/s)", "data.decoder", "loader alone (patches/s)",
-                          "step with loader (patches/s)", "main thread getting data"], rows))
+    print(
+        f"{name}, {args.precision}, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
+        f"compile={args.compile}, {args.workers} loader workers, overrides {args.override or 'none'}"
+    )
+    print(
+        markdown_table(
+            [
+                "patches per batch",
+                "compute alone (patches/s)",
+                "data.decoder",
+                "loader alone (patches/s)",
+                "step with loader (patches/s)",
+                "main thread getting data",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

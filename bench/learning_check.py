@@ -57,23 +57,64 @@ class Source:
 MOVIEPY = "moviepy==2.2.1"
 BBB_IN_ZIP = "moviepy_10_minutes/resources/bbb.mp4"
 SOURCES = (
-    Source("bbb", "Big Buck Bunny 720p, 10 min (PyPI moviepy 2.2.1 sdist)", "pypi-moviepy", ("moviepy/bbb.mp4",), film=True),
-    Source("opencv-doc", "vtest.avi, Megamind.avi (Debian opencv-doc)", "deb:opencv-doc",
-           ("opencv-doc/usr/share/doc/opencv-doc/examples/data/vtest.avi", "opencv-doc/usr/share/doc/opencv-doc/examples/data/Megamind.avi")),
-    Source("mecavideo", "classroom clips (Debian python3-mecavideo)", "deb:python3-mecavideo",
-           ("python3-mecavideo/usr/share/pymecavideo/data/video/*",)),
-    Source("imageio", "cockatoo.mp4 (Debian python3-imageio)", "deb:python3-imageio",
-           ("python3-imageio/usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4",)),
-    Source("pd-extendedview", "diver.mov (Debian pd-extendedview)", "deb:pd-extendedview",
-           ("pd-extendedview/usr/share/doc/pd-extendedview/media/diver.mov",)),
-    Source("visp", "image sequences mire-2, mbt/cube, cube (Debian visp-images-data)", "deb:visp-images-data",
-           ("visp-images-data/usr/share/visp-images-data/ViSP-images/mire-2/", "visp-images-data/usr/share/visp-images-data/ViSP-images/mbt/cube/",
-            "visp-images-data/usr/share/visp-images-data/ViSP-images/cube/")),
-    Source("dlib", "examples/video_frames, 151 frames (Debian libdlib19.1)", "deb:libdlib19.1",
-           ("libdlib19.1/usr/share/doc/libdlib19.1/examples/video_frames/",)),
-    Source("renpy", "oa4_launch.webm (Debian renpy-demo)", "deb:renpy-demo", ("renpy-demo/usr/share/games/renpy/demo/game/oa4_launch.webm",)),
-    Source("kivy", "cityCC0.mpg (Debian python-kivy-examples)", "deb:python-kivy-examples",
-           ("python-kivy-examples/usr/share/kivy-examples/widgets/cityCC0.mpg",)),
+    Source(
+        "bbb", "Big Buck Bunny 720p, 10 min (PyPI moviepy 2.2.1 sdist)", "pypi-moviepy", ("moviepy/bbb.mp4",), film=True
+    ),
+    Source(
+        "opencv-doc",
+        "vtest.avi, Megamind.avi (Debian opencv-doc)",
+        "deb:opencv-doc",
+        (
+            "opencv-doc/usr/share/doc/opencv-doc/examples/data/vtest.avi",
+            "opencv-doc/usr/share/doc/opencv-doc/examples/data/Megamind.avi",
+        ),
+    ),
+    Source(
+        "mecavideo",
+        "classroom clips (Debian python3-mecavideo)",
+        "deb:python3-mecavideo",
+        ("python3-mecavideo/usr/share/pymecavideo/data/video/*",),
+    ),
+    Source(
+        "imageio",
+        "cockatoo.mp4 (Debian python3-imageio)",
+        "deb:python3-imageio",
+        ("python3-imageio/usr/lib/python3/dist-packages/imageio/resources/images/cockatoo.mp4",),
+    ),
+    Source(
+        "pd-extendedview",
+        "diver.mov (Debian pd-extendedview)",
+        "deb:pd-extendedview",
+        ("pd-extendedview/usr/share/doc/pd-extendedview/media/diver.mov",),
+    ),
+    Source(
+        "visp",
+        "image sequences mire-2, mbt/cube, cube (Debian visp-images-data)",
+        "deb:visp-images-data",
+        (
+            "visp-images-data/usr/share/visp-images-data/ViSP-images/mire-2/",
+            "visp-images-data/usr/share/visp-images-data/ViSP-images/mbt/cube/",
+            "visp-images-data/usr/share/visp-images-data/ViSP-images/cube/",
+        ),
+    ),
+    Source(
+        "dlib",
+        "examples/video_frames, 151 frames (Debian libdlib19.1)",
+        "deb:libdlib19.1",
+        ("libdlib19.1/usr/share/doc/libdlib19.1/examples/video_frames/",),
+    ),
+    Source(
+        "renpy",
+        "oa4_launch.webm (Debian renpy-demo)",
+        "deb:renpy-demo",
+        ("renpy-demo/usr/share/games/renpy/demo/game/oa4_launch.webm",),
+    ),
+    Source(
+        "kivy",
+        "cityCC0.mpg (Debian python-kivy-examples)",
+        "deb:python-kivy-examples",
+        ("python-kivy-examples/usr/share/kivy-examples/widgets/cityCC0.mpg",),
+    ),
 )
 FASHION = "dataset-fashion-mnist/usr/share/datasets/fashion-mnist"
 # Fashion-MNIST images per split the probe uses: on a CPU the first 10K training images (a forward
@@ -89,19 +130,36 @@ DENSE = {"candidate_every": 1}
 # Kaiming init, bias 0, lr 0.002, batches of 32 pairs), trained for a number of steps rather than
 # epochs, hard negatives after a third of them.
 CONFIGS = {
-    "cpu": ["experiment=cpu", "data.num_workers=2", "trainer=cpu", "trainer.max_steps=1800", "trainer.max_epochs=null",
-            "model.loss.hard_after_epochs=null", "+model.loss.hard_after_steps=600"],
+    "cpu": [
+        "experiment=cpu",
+        "data.num_workers=2",
+        "trainer=cpu",
+        "trainer.max_steps=1800",
+        "trainer.max_epochs=null",
+        "model.loss.hard_after_epochs=null",
+        "+model.loss.hard_after_steps=600",
+    ],
     # The paper's network and solver (conf/model/caffenet.yaml) at 227 input.
-    "gpu": ["data.batch_size=50", "data.num_workers=8", "trainer=gpu", "trainer.max_steps=20000",
-            "model.loss.hard_after_epochs=null", "+model.loss.hard_after_steps=6000"],
+    "gpu": [
+        "data.batch_size=50",
+        "data.num_workers=8",
+        "trainer=gpu",
+        "trainer.max_steps=20000",
+        "model.loss.hard_after_epochs=null",
+        "+model.loss.hard_after_steps=6000",
+    ],
 }
 
 
 def fetch_command(source: Source, footage: Path) -> str:
     if source.fetch == "pypi-moviepy":
-        return (f"pip download --no-deps --no-binary :all: {MOVIEPY} -d /tmp/dl && tar xzf /tmp/dl/moviepy-2.2.1.tar.gz -C /tmp/dl && "
-                f"unzip -j /tmp/dl/moviepy-2.2.1/docs/_static/medias/getting_started/moviepy_10_minutes/moviepy_10_minutes.zip "
-                f"{BBB_IN_ZIP} -d {footage}/moviepy")
+        return (
+            f"pip download --no-deps --no-binary :all: {MOVIEPY} -d /tmp/dl && tar xzf /tmp/dl/moviepy-2.2.1.tar.gz "
+            "-C /tmp/dl && "
+            "unzip -j /tmp/dl/moviepy-2.2.1/docs/_static/medias/getting_started/moviepy_10_minutes/"
+            "moviepy_10_minutes.zip "
+            f"{BBB_IN_ZIP} -d {footage}/moviepy"
+        )
     pkg = source.fetch.removeprefix("deb:")
     return f"apt-get update && apt-get download {pkg} && dpkg-deb -x {pkg}_*.deb {footage}/{pkg}"
 
@@ -110,11 +168,22 @@ def fetch(source_fetch: str, footage: Path) -> None:
     """Runs what fetch_command prints (without apt-get update), into a temporary folder first."""
     with tempfile.TemporaryDirectory() as tmp:
         if source_fetch == "pypi-moviepy":
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", MOVIEPY, "-d", tmp], check=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", MOVIEPY, "-d", tmp],
+                check=True,
+            )
             subprocess.run(["tar", "xzf", next(Path(tmp).glob("moviepy-*.tar.gz")), "-C", tmp], check=True)
-            zip_path = next(Path(tmp).glob("moviepy-*/docs/_static/medias/getting_started/moviepy_10_minutes/moviepy_10_minutes.zip"))
+            zip_path = next(
+                Path(tmp).glob(
+                    "moviepy-*/docs/_static/medias/getting_started/moviepy_10_minutes/moviepy_10_minutes.zip"
+                )
+            )
             (footage / "moviepy").mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(zip_path) as z, z.open(BBB_IN_ZIP) as src, open(footage / "moviepy/.bbb.mp4.tmp", "wb") as dst:
+            with (
+                zipfile.ZipFile(zip_path) as z,
+                z.open(BBB_IN_ZIP) as src,
+                open(footage / "moviepy/.bbb.mp4.tmp", "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst)
             (footage / "moviepy/.bbb.mp4.tmp").rename(footage / "moviepy/bbb.mp4")
             return
@@ -184,7 +253,9 @@ def prepare_videos(footage: Path, videos: Path) -> tuple[list[str], list[str]]:
     for s in SOURCES:
         files = source_files(s, footage)
         if s.name == "opencv-doc" and not files:  # the test suite's copy, if any
-            files = [p for p in (CACHE / "opencv-sample-videos" / n for n in ("vtest.avi", "Megamind.avi")) if p.is_file()]
+            files = [
+                p for p in (CACHE / "opencv-sample-videos" / n for n in ("vtest.avi", "Megamind.avi")) if p.is_file()
+            ]
         if not files:
             missing.append(s.name)
             print(f"  missing {s.name}: {s.what}; fetch with: {fetch_command(s, footage)}")
@@ -217,8 +288,17 @@ def mine(videos: Path, corpus: Path, workers: int) -> None:
 def compose_config(config: str, corpus: Path, out: Path, seed: int, extra: list[str]):
     from hydra import compose, initialize_config_dir
 
-    overrides = ["data=corpus", f"data.root={corpus}", "data.val_fraction=0.25", "logger=none", f"seed={seed}",
-                 f"paths.output_dir={out}", f"paths.root_dir={ROOT}", *CONFIGS[config], *extra]
+    overrides = [
+        "data=corpus",
+        f"data.root={corpus}",
+        "data.val_fraction=0.25",
+        "logger=none",
+        f"seed={seed}",
+        f"paths.output_dir={out}",
+        f"paths.root_dir={ROOT}",
+        *CONFIGS[config],
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides), overrides
 
@@ -235,12 +315,16 @@ def train(cfg):
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(save_dir=cfg.paths.output_dir, name="", version="")  # <out>/metrics.csv: follow the steps there
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=[], enable_checkpointing=False,
-                                      enable_progress_bar=False, max_epochs=-1)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=logger, callbacks=[], enable_checkpointing=False, enable_progress_bar=False, max_epochs=-1
+    )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    print("final metrics: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/triplet_acc") if k in metrics))
+    print(
+        "final metrics: "
+        + ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss", "val/loss", "val/triplet_acc") if k in metrics)
+    )
     return datamodule, model.net.trunk.eval(), initial.eval(), time.perf_counter() - start
 
 
@@ -252,7 +336,9 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
-def fashion_features(trunk, images: np.ndarray, input_size: int, pixel_mean, layers=("pool5", "fc7"), batch: int = 256) -> dict[str, np.ndarray]:
+def fashion_features(
+    trunk, images: np.ndarray, input_size: int, pixel_mean, layers=("pool5", "fc7"), batch: int = 256
+) -> dict[str, np.ndarray]:
     """Frozen, L2-normalised features of 28x28 grey images, upscaled (bilinear) and repeated to RGB."""
     import torch
     import torch.nn.functional as F
@@ -286,17 +372,32 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 def fashion_probe(trunks: dict, footage: Path, input_size: int, pixel_mean, limit: int | None) -> str | None:
     folder = footage / FASHION
     if not (folder / "train-images-idx3-ubyte.gz").is_file():
-        print(f"  Fashion-MNIST missing; fetch with: apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb {footage}/dataset-fashion-mnist")
+        print(
+            "  Fashion-MNIST missing; fetch with: apt-get download dataset-fashion-mnist && dpkg-deb -x "
+            f"dataset-fashion-mnist_*.deb {footage}/dataset-fashion-mnist"
+        )
         return None
-    data = {split: (read_idx(folder / f"{split}-images-idx3-ubyte.gz"), read_idx(folder / f"{split}-labels-idx1-ubyte.gz"))
-            for split in ("train", "t10k")}
+    data = {
+        split: (read_idx(folder / f"{split}-images-idx3-ubyte.gz"), read_idx(folder / f"{split}-labels-idx1-ubyte.gz"))
+        for split in ("train", "t10k")
+    }
     if limit:
-        data = {s: (x[:limit], y[:limit]) for s, (x, y) in data.items()}  # the files are in mixed class order (first 10K: 942-1,027 per class)
-    lines = [f"Frozen linear probe on Fashion-MNIST ({len(data['train'][0])} train / {len(data['t10k'][0])} test images, "
-             "10 classes; test accuracy %, chance 10):", "", "| network | pool5 | fc7 |", "|---|---|---|"]
+        data = {
+            s: (x[:limit], y[:limit]) for s, (x, y) in data.items()
+        }  # the files are in mixed class order (first 10K: 942-1,027 per class)
+    lines = [
+        f"Frozen linear probe on Fashion-MNIST ({len(data['train'][0])} train / {len(data['t10k'][0])} test images, "
+        "10 classes; test accuracy %, chance 10):",
+        "",
+        "| network | pool5 | fc7 |",
+        "|---|---|---|",
+    ]
     for name, trunk in trunks.items():
         feats = {s: fashion_features(trunk, x, input_size, pixel_mean) for s, (x, _) in data.items()}
-        acc = {k: linear_probe(feats["train"][k], data["train"][1], feats["t10k"][k], data["t10k"][1]) for k in ("pool5", "fc7")}
+        acc = {
+            k: linear_probe(feats["train"][k], data["train"][1], feats["t10k"][k], data["t10k"][1])
+            for k in ("pool5", "fc7")
+        }
         lines.append(f"| {name} | {100 * acc['pool5']:.1f} | {100 * acc['fc7']:.1f} |")
     return "\n".join(lines)
 
@@ -304,15 +405,29 @@ def fashion_probe(trunks: dict, footage: Path, input_size: int, pixel_mean, limi
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    p.add_argument("--work", type=Path, default=CACHE / "learning-check", help="footage/, videos/ and corpus/ live here")
+    p.add_argument(
+        "--work", type=Path, default=CACHE / "learning-check", help="footage/, videos/ and corpus/ live here"
+    )
     p.add_argument("--out", type=Path, default=None, help="default: outputs/learning_check/<config>-<time>")
-    p.add_argument("--fetch", action="store_true", help="fetch the missing footage (apt-get download, pip download) and exit")
+    p.add_argument(
+        "--fetch", action="store_true", help="fetch the missing footage (apt-get download, pip download) and exit"
+    )
     p.add_argument("--workers", type=int, default=2, help="mining processes")
-    p.add_argument("--no-mine", action="store_true", help="train on the corpus as mined so far (mining resumes where it stopped when run without this)")
+    p.add_argument(
+        "--no-mine",
+        action="store_true",
+        help="train on the corpus as mined so far (mining resumes where it stopped when run without this)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="override the configuration's training steps (smoke runs)")
-    p.add_argument("--probe-images", type=int, default=None,
-                   help=f"use only this many Fashion-MNIST images per split (0: all; default {PROBE_IMAGES})")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="override the configuration's training steps (smoke runs)"
+    )
+    p.add_argument(
+        "--probe-images",
+        type=int,
+        default=None,
+        help=f"use only this many Fashion-MNIST images per split (0: all; default {PROBE_IMAGES})",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides of train.py's config, after the configuration's own")
     return p.parse_args()
 
@@ -321,7 +436,10 @@ def main() -> None:
     args = parse_args()
     footage = args.work / "footage"
     if args.fetch:
-        for s in [*SOURCES, Source("fashion", "Fashion-MNIST", "deb:dataset-fashion-mnist", (FASHION + "/train-images-idx3-ubyte.gz",))]:
+        for s in [
+            *SOURCES,
+            Source("fashion", "Fashion-MNIST", "deb:dataset-fashion-mnist", (FASHION + "/train-images-idx3-ubyte.gz",)),
+        ]:
             if source_files(s, footage):
                 continue
             print(f"fetching {s.name}: {fetch_command(s, footage)}", flush=True)
@@ -339,7 +457,11 @@ def main() -> None:
     used, missing = prepare_videos(footage, args.work / "videos")
     clock["videos"] = time.perf_counter() - t0
     corpus = args.work / f"corpus-{'-'.join(f'{k}{v}' for k, v in DENSE.items())}"
-    print(f"{'' if args.no_mine else 'mining '}{args.work / 'videos'} into {corpus} with the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5)", flush=True)
+    print(
+        f"{'' if args.no_mine else 'mining '}{args.work / 'videos'} into {corpus} with the paper's settings except "
+        f"{DENSE} (conf/mine.yaml: candidate_every=5)",
+        flush=True,
+    )
     if args.no_mine:
         print("--no-mine: using the videos mined so far")
     else:
@@ -358,35 +480,50 @@ def main() -> None:
     train_videos = len(np.unique(datamodule.train_set.video_ids()))
     val_videos = len(np.unique(datamodule.val_set.video_ids()))
     if val_videos * 5 < train_videos + val_videos:
-        raise SystemExit(f"only {val_videos} of {train_videos + val_videos} videos held out (< 1/5); raise data.val_fraction")
+        raise SystemExit(
+            f"only {val_videos} of {train_videos + val_videos} videos held out (< 1/5); raise data.val_fraction"
+        )
     t = time.perf_counter()
-    report = held_out_retrieval(index, datamodule.val_set.rows, trained, initial, cfg.model.input_size, list(cfg.model.pixel_mean))
+    report = held_out_retrieval(
+        index, datamodule.val_set.rows, trained, initial, cfg.model.input_size, list(cfg.model.pixel_mean)
+    )
     clock["retrieval"] = time.perf_counter() - t
     t = time.perf_counter()
-    probe = fashion_probe({"trained": trained, "initialisation": initial}, footage, cfg.model.input_size,
-                          list(cfg.model.pixel_mean), PROBE_IMAGES[args.config] if args.probe_images is None else args.probe_images)
+    probe = fashion_probe(
+        {"trained": trained, "initialisation": initial},
+        footage,
+        cfg.model.input_size,
+        list(cfg.model.pixel_mean),
+        PROBE_IMAGES[args.config] if args.probe_images is None else args.probe_images,
+    )
     clock["fashion probe"] = time.perf_counter() - t
 
-    text = "\n".join([
-        f"# Learning check ({args.config}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        "",
-        f"Footage: {', '.join(used)}" + (f"; missing (skipped): {', '.join(missing)}" if missing else ""),
-        f"Mining: the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5): real footage is scarce.",
-        f"Videos prepared: {sum(1 for p in (args.work / 'videos').iterdir() if not p.name.startswith('.'))}"
-        + (" (--no-mine: those mined so far are used)" if args.no_mine else "") + f"; {train_videos + val_videos} gave pairs: "
-        f"{train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out ({len(datamodule.val_set)} pairs).",
-        f"Training: {int(cfg.trainer.max_steps)} steps of {cfg.data.batch_size} pairs at {cfg.model.input_size} input; overrides: {' '.join(overrides)}",
-        "",
-        "Held-out retrieval: each held-out pair's tracked patch among its own and the tracked patches of the other held-out videos:",
-        "",
-        retrieval_table(report),
-        "",
-        format_weight_change(weight_change(trained, initial)),
-        "",
-        probe or "Fashion-MNIST probe skipped (not fetched).",
-        "",
-        "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()),
-    ])
+    text = "\n".join(
+        [
+            f"# Learning check ({args.config}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            "",
+            f"Footage: {', '.join(used)}" + (f"; missing (skipped): {', '.join(missing)}" if missing else ""),
+            f"Mining: the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5): real footage is scarce.",
+            f"Videos prepared: {sum(1 for p in (args.work / 'videos').iterdir() if not p.name.startswith('.'))}"
+            + (" (--no-mine: those mined so far are used)" if args.no_mine else "")
+            + f"; {train_videos + val_videos} gave pairs: "
+            f"{train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out "
+            f"({len(datamodule.val_set)} pairs).",
+            f"Training: {int(cfg.trainer.max_steps)} steps of {cfg.data.batch_size} pairs at {cfg.model.input_size} "
+            f"input; overrides: {' '.join(overrides)}",
+            "",
+            "Held-out retrieval: each held-out pair's tracked patch among its own and the tracked patches of the "
+            "other held-out videos:",
+            "",
+            retrieval_table(report),
+            "",
+            format_weight_change(weight_change(trained, initial)),
+            "",
+            probe or "Fashion-MNIST probe skipped (not fetched).",
+            "",
+            "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()),
+        ]
+    )
     print("\n" + text)
     import io
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-
 from _table import markdown_table
+
 from vidrep.data.corpus import PairIndex
 from vidrep.data.datamodule import PairDataModule
 from vidrep.data.transforms import PatchTransform, decode_batch
@@ -84,6 +84,7 @@ def demo_corpus() -> Path:
 def loader_rate(dm: PairDataModule, batches: int, device: str = "cpu") -> float:
     """Patches/s of the training loader, its workers started, restarting epochs as needed; with
     data.decoder=device, including the batched decode on `device`."""
+
     def fetch(loader):
         batch = next(loader)
         if dm.decoder == "device":
@@ -139,13 +140,27 @@ def main() -> None:
         r = len(data) / (time.perf_counter() - start)
         same = (gpu(data[:1])[0].cpu().float() - reference).abs().mean().item()
         rows.append(["nvJPEG, GPU, batches of 100 (data.decoder=device)", f"{r:,.0f}", "-", f"{same:.2f}"])
-    print(f"(a) decode + resize to {s} + flip, one core ({len(jpegs)} patches of {root}, median of {args.rounds} interleaved rounds)")
-    print(markdown_table(["decoder", "patches/s per core", f"cores for {TARGET:,}/s", "mean |diff| vs OpenCV (0-255)"], rows))
+    print(
+        f"(a) decode + resize to {s} + flip, one core ({len(jpegs)} patches of {root}, median of {args.rounds} "
+        "interleaved rounds)"
+    )
+    print(
+        markdown_table(
+            ["decoder", "patches/s per core", f"cores for {TARGET:,}/s", "mean |diff| vs OpenCV (0-255)"], rows
+        )
+    )
 
     rows = []
     for workers in args.workers:
-        dm = PairDataModule(str(root), batch_size=50, num_workers=workers, input_size=s, val_fraction=0.0,
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+        dm = PairDataModule(
+            str(root),
+            batch_size=50,
+            num_workers=workers,
+            input_size=s,
+            val_fraction=0.0,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
         dm.setup()
         r = loader_rate(dm, args.batches)
         rows.append([str(workers), f"{r:,.0f}", f"{r / max(workers, 1):,.0f}", f"{TARGET / (r / max(workers, 1)):.0f}"])

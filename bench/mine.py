@@ -3,7 +3,8 @@
     source /work/venv/bin/activate && cd /work/main && python bench/mine.py
     python bench/mine.py --videos /data/some/videos --synthetic 0     # your own footage
     python bench/mine.py --detectors                                  # + the SURF-substitute table
-    python bench/mine.py --ratio-only --film fetch --synthetic 0 --hd 0 --rounds 3   # mining vs decoding, the film + opencv-doc
+    # mining vs decoding, the film + opencv-doc:
+    python bench/mine.py --ratio-only --film fetch --synthetic 0 --hd 0 --rounds 3
     python bench/mine.py --trackers --film fetch                      # the miner.tracker options: cost and yield
 
 --ratio-only measures just mining against decoding alone, side by side: each round decodes every
@@ -41,10 +42,10 @@ from pathlib import Path  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-
 from _table import markdown_table  # noqa: E402
-from vidrep.demo.corpus import write_demo_videos  # noqa: E402
+
 from vidrep.data.synthetic import SyntheticVideo  # noqa: E402
+from vidrep.demo.corpus import write_demo_videos  # noqa: E402
 from vidrep.mining.decode import read_frames, read_pictures  # noqa: E402
 from vidrep.mining.inputs import list_videos  # noqa: E402
 from vidrep.mining.miner import MinerConfig, VideoMiner  # noqa: E402
@@ -60,14 +61,22 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", type=Path, default=SAMPLES if SAMPLES.is_dir() else None, help="folder of real videos")
     p.add_argument("--synthetic", type=int, default=12, help="synthetic videos to add (220 frames each)")
-    p.add_argument("--hd", type=int, default=4, help="synthetic 1280x720 H.264 videos for the decode ratio (220 frames)")
+    p.add_argument(
+        "--hd", type=int, default=4, help="synthetic 1280x720 H.264 videos for the decode ratio (220 frames)"
+    )
     p.add_argument("--detectors", action="store_true", help="also compare the interest point detectors")
     p.add_argument("--video-minutes", type=float, default=4.0, help="mean video length assumed for the 100K projection")
     p.add_argument("--fps", type=float, default=30.0, help="frame rate assumed for the 100K projection")
-    p.add_argument("--trackers", action="store_true", help="only the miner.tracker options: cost per tracked frame, yield, accuracy")
+    p.add_argument(
+        "--trackers",
+        action="store_true",
+        help="only the miner.tracker options: cost per tracked frame, yield, accuracy",
+    )
     p.add_argument("--ratio-only", action="store_true", help="only mining vs decoding alone, side by side (see above)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of --ratio-only (medians reported)")
-    p.add_argument("--film", default=None, help="path of bbb.mp4, or `fetch` (cached in $VIDREP_CACHE_DIR or ~/.cache/vidrep)")
+    p.add_argument(
+        "--film", default=None, help="path of bbb.mp4, or `fetch` (cached in $VIDREP_CACHE_DIR or ~/.cache/vidrep)"
+    )
     p.add_argument("--film-segments", type=int, default=4)
     p.add_argument("--segment-seconds", type=float, default=30.0, help="0: the whole film")
     return p.parse_args()
@@ -87,8 +96,12 @@ def fetch_film(dest: Path = CACHE / "bbb.mp4") -> Path:
     if dest.exists():
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "moviepy==2.2.1",
-                        "-d", tmp], check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "moviepy==2.2.1", "-d", tmp],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         with tarfile.open(next(Path(tmp).glob("moviepy-*.tar.gz"))) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith("moviepy_10_minutes.zip"))
             tar.extract(member, tmp, filter="data")
@@ -142,11 +155,14 @@ def timed_rounds(paths: list[Path], rounds: int) -> tuple[dict, Counter, dict]:
     defaults. Returns {variant: [(cpu s, wall s), ...]}, the frame count, and per variant the
     per-stage CPU seconds and counters of the first round."""
     configs = {"mining, legacy settings": MinerConfig(**LEGACY), "mining, defaults": MinerConfig()}
-    times: dict[str, list[tuple[float, float]]] = {"decoding alone": [], "decoding, no scaling or conversion": [],
-                                                   **{k: [] for k in configs}}
+    times: dict[str, list[tuple[float, float]]] = {
+        "decoding alone": [],
+        "decoding, no scaling or conversion": [],
+        **{k: [] for k in configs},
+    }
     first: dict = {}
     frames = 0
-    for r in range(rounds):
+    for _r in range(rounds):
         cpu, wall = time.process_time(), time.perf_counter()
         frames = sum(1 for path in paths for _ in read_frames(path))
         times["decoding alone"].append((time.process_time() - cpu, time.perf_counter() - wall))
@@ -178,17 +194,39 @@ def ratio_tables(label: str, paths: list[Path], rounds: int) -> str:
         wall = statistics.median(t[1] for t in ts)
         cpu_ratio = [t[0] / b[0] for t, b in zip(ts, base)]
         wall_ratio = [t[1] / b[1] for t, b in zip(ts, base)]
-        rows.append([name, f"{1000 * cpu / frames:.2f}", f"{statistics.median(cpu_ratio):.2f}x",
-                     f"{min(cpu_ratio):.2f}-{max(cpu_ratio):.2f}", f"{1000 * wall / frames:.2f}", f"{statistics.median(wall_ratio):.2f}x"])
-    out = [f"{label}: {len(paths)} videos, {frames} frames, median of {rounds} rounds",
-           markdown_table(["", "CPU ms per frame", "CPU time / decoding alone (target <= 2x)", "range over rounds",
-                           "wall ms per frame", "wall time / decoding alone"], rows), ""]
+        rows.append(
+            [
+                name,
+                f"{1000 * cpu / frames:.2f}",
+                f"{statistics.median(cpu_ratio):.2f}x",
+                f"{min(cpu_ratio):.2f}-{max(cpu_ratio):.2f}",
+                f"{1000 * wall / frames:.2f}",
+                f"{statistics.median(wall_ratio):.2f}x",
+            ]
+        )
+    out = [
+        f"{label}: {len(paths)} videos, {frames} frames, median of {rounds} rounds",
+        markdown_table(
+            [
+                "",
+                "CPU ms per frame",
+                "CPU time / decoding alone (target <= 2x)",
+                "range over rounds",
+                "wall ms per frame",
+                "wall time / decoding alone",
+            ],
+            rows,
+        ),
+        "",
+    ]
     stage_rows = []
     for s in STAGES:
         stage_rows.append([s, *(f"{1000 * first[name][0][s] / frames:.2f}" for name in first)])
     out.append(markdown_table(["stage (CPU ms per frame, round 1)", *first], stage_rows))
     counters = ["candidates", "rejected_static", "rejected_camera_motion", "tracks", "pairs"]
-    out.append(markdown_table(["counter", *first], [[k, *(str(first[name][1][k]) for name in first)] for k in counters]))
+    out.append(
+        markdown_table(["counter", *first], [[k, *(str(first[name][1][k]) for name in first)] for k in counters])
+    )
     return "\n".join(out)
 
 
@@ -228,7 +266,7 @@ def tracker_rows(footage: dict[str, list[Path]]) -> list[list[str]]:
                 miner = VideoMiner(MinerConfig(tracker=name))
                 _CountingTracker.updates, _CountingTracker.seconds = 0, 0.0
                 cells = []
-                for label, videos in footage.items():
+                for _label, videos in footage.items():
                     stats = Counter()
                     for path in videos:
                         stats.update(miner.mine(path).stats)
@@ -241,8 +279,16 @@ def tracker_rows(footage: dict[str, list[Path]]) -> list[list[str]]:
                         obj = int(np.argmax([_cover(b, r.query_box) for b in boxes]))
                         covers.append(_cover(video.boxes(r.tracked_frame)[obj], r.tracked_box))
                 covers = np.array(covers)
-                rows.append([name, f"{per_frame:.2f}", *cells, str(len(covers)),
-                             f"{covers.mean():.3f}" if len(covers) else "-", f"{(covers >= 0.5).mean():.2f}" if len(covers) else "-"])
+                rows.append(
+                    [
+                        name,
+                        f"{per_frame:.2f}",
+                        *cells,
+                        str(len(covers)),
+                        f"{covers.mean():.3f}" if len(covers) else "-",
+                        f"{(covers >= 0.5).mean():.2f}" if len(covers) else "-",
+                    ]
+                )
             finally:
                 tracking.TRACKERS[name] = create
     return rows
@@ -307,8 +353,17 @@ def detector_rows(paths: list[Path]) -> list[list[str]]:
             kept = np.mean((fractions >= 0.25) & (fractions <= 0.75)) if len(fractions) else 0.0
             pairs = VideoMiner(MinerConfig(detector=name)).mine(path).stats["pairs"]
             n = max(1, len(range(5, len(frames), 5)))
-            rows.append([name, path.name, f"{1000 * cost / n:.1f}", f"{np.mean(points):.0f}",
-                         f"{np.median(fractions):.2f}", f"{100 * kept:.0f} %", str(pairs)])
+            rows.append(
+                [
+                    name,
+                    path.name,
+                    f"{1000 * cost / n:.1f}",
+                    f"{np.mean(points):.0f}",
+                    f"{np.median(fractions):.2f}",
+                    f"{100 * kept:.0f} %",
+                    str(pairs),
+                ]
+            )
     return rows
 
 
@@ -319,8 +374,11 @@ def main() -> None:
         import datetime
         import platform
 
-        print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-              f"opencv {cv2.__version__}, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"{platform.processor() or platform.machine()}, "
+            f"opencv {cv2.__version__}, load average {os.getloadavg()[0]:.1f}"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             footage = {}
             if args.videos is not None:
@@ -328,16 +386,29 @@ def main() -> None:
             if args.film is not None:
                 film = fetch_film() if args.film == "fetch" else Path(args.film)
                 footage[film.name] = film_segments(film, Path(tmp) / "film", args.film_segments, args.segment_seconds)
-            print(markdown_table(["miner.tracker", "CPU ms per tracked frame", *(f"{k}: tracks / lost / pairs" for k in footage),
-                                  "synthetic: pairs", "object share in tracked box", "pairs with >= half the object"],
-                                 tracker_rows(footage)))
+            print(
+                markdown_table(
+                    [
+                        "miner.tracker",
+                        "CPU ms per tracked frame",
+                        *(f"{k}: tracks / lost / pairs" for k in footage),
+                        "synthetic: pairs",
+                        "object share in tracked box",
+                        "pairs with >= half the object",
+                    ],
+                    tracker_rows(footage),
+                )
+            )
         return
     if args.ratio_only:
         import datetime
         import platform
 
-        print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+            f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        )
         with tempfile.TemporaryDirectory() as tmp:
             if args.film is not None:
                 film = fetch_film() if args.film == "fetch" else Path(args.film)
@@ -354,7 +425,9 @@ def main() -> None:
         if args.synthetic:
             paths += sorted(write_demo_videos(tmp / "synthetic", args.synthetic, 220, seed=1000).glob("*.avi"))
         if not paths:
-            raise SystemExit("no videos: pass --videos or --synthetic N (the opencv-doc samples are fetched by the tests)")
+            raise SystemExit(
+                "no videos: pass --videos or --synthetic N (the opencv-doc samples are fetched by the tests)"
+            )
         print(f"{len(paths)} videos: {', '.join(p.name for p in paths[:6])}{' ...' if len(paths) > 6 else ''}")
 
         dec = {d: decode_seconds(paths, d) for d in ("pyav", "opencv")}
@@ -375,12 +448,28 @@ def main() -> None:
         video_frames = args.video_minutes * 60 * args.fps
         rows = [
             ["decode alone, PyAV (frames/s per core)", f"{frames / pyav_s:.0f}", "resize to 600x448 inside libswscale"],
-            ["decode alone, OpenCV (frames/s per core)", f"{dec['opencv'][1] / dec['opencv'][0]:.0f}", "cv2.VideoCapture + cv2.resize(INTER_AREA)"],
-            ["full pipeline (frames/s per core)", f"{frames / full_s:.0f}", f"{stats['pairs']} pairs from {frames} frames"],
+            [
+                "decode alone, OpenCV (frames/s per core)",
+                f"{dec['opencv'][1] / dec['opencv'][0]:.0f}",
+                "cv2.VideoCapture + cv2.resize(INTER_AREA)",
+            ],
+            [
+                "full pipeline (frames/s per core)",
+                f"{frames / full_s:.0f}",
+                f"{stats['pairs']} pairs from {frames} frames",
+            ],
             ["full pipeline / decode alone (time)", f"{full_s / pyav_s:.2f}x", "target <= 2x"],
-            ["2 workers vs 1 (speed-up)", f"{wall[1] / wall[2]:.2f}x", f"mine_corpus wall time {wall[1]:.1f} s vs {wall[2]:.1f} s; target >= 1.8x"],
+            [
+                "2 workers vs 1 (speed-up)",
+                f"{wall[1] / wall[2]:.2f}x",
+                f"mine_corpus wall time {wall[1]:.1f} s vs {wall[2]:.1f} s; target >= 1.8x",
+            ],
             ["pairs per core-hour", f"{3600 / per_pair:,.0f}", "at this footage's yield"],
-            [f"core-hours for 100K videos of {args.video_minutes:g} min", f"{1e5 * video_frames / (frames / full_s) / 3600:,.0f}", f"{args.fps:g} fps, at this footage's frames/s"],
+            [
+                f"core-hours for 100K videos of {args.video_minutes:g} min",
+                f"{1e5 * video_frames / (frames / full_s) / 3600:,.0f}",
+                f"{args.fps:g} fps, at this footage's frames/s",
+            ],
             ["core-hours for 8M pairs", f"{8e6 * per_pair / 3600:,.0f}", "at this footage's yield"],
         ]
         if args.hd:
@@ -388,22 +477,50 @@ def main() -> None:
             hd_decode = decode_seconds(hd, "pyav")
             hd_full, hd_stats, _ = pipeline(hd, MinerConfig())
             rows[4:4] = [
-                ["1280x720 H.264: decode alone, PyAV (frames/s per core)", f"{hd_decode[1] / hd_decode[0]:.0f}", f"{args.hd} synthetic videos"],
-                ["1280x720 H.264: full pipeline (frames/s per core)", f"{hd_stats['frames'] / hd_full:.0f}", f"{hd_stats['pairs']} pairs"],
-                ["1280x720 H.264: full pipeline / decode alone (time)", f"{hd_full / hd_decode[0]:.2f}x", "target <= 2x"],
+                [
+                    "1280x720 H.264: decode alone, PyAV (frames/s per core)",
+                    f"{hd_decode[1] / hd_decode[0]:.0f}",
+                    f"{args.hd} synthetic videos",
+                ],
+                [
+                    "1280x720 H.264: full pipeline (frames/s per core)",
+                    f"{hd_stats['frames'] / hd_full:.0f}",
+                    f"{hd_stats['pairs']} pairs",
+                ],
+                [
+                    "1280x720 H.264: full pipeline / decode alone (time)",
+                    f"{hd_full / hd_decode[0]:.2f}x",
+                    "target <= 2x",
+                ],
             ]
         print(markdown_table(["measure", "value", "notes"], rows))
         total = sum(seconds.values())
         print()
-        print(markdown_table(["stage", "share of CPU time", "CPU ms per frame"],
-                             [[s, f"{100 * seconds[s] / total:.0f} %", f"{1000 * seconds[s] / frames:.2f}"] for s in STAGES]))
+        print(
+            markdown_table(
+                ["stage", "share of CPU time", "CPU ms per frame"],
+                [[s, f"{100 * seconds[s] / total:.0f} %", f"{1000 * seconds[s] / frames:.2f}"] for s in STAGES],
+            )
+        )
         print()
         print(markdown_table(["counter", "value"], [[k, f"{v:,}"] for k, v in stats.items()]))
         if args.detectors:
             print()
             real = [p for p in paths if not p.name[:5].isdigit()][:3] or paths[:3]
-            print(markdown_table(["detector", "video", "ms/frame", "points followed", "median moving share",
-                                  "frames within 25-75 %", "pairs"], detector_rows(real)))
+            print(
+                markdown_table(
+                    [
+                        "detector",
+                        "video",
+                        "ms/frame",
+                        "points followed",
+                        "median moving share",
+                        "frames within 25-75 %",
+                        "pairs",
+                    ],
+                    detector_rows(real),
+                )
+            )
 
 
 if __name__ == "__main__":

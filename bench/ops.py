@@ -18,8 +18,8 @@ import time
 from contextlib import nullcontext
 
 import torch
-
 from _table import markdown_table
+
 from vidrep.models import CaffeNet
 
 VARIANTS = {
@@ -40,7 +40,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed passes per variant per round (after one untimed)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for cuda")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast to bf16; default: on for cuda")
+    p.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="autocast to bf16; default: on for cuda"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile each variant (the first pass compiles)")
     return p.parse_args()
 
@@ -56,7 +58,9 @@ def main() -> None:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    x = (torch.randn(args.patches, 3, args.input_size, args.input_size, device=device) * 50).contiguous(memory_format=fmt)
+    x = (torch.randn(args.patches, 3, args.input_size, args.input_size, device=device) * 50).contiguous(
+        memory_format=fmt
+    )
     nets = {}
     for name, kw in VARIANTS.items():
         net = CaffeNet(input_size=args.input_size, **kw).to(device).to(memory_format=fmt)
@@ -82,14 +86,23 @@ def main() -> None:
             sync()
             times[name].append((time.perf_counter() - start) / args.steps)
     what = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{what}, torch {torch.__version__}, {args.patches} patches at {args.input_size}, bf16={bf16}, "
-          f"channels_last={channels_last}, compile={args.compile}, median of {args.rounds} rounds x {args.steps} passes")
+    print(
+        f"{what}, torch {torch.__version__}, {args.patches} patches at {args.input_size}, bf16={bf16}, "
+        f"channels_last={channels_last}, compile={args.compile}, median of {args.rounds} rounds x {args.steps} passes"
+    )
     base = statistics.median(next(iter(times.values())))
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append([name, f"{1000 * med:.1f}", f"{args.patches / med:,.0f}", f"{med / base:.3f}",
-                     f"{1000 * min(ts):.1f}-{1000 * max(ts):.1f}"])
+        rows.append(
+            [
+                name,
+                f"{1000 * med:.1f}",
+                f"{args.patches / med:,.0f}",
+                f"{med / base:.3f}",
+                f"{1000 * min(ts):.1f}-{1000 * max(ts):.1f}",
+            ]
+        )
     print(markdown_table(["variant", "fwd+bwd (ms)", "patches/s", "time vs default", "range (ms)"], rows))
 
 

@@ -49,7 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=150, help="probe images, trainval and test each")
     p.add_argument("--layers", nargs="+", default=["conv3", "conv5", "pool5", "fc7"])
     p.add_argument("--costs", nargs="+", type=float, default=[0.1, 1.0, 10.0])
-    p.add_argument("--voc-root", help="where the probe's images are written (default: <paths.cache_dir>/demo-voc-v1-n<num-images>)")
+    p.add_argument(
+        "--voc-root", help="where the probe's images are written (default: <paths.cache_dir>/demo-voc-v1-n<num-images>)"
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides of train.py's config, e.g. model.input_size=67")
     args = p.parse_args()
     if min(args.train_images, args.steps) < 1:
@@ -69,7 +71,9 @@ def class_logits(trunk, head, preprocess, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def head_map(trunk, head, preprocess, x: torch.Tensor, labels: np.ndarray) -> float:
-    scores = torch.cat([class_logits(trunk, head, preprocess, x[i : i + BATCH]) for i in range(0, len(x), BATCH)]).numpy()
+    scores = torch.cat(
+        [class_logits(trunk, head, preprocess, x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
+    ).numpy()
     return float(np.nanmean([voc_classification_ap(scores[:, c], labels[:, c], True) for c in range(len(SHAPES))]))
 
 
@@ -108,12 +112,16 @@ def main() -> None:
     report = frozen_svm_report(trunk, initial, size, pixel_mean, voc_root, args.num_images, args.layers, args.costs)
     test_x, test_labels = load_images(read_voc(voc_root, 2007, "test", SHAPES), size)
     seen = slice(0, min(len(x), 600))
-    print(f"\nThe demo check's probe ({args.num_images} + {args.num_images} images), trunk trained supervised on "
-          f"{args.train_images} images for {args.steps} steps:\n")
+    print(
+        f"\nThe demo check's probe ({args.num_images} + {args.num_images} images), trunk trained supervised on "
+        f"{args.train_images} images for {args.steps} steps:\n"
+    )
     print(format_report({"supervised": report["trained"], "its initialisation": report["random init"]}))
-    print(f"\nThe supervised head's mAP: {100 * head_map(trunk, head, preprocess, x[seen], labels[seen]):.1f} on "
-          f"{seen.stop} of its training images, {100 * head_map(trunk, head, preprocess, test_x, test_labels):.1f} "
-          f"on the probe's test images")
+    print(
+        f"\nThe supervised head's mAP: {100 * head_map(trunk, head, preprocess, x[seen], labels[seen]):.1f} on "
+        f"{seen.stop} of its training images, {100 * head_map(trunk, head, preprocess, test_x, test_labels):.1f} "
+        f"on the probe's test images"
+    )
 
 
 if __name__ == "__main__":

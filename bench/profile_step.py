@@ -16,7 +16,6 @@ import argparse
 import time
 
 import torch
-
 from _table import markdown_table
 from train_step import build_module
 
@@ -51,7 +50,9 @@ def main() -> None:
     rows, tables = [], []
     for pairs in args.pairs:
         g = torch.Generator().manual_seed(0)
-        patches = torch.randint(0, 256, (2 * pairs, 3, args.input_size, args.input_size), generator=g, dtype=torch.uint8).to(device)
+        patches = torch.randint(
+            0, 256, (2 * pairs, 3, args.input_size, args.input_size), generator=g, dtype=torch.uint8
+        ).to(device)
         if args.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
         video_id = torch.arange(pairs, device=device)
@@ -79,17 +80,23 @@ def main() -> None:
             sync()
             times[upto] = (time.perf_counter() - start) / args.steps
         rows.append([str(2 * pairs)] + [f"{1e3 * t:.1f} ms ({2 * pairs / t:,.0f}/s)" for t in times.values()])
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+        )
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(args.profile_steps):
                 step("step")
             sync()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        tables.append(f"{2 * pairs} patches per batch, {args.profile_steps} whole steps, by {sort}:\n"
-                      + prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+        tables.append(
+            f"{2 * pairs} patches per batch, {args.profile_steps} whole steps, by {sort}:\n"
+            + prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60)
+        )
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"{name}, bf16 autocast, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
-          f"torch {torch.__version__}; time per step (patches/s)")
+    print(
+        f"{name}, bf16 autocast, {args.input_size}x{args.input_size}, channels_last={args.channels_last}, "
+        f"torch {torch.__version__}; time per step (patches/s)"
+    )
     print(markdown_table(["patches per batch", "forward", "forward + loss", "whole step (+ backward, SGD)"], rows))
     for table in tables:
         print("\n" + table)

@@ -32,13 +32,13 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 import litdata  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _table import markdown_table  # noqa: E402
+from synthetic_corpus import PAIRS_PER_SHARD, PAIRS_PER_VIDEO, make_pairs, write_corpus  # noqa: E402
 from torch.utils.data import DistributedSampler  # noqa: E402
 
 from vidrep.data.corpus import PairIndex, PairRecord, read_manifest, select_pairs  # noqa: E402
 from vidrep.data.datamodule import PairDataModule, PairDataset  # noqa: E402
 from vidrep.data.transforms import PatchTransform  # noqa: E402
-from _table import markdown_table  # noqa: E402
-from synthetic_corpus import PAIRS_PER_SHARD, PAIRS_PER_VIDEO, make_pairs, write_corpus  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,6 +69,7 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 # --- writing -------------------------------------------------------------------------------------
 
+
 def litdata_sample(r: PairRecord) -> dict:
     # Module level so that LitData's writer process can unpickle it.
     return {"pair_id": r.pair_id, "video_id": r.video_id, "query": r.query_jpeg, "tracked": r.tracked_jpeg}
@@ -78,12 +79,20 @@ def write_litdata(out: Path, records: list[PairRecord], pairs_per_shard: int) ->
     # One writer, data kept in order and chunks the size of our shards: the same layout as ours.
     # fork, not the default spawn, so the time is the writing and not a fresh interpreter's imports.
     litdata.optimize(
-        fn=litdata_sample, inputs=records, output_dir=str(out), chunk_size=pairs_per_shard,
-        num_workers=1, reorder_files=False, keep_data_ordered=True, start_method="fork", verbose=False,
+        fn=litdata_sample,
+        inputs=records,
+        output_dir=str(out),
+        chunk_size=pairs_per_shard,
+        num_workers=1,
+        reorder_files=False,
+        keep_data_ordered=True,
+        start_method="fork",
+        verbose=False,
     )
 
 
 # --- reading -------------------------------------------------------------------------------------
+
 
 class LitDataDecode:
     """The same decoding as `PairDataset.__getitem__`, applied to a LitData item."""
@@ -107,15 +116,23 @@ def full_pass(loader) -> tuple[float, list[int]]:
 
 
 def ours_loader(root: Path, args: argparse.Namespace, workers: int):
-    dm = PairDataModule(str(root), val_fraction=0.0, batch_size=args.batch_size, num_workers=workers,
-                        input_size=args.input_size, pin_memory=False, persistent_workers=False)
+    dm = PairDataModule(
+        str(root),
+        val_fraction=0.0,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        input_size=args.input_size,
+        pin_memory=False,
+        persistent_workers=False,
+    )
     dm.setup("fit")
     return dm.train_dataloader()
 
 
 def litdata_loader(out: Path, cache: Path, args: argparse.Namespace, workers: int, seed: int):
-    ds = litdata.StreamingDataset(str(out), cache_dir=str(cache), shuffle=True, seed=seed,
-                                  transform=LitDataDecode(args.input_size))
+    ds = litdata.StreamingDataset(
+        str(out), cache_dir=str(cache), shuffle=True, seed=seed, transform=LitDataDecode(args.input_size)
+    )
     return litdata.StreamingDataLoader(ds, batch_size=args.batch_size, num_workers=workers, drop_last=True)
 
 
@@ -129,6 +146,7 @@ def read_raw(root: Path, seed: int) -> float:
 
 # --- properties ----------------------------------------------------------------------------------
 
+
 def expected_videos(num_videos: int, pairs_per_video: int, batch: int) -> float:
     """Mean distinct videos in a batch drawn uniformly without replacement: the ideal shuffle."""
     total = num_videos * pairs_per_video
@@ -139,7 +157,10 @@ def ddp_shares_ours(root: Path, world: int) -> list[set[str]]:
     index = PairIndex(root)
     ids = read_manifest(root).column("pair_id").to_numpy(zero_copy_only=False)
     dataset = PairDataset(index, np.arange(len(index)), PatchTransform())
-    return [{ids[i] for i in DistributedSampler(dataset, world, rank, shuffle=True, drop_last=True)} for rank in range(world)]
+    return [
+        {ids[i] for i in DistributedSampler(dataset, world, rank, shuffle=True, drop_last=True)}
+        for rank in range(world)
+    ]
 
 
 def ddp_shares_litdata(out: Path, cache: Path, world: int) -> list[set[str]]:
@@ -169,11 +190,14 @@ def subset_ours(root: Path, num_pairs: int) -> str:
     chosen, counts = np.unique(video_ids[rows], return_counts=True)
     corpus_videos, corpus_counts = np.unique(video_ids, return_counts=True)
     whole = int((counts == corpus_counts[np.searchsorted(corpus_videos, chosen)]).sum())
-    return (f"`select_pairs`: {len(rows)} pairs = {len(chosen)} videos ({whole} whole), val split by video, "
-            "nested across sizes, from the manifest alone")
+    return (
+        f"`select_pairs`: {len(rows)} pairs = {len(chosen)} videos ({whole} whole), val split by video, "
+        "nested across sizes, from the manifest alone"
+    )
 
 
 # --- the run -------------------------------------------------------------------------------------
+
 
 def spread(values: list[float], digits: int) -> str:
     """Median and range over rounds: the range shows how much a neighbour's load moved the numbers."""
@@ -188,13 +212,18 @@ def main() -> None:
     # One intra-op thread, as torch gives each DataLoader worker: on a shared 2-core box, 2 threads
     # stall on each other in the small per-patch ops and make 0-worker passes 5-30x slower at random.
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, litdata {litdata.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, litdata {litdata.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs"
+    )
     gen_s, records = timed(lambda: make_pairs(args.pairs, args.pairs_per_video))
     payload = sum(len(r.query_jpeg) + len(r.tracked_jpeg) for r in records)
     num_videos = len({r.video for r in records})
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (1 min)")
-    print(f"{len(records)} pairs of {num_videos} videos, mean JPEG {payload / (2 * len(records)) / 1e3:.1f} KB, "
-          f"generated in {gen_s:.1f} s; {args.rounds} interleaved rounds")
+    print(
+        f"{len(records)} pairs of {num_videos} videos, mean JPEG {payload / (2 * len(records)) / 1e3:.1f} KB, "
+        f"generated in {gen_s:.1f} s; {args.rounds} interleaved rounds"
+    )
 
     with tempfile.TemporaryDirectory(prefix="vidrep-bench-storage-") as tmp:
         tmp = Path(tmp)
@@ -215,8 +244,10 @@ def main() -> None:
             record("write litdata", timed(lambda: write_litdata(lit, records, args.pairs_per_shard))[0])
             raw.append(read_raw(ours, rnd))
             for workers in args.workers:
-                variants = [("ours", lambda: ours_loader(ours, args, workers)),
-                            ("litdata", lambda: litdata_loader(lit, cache, args, workers, rnd))]
+                variants = [
+                    ("ours", lambda: ours_loader(ours, args, workers)),
+                    ("litdata", lambda: litdata_loader(lit, cache, args, workers, rnd)),
+                ]
                 # Alternate which goes first, so that neither always follows the other's cache effects.
                 for fmt, make in variants[:: 1 if rnd % 2 == 0 else -1]:
                     seconds, per_batch = full_pass(make())
@@ -233,35 +264,70 @@ def main() -> None:
 
     ideal = expected_videos(num_videos, args.pairs_per_video, args.batch_size)
     rows = [
-        ("write time (s)", spread(times["write ours"], 2), spread(times["write litdata"], 2),
-         "ours fsyncs tar + manifest per shard; LitData: 1 forked writer, chunk_size = shard size"),
-        ("bytes on disk (MB)", f"{ours_bytes / 1e6:.2f}", f"{lit_bytes / 1e6:.2f}",
-         f"JPEG payload {payload / 1e6:.2f} MB: overhead ours {100 * (ours_bytes / payload - 1):.1f} %, "
-         f"LitData {100 * (lit_bytes / payload - 1):.1f} %"),
+        (
+            "write time (s)",
+            spread(times["write ours"], 2),
+            spread(times["write litdata"], 2),
+            "ours fsyncs tar + manifest per shard; LitData: 1 forked writer, chunk_size = shard size",
+        ),
+        (
+            "bytes on disk (MB)",
+            f"{ours_bytes / 1e6:.2f}",
+            f"{lit_bytes / 1e6:.2f}",
+            f"JPEG payload {payload / 1e6:.2f} MB: overhead ours {100 * (ours_bytes / payload - 1):.1f} %, "
+            f"LitData {100 * (lit_bytes / payload - 1):.1f} %",
+        ),
     ]
     for workers in args.workers:
-        rows.append((f"read + decode, shuffled pass, {workers} workers (pairs/s)",
-                     spread(times[f"ours w{workers}"], 0), spread(times[f"litdata w{workers}"], 0),
-                     "page-cache reads; decode = `PatchTransform` (JPEG decode, flip); 1 torch thread per process"))
+        rows.append(
+            (
+                f"read + decode, shuffled pass, {workers} workers (pairs/s)",
+                spread(times[f"ours w{workers}"], 0),
+                spread(times[f"litdata w{workers}"], 0),
+                "page-cache reads; decode = `PatchTransform` (JPEG decode, flip); 1 torch thread per process",
+            )
+        )
     for workers in args.workers:
-        rows.append((f"distinct videos per batch of {args.batch_size}, {workers} workers",
-                     f"{np.mean(videos[f'ours w{workers}']):.1f}", f"{np.mean(videos[f'litdata w{workers}']):.1f}",
-                     f"uniform shuffle over {num_videos} videos of {args.pairs_per_video} pairs gives {ideal:.1f}"))
+        rows.append(
+            (
+                f"distinct videos per batch of {args.batch_size}, {workers} workers",
+                f"{np.mean(videos[f'ours w{workers}']):.1f}",
+                f"{np.mean(videos[f'litdata w{workers}']):.1f}",
+                f"uniform shuffle over {num_videos} videos of {args.pairs_per_video} pairs gives {ideal:.1f}",
+            )
+        )
     rows += [
-        ("raw bytes, shuffled, no decode (pairs/s)", spread(raw, 0), "-",
-         "`PairIndex.read_pair`: two `pread`s at manifest offsets"),
-        ("shards from independent jobs, no coordination",
-         "yes: one tar + manifest per job, each renamed into place; readers glob manifests",
-         "no: one `index.json` per dataset; `mode=\"append\"` rewrites it (one writer at a time), or "
-         "`merge_datasets` afterwards", ""),
-        (f"deterministic subset of {args.subset} pairs by video", subset,
-         "`subsample=f`: a fraction of items over (seeded) chunks, no notion of video; a by-video "
-         "subset or split means re-optimising", ""),
-        ("equal disjoint shares per DDP rank", f"`DistributedSampler(drop_last=True)`: {shares_ours}",
-         f"chunks assigned to ranks, `drop_last` under DDP: {shares_lit}", ""),
+        (
+            "raw bytes, shuffled, no decode (pairs/s)",
+            spread(raw, 0),
+            "-",
+            "`PairIndex.read_pair`: two `pread`s at manifest offsets",
+        ),
+        (
+            "shards from independent jobs, no coordination",
+            "yes: one tar + manifest per job, each renamed into place; readers glob manifests",
+            'no: one `index.json` per dataset; `mode="append"` rewrites it (one writer at a time), or '
+            "`merge_datasets` afterwards",
+            "",
+        ),
+        (
+            f"deterministic subset of {args.subset} pairs by video",
+            subset,
+            "`subsample=f`: a fraction of items over (seeded) chunks, no notion of video; a by-video "
+            "subset or split means re-optimising",
+            "",
+        ),
+        (
+            "equal disjoint shares per DDP rank",
+            f"`DistributedSampler(drop_last=True)`: {shares_ours}",
+            f"chunks assigned to ranks, `drop_last` under DDP: {shares_lit}",
+            "",
+        ),
     ]
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min); LitData stream-cache files written: "
-          f"{len(stray)} (a local input_dir is read in place)\n")
+    print(
+        f"\nload average at the end: {os.getloadavg()[0]:.2f} (1 min); LitData stream-cache files written: "
+        f"{len(stray)} (a local input_dir is read in place)\n"
+    )
     print(markdown_table(("measure", "ours (tar + parquet)", "LitData", "note"), rows))
 
 

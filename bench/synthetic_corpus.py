@@ -37,14 +37,28 @@ def ground_truth_pairs(seed: int, num_pairs: int) -> list[PairRecord]:
         boxes = []
         for t in (31 * m, 31 * m + 30):
             x, y, w, h = video.boxes(t)[m % len(video.sizes)]
-            boxes.append((min(max(x + w // 2 - 113, 0), video.width - 227), min(max(y + h // 2 - 113, 0), video.height - 227), 227, 227))
+            boxes.append(
+                (
+                    min(max(x + w // 2 - 113, 0), video.width - 227),
+                    min(max(y + h // 2 - 113, 0), video.height - 227),
+                    227,
+                    227,
+                )
+            )
         (qx, qy, _, _), (tx, ty, _, _) = boxes
-        records.append(PairRecord(
-            video=f"synthetic://bench/{seed:05d}", query_frame=31 * m, tracked_frame=31 * m + 30,
-            query_box=boxes[0], tracked_box=boxes[1], num_points=0, num_moving=0,
-            query_jpeg=_jpeg(video.frame(31 * m)[qy : qy + 227, qx : qx + 227]),
-            tracked_jpeg=_jpeg(video.frame(31 * m + 30)[ty : ty + 227, tx : tx + 227]),
-        ))
+        records.append(
+            PairRecord(
+                video=f"synthetic://bench/{seed:05d}",
+                query_frame=31 * m,
+                tracked_frame=31 * m + 30,
+                query_box=boxes[0],
+                tracked_box=boxes[1],
+                num_points=0,
+                num_moving=0,
+                query_jpeg=_jpeg(video.frame(31 * m)[qy : qy + 227, qx : qx + 227]),
+                tracked_jpeg=_jpeg(video.frame(31 * m + 30)[ty : ty + 227, tx : tx + 227]),
+            )
+        )
     return records
 
 
@@ -55,7 +69,10 @@ def _video(job: tuple[int, int]) -> list[PairRecord]:
 def make_pairs(num_pairs: int, pairs_per_video: int, processes: int = 1) -> list[PairRecord]:
     """`num_pairs` pairs, `pairs_per_video` per video (the last video takes the rest); videos are
     rendered in `processes` processes, and the result does not depend on how many."""
-    jobs = [(seed, min(pairs_per_video, num_pairs - start)) for seed, start in enumerate(range(0, num_pairs, pairs_per_video))]
+    jobs = [
+        (seed, min(pairs_per_video, num_pairs - start))
+        for seed, start in enumerate(range(0, num_pairs, pairs_per_video))
+    ]
     if processes <= 1:
         videos = map(_video, jobs)
     else:
@@ -84,8 +101,10 @@ def main() -> None:
     start = time.perf_counter()
     records = make_pairs(args.pairs, args.pairs_per_video, args.processes)
     write_corpus(args.root, records, args.pairs_per_shard)
-    print(f"{len(records)} pairs of {-(-len(records) // args.pairs_per_video)} videos written to {args.root} "
-          f"in {time.perf_counter() - start:.1f} s")
+    print(
+        f"{len(records)} pairs of {-(-len(records) // args.pairs_per_video)} videos written to {args.root} "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from _table import markdown_table
 from hydra import compose, initialize_config_dir
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-
-from _table import markdown_table
 
 from vidrep.training.module import TripletModule
 from vidrep.training.ranks import loss_across_ranks
@@ -53,13 +52,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--net-reps", type=int, default=5, help="timed network forward+backward passes in (b)")
     p.add_argument("--loss-reps", type=int, default=50, help="timed loss passes per network pass in (b)")
     p.add_argument("--big-pairs", type=int, default=1600, help="pairs for the loss-alone row of (b)")
-    p.add_argument("--ranks", type=int, default=8,
-                   help="--big-pairs are gathered from this many ranks: the share compares the loss with the "
-                        "network pass of one rank's batch (--big-pairs / --ranks pairs)")
+    p.add_argument(
+        "--ranks",
+        type=int,
+        default=8,
+        help="--big-pairs are gathered from this many ranks: the share compares the loss with the "
+        "network pass of one rank's batch (--big-pairs / --ranks pairs)",
+    )
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads; 0 keeps torch's default. 1 on a CPU shared with other jobs: "
-                        "there 2 threads stall on each other in the loss's small ops and the times scatter 10x")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads; 0 keeps torch's default. 1 on a CPU shared with other jobs: "
+        "there 2 threads stall on each other in the loss's small ops and the times scatter 10x",
+    )
     return p.parse_args()
 
 
@@ -93,6 +100,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 # --- (a) Lightning vs a bare loop ----------------------------------------------------------------
 
+
 class RepeatBatch(Dataset):
     """The same (CPU) batch `length` times; with batch_size=None the DataLoader yields it as is."""
 
@@ -122,8 +130,14 @@ class StepTimer(L.Callback):
 def lightning_block(module: TripletModule, batch: dict[str, Tensor], steps: int, device: torch.device) -> list[float]:
     timer = StepTimer(device)
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator=device.type,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     cpu_batch = {k: v.cpu() for k, v in batch.items()}
     trainer.fit(module, DataLoader(RepeatBatch(cpu_batch, steps), batch_size=None))
@@ -141,8 +155,9 @@ def bare_block(module: TripletModule, batch: dict[str, Tensor], steps: int, devi
 
     def step() -> None:
         embeddings = module(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
-        loss, _ = loss_across_ranks(module.loss, embeddings[:n], embeddings[n:], batch["video_id"],
-                                    hard_ratio=hard_ratio)
+        loss, _ = loss_across_ranks(
+            module.loss, embeddings[:n], embeddings[n:], batch["video_id"], hard_ratio=hard_ratio
+        )
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -152,7 +167,9 @@ def bare_block(module: TripletModule, batch: dict[str, Tensor], steps: int, devi
     return [timed(step, device) for _ in range(steps)]
 
 
-def compare_steps(module: TripletModule, batch: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def compare_steps(
+    module: TripletModule, batch: dict[str, Tensor], args: argparse.Namespace, device: torch.device
+) -> dict[str, list[float]]:
     """Blocks alternate in ABBA order so that drift (a neighbour's load, clocks) hits both alike."""
     kept: dict[str, list[float]] = {"lightning": [], "bare": []}
     variants = {"lightning": lightning_block, "bare": bare_block}
@@ -166,6 +183,7 @@ def compare_steps(module: TripletModule, batch: dict[str, Tensor], args: argpars
 
 # --- (b) the loss next to the network ------------------------------------------------------------
 
+
 def loss_pass(anchor: Tensor, positive: Tensor, video_ids: Tensor, module: TripletModule, hard_ratio: float) -> None:
     loss, _ = loss_across_ranks(module.loss, anchor, positive, video_ids, hard_ratio=hard_ratio)
     loss.backward()
@@ -176,14 +194,19 @@ def random_embeddings(pairs: int, dim: int, device: torch.device) -> tuple[Tenso
     return make(), make(), torch.arange(pairs, device=device)
 
 
-def loss_seconds(pairs: int, dim: int, module: TripletModule, hard_ratio: float, reps: int, device: torch.device) -> float:
+def loss_seconds(
+    pairs: int, dim: int, module: TripletModule, hard_ratio: float, reps: int, device: torch.device
+) -> float:
     anchor, positive, ids = random_embeddings(pairs, dim, device)
     loss_pass(anchor, positive, ids, module, hard_ratio)  # warm-up
-    return statistics.median(timed(lambda: loss_pass(anchor, positive, ids, module, hard_ratio), device) for _ in range(reps))
+    return statistics.median(
+        timed(lambda: loss_pass(anchor, positive, ids, module, hard_ratio), device) for _ in range(reps)
+    )
 
 
-def gathered_loss_seconds(pairs: int, ranks: int, dim: int, module: TripletModule, hard_ratio: float, reps: int,
-                          device: torch.device) -> float:
+def gathered_loss_seconds(
+    pairs: int, ranks: int, dim: int, module: TripletModule, hard_ratio: float, reps: int, device: torch.device
+) -> float:
     """What one rank computes with model.loss.gather_across_ranks (`vidrep.training.ranks`, less
     the collectives): selection + loss of its own pairs / ranks pairs against all 2 x pairs patches."""
     from vidrep.losses import Candidates
@@ -193,8 +216,9 @@ def gathered_loss_seconds(pairs: int, ranks: int, dim: int, module: TripletModul
 
     def one_pass() -> None:
         candidates = Candidates(torch.cat([all_anchor, all_positive]), torch.cat([ids, ids]))
-        loss, _ = module.loss(all_anchor[:own], all_positive[:own], ids[:own], hard_ratio=hard_ratio,
-                              candidates=candidates)
+        loss, _ = module.loss(
+            all_anchor[:own], all_positive[:own], ids[:own], hard_ratio=hard_ratio, candidates=candidates
+        )
         loss.backward()
 
     one_pass()
@@ -212,7 +236,9 @@ def net_seconds(module: TripletModule, batch: dict[str, Tensor], device: torch.d
     return timed(forward_backward, device)
 
 
-def loss_share(module: TripletModule, batch: dict[str, Tensor], args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
+def loss_share(
+    module: TripletModule, batch: dict[str, Tensor], args: argparse.Namespace, device: torch.device
+) -> dict[str, list[float]]:
     """Network passes interleaved with loss timings (each a median of `--loss-reps`), per phase."""
     module.to(device).train()
     net_seconds(module, batch, device)  # warm-up
@@ -225,6 +251,7 @@ def loss_share(module: TripletModule, batch: dict[str, Tensor], args: argparse.N
 
 
 # --- the run -------------------------------------------------------------------------------------
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -246,20 +273,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({name}), torch {torch.__version__}, lightning {L.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, lightning {L.__version__}, "
+        f"{torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
     L.seed_everything(0, verbose=False)
     module = build_module(args.input_size)
     batch = fixed_batch(args.pairs, args.input_size, device)
-    print(f"input {args.input_size}, {args.pairs} pairs ({2 * args.pairs} patches), {args.blocks} blocks x "
-          f"{args.steps_per_block} steps per variant, first {args.warmup} of each block dropped")
+    print(
+        f"input {args.input_size}, {args.pairs} pairs ({2 * args.pairs} patches), {args.blocks} blocks x "
+        f"{args.steps_per_block} steps per variant, first {args.warmup} of each block dropped"
+    )
 
     steps = compare_steps(module, batch, args, device)
     lightning, bare = statistics.median(steps["lightning"]), statistics.median(steps["bare"])
     share = loss_share(module, batch, args, device)
     net = statistics.median(share["net"])
-    big = {phase: gathered_loss_seconds(args.big_pairs, args.ranks, 1024, module, ratio, args.loss_reps, device)
-           for phase, ratio in PHASES.items()}
+    big = {
+        phase: gathered_loss_seconds(args.big_pairs, args.ranks, 1024, module, ratio, args.loss_reps, device)
+        for phase, ratio in PHASES.items()
+    }
     rank_pairs = args.big_pairs // args.ranks
     rank_batch = fixed_batch(rank_pairs, args.input_size, device)
     rank_net = statistics.median(net_seconds(module, rank_batch, device) for _ in range(args.net_reps))
@@ -268,20 +301,38 @@ def main() -> None:
         ("(a) step, Lightning (ms, median)", ms(lightning), step_note(steps["lightning"])),
         ("(a) step, bare loop (ms, median)", ms(bare), step_note(steps["bare"])),
         ("(a) Lightning / bare", f"{lightning / bare:.3f}", "target <= 1.05"),
-        ("(a) Lightning - bare (ms)", ms(lightning - bare),
-         "hooks, `triplet_stats`, 8 `self.log` calls; what a faster device's step would have to absorb"),
+        (
+            "(a) Lightning - bare (ms)",
+            ms(lightning - bare),
+            "hooks, `triplet_stats`, 8 `self.log` calls; what a faster device's step would have to absorb",
+        ),
         (f"(b) network forward + backward, {args.pairs} pairs (ms)", ms(net), f"median of {args.net_reps}"),
     ]
     for phase in PHASES:
         loss = statistics.median(share[phase])
-        rows.append((f"(b) selection + loss fwd + bwd, {args.pairs} pairs, {phase} negatives (ms)", ms(loss),
-                     f"{100 * loss / net:.2f} % of the network (target <= 2 %)"))
-    rows.append((f"(b) network forward + backward, {rank_pairs} pairs (one of {args.ranks} ranks) (ms)", ms(rank_net),
-                 f"median of {args.net_reps}"))
+        rows.append(
+            (
+                f"(b) selection + loss fwd + bwd, {args.pairs} pairs, {phase} negatives (ms)",
+                ms(loss),
+                f"{100 * loss / net:.2f} % of the network (target <= 2 %)",
+            )
+        )
+    rows.append(
+        (
+            f"(b) network forward + backward, {rank_pairs} pairs (one of {args.ranks} ranks) (ms)",
+            ms(rank_net),
+            f"median of {args.net_reps}",
+        )
+    )
     for phase, seconds in big.items():
-        rows.append((f"(b) selection + loss fwd + bwd, {rank_pairs} pairs vs {2 * args.big_pairs} gathered patches, D=1024, "
-                     f"{phase} negatives (ms)", ms(seconds),
-                     f"{100 * seconds / rank_net:.2f} % of one rank's network pass (target <= 2 %)"))
+        rows.append(
+            (
+                f"(b) selection + loss fwd + bwd, {rank_pairs} pairs vs {2 * args.big_pairs} gathered patches, D=1024, "
+                f"{phase} negatives (ms)",
+                ms(seconds),
+                f"{100 * seconds / rank_net:.2f} % of one rank's network pass (target <= 2 %)",
+            )
+        )
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}\n")
     print(markdown_table(("measure", "value", "note"), rows))
 

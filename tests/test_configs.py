@@ -4,11 +4,11 @@ import sys
 import hydra
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT
 from vidrep.training import plan
 from vidrep.training.run import check_config
 
@@ -67,7 +67,11 @@ def test_presets_hold_the_documented_settings(tmp_path):
     assert paper.model.loss.margin == 0.5 and not paper.model.loss.symmetric and not paper.model.loss.violators_only
     assert paper.model.loss.hard_after_pairs == 7_500_000 and paper.model.loss.hard_after_epochs == 10
     assert paper.model.loss.hard_ratio == 1.0 and paper.model.loss.gather_across_ranks and paper.scaling == "paper"
-    assert paper.model.input_size == 227 and paper.model.net.trunk.fc6_dim == 4096 and paper.model.net.trunk.fc7_dim == 1024
+    assert (
+        paper.model.input_size == 227
+        and paper.model.net.trunk.fc6_dim == 4096
+        and paper.model.net.trunk.fc7_dim == 1024
+    )
     assert paper.trainer.max_steps == 400_000
     assert compose_train(["experiment=paper_1.5M", "data.root=/x"], tmp_path).model.loss.hard_after_epochs == 10
     code = compose_train(["experiment=code_faithful", "data=8M", "data.root=/x"], tmp_path)
@@ -79,8 +83,22 @@ def test_presets_hold_the_documented_settings(tmp_path):
 
 
 def test_paper_scale_command_composes():
-    out = subprocess.run([sys.executable, "train.py", "data=8M", "data.root=/data/corpus", "trainer.devices=4", "--cfg", "job", "--resolve"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "data=8M",
+            "data.root=/data/corpus",
+            "trainer.devices=4",
+            "--cfg",
+            "job",
+            "--resolve",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.trainer.devices == 4 and cfg.data.num_patches == 8_000_000 and cfg.data.root == "/data/corpus"
@@ -125,8 +143,17 @@ def test_slurm_gpu_launcher_follows_the_trainer():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm_gpu", "trainer.devices=4", "trainer.num_nodes=2",
-                                          "data=8M", "data.root=/x"], return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm_gpu",
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+                "data=8M",
+                "data.root=/x",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
@@ -144,7 +171,9 @@ def test_one_negative_switch_for_every_preset_data_size_and_gpu_count(tmp_path):
     """Random negatives for 10 epochs of the training pairs or 7.5M pairs, whichever comes first."""
     for world in (1, 4, 8):
         alone = _schedule(["data=8M", "data.root=/x", f"trainer.devices={world}"], tmp_path, world, 4_000_000)
-        preset = _schedule(["experiment=paper_8M", "data.root=/x", f"trainer.devices={world}"], tmp_path, world, 4_000_000)
+        preset = _schedule(
+            ["experiment=paper_8M", "data.root=/x", f"trainer.devices={world}"], tmp_path, world, 4_000_000
+        )
         assert alone.hard_negatives_from_step == preset.hard_negatives_from_step == 150_000
         assert alone == preset
         for size, pairs in (("1.5M", 750_000), ("5M", 2_500_000)):
@@ -163,7 +192,9 @@ def test_data_sizes_count_training_patches(tmp_path):
 
     cfg = compose_train(["data=1.5M", "data.root=/x"], tmp_path)
     videos = np.repeat(np.arange(20_000), 40)  # 800K pairs
-    sel = select_pairs(videos, np.tile(np.arange(40), 20_000), cfg.data.num_patches // 2, cfg.data.val_fraction, cfg.data.seed)
+    sel = select_pairs(
+        videos, np.tile(np.arange(40), 20_000), cfg.data.num_patches // 2, cfg.data.val_fraction, cfg.data.seed
+    )
     assert 2 * len(sel.train) == 1_500_000
     assert 0.04 < len(sel.val) / len(sel.train) < 0.065  # 5 % of the videos, on top
     assert not set(videos[sel.val]) & set(videos[sel.train])
@@ -175,6 +206,7 @@ def _dry_run(tmp_path, corpus, *extra):
     import json
 
     from conftest import TINY
+
     from vidrep.training.run import train
 
     out = tmp_path / "_".join(e.replace("=", "-") for e in extra)
@@ -185,8 +217,21 @@ def _dry_run(tmp_path, corpus, *extra):
     return json.loads((out / "schedule.json").read_text())
 
 
-KEYS = ["world_size", "scaling", "global_batch_pairs", "per_rank_pairs", "lr", "max_steps", "lr_drops_at_steps", "train_pairs",
-        "val_pairs", "steps_per_epoch", "epochs", "hard_negatives_from_step", "negative_pool"]
+KEYS = [
+    "world_size",
+    "scaling",
+    "global_batch_pairs",
+    "per_rank_pairs",
+    "lr",
+    "max_steps",
+    "lr_drops_at_steps",
+    "train_pairs",
+    "val_pairs",
+    "steps_per_epoch",
+    "epochs",
+    "hard_negatives_from_step",
+    "negative_pool",
+]
 
 
 def test_dry_run_schedule_for_1_2_and_4_devices(tmp_path, tiny_corpus):
@@ -197,7 +242,12 @@ def test_dry_run_schedule_for_1_2_and_4_devices(tmp_path, tiny_corpus):
         rest = {k: v for k, v in s.items() if k not in ("world_size", "per_rank_pairs")}
         assert rest == {k: v for k, v in paper[1].items() if k not in ("world_size", "per_rank_pairs")}
     one = paper[1]
-    assert (one["global_batch_pairs"], one["lr"], one["max_steps"], one["lr_drops_at_steps"]) == (8, 0.001, 400_000, [100_000, 200_000, 300_000])
+    assert (one["global_batch_pairs"], one["lr"], one["max_steps"], one["lr_drops_at_steps"]) == (
+        8,
+        0.001,
+        400_000,
+        [100_000, 200_000, 300_000],
+    )
     assert one["steps_per_epoch"] == one["train_pairs"] // 8 and one["negative_pool"] == 14
     assert one["hard_negatives_from_step"] == 10 * one["steps_per_epoch"]
     assert one["epochs"] == pytest.approx(400_000 * 8 / one["train_pairs"])
@@ -235,7 +285,15 @@ def test_linear_scaling_warms_up_then_drops_the_lr(tmp_path):
 def test_experiment_cpu_is_the_demos_scale_for_any_corpus(tmp_path):
     demo = compose_train([], tmp_path)
     cpu = compose_train(["experiment=cpu", "data=corpus", f"data.root={tmp_path}"], tmp_path)
-    for key in ("model.input_size", "model.net.trunk.fc6_dim", "model.net.trunk.fc7_dim", "model.net.trunk.init",
-                "model.net.trunk.bias_one", "model.optimizer.lr", "data.batch_size", "trainer.max_epochs"):
+    for key in (
+        "model.input_size",
+        "model.net.trunk.fc6_dim",
+        "model.net.trunk.fc7_dim",
+        "model.net.trunk.init",
+        "model.net.trunk.bias_one",
+        "model.optimizer.lr",
+        "data.batch_size",
+        "trainer.max_epochs",
+    ):
         assert OmegaConf.select(cpu, key) == OmegaConf.select(demo, key), key
     assert cpu.model.input_size == 99 and cpu.data.root == str(tmp_path)

@@ -43,7 +43,10 @@ def test_two_corpora_read_as_one(tiny_corpus, two_halves):
     first = len(read_manifest(two_halves[0]))
     assert not set(both.video_id[first:]) & set(whole.video_id)
     settings = corpus_settings(list(two_halves))
-    assert [s["min_moving"] for s in settings.values()] == [json.loads((tiny_corpus / "mining.json").read_text())["min_moving"], 0.3]
+    assert [s["min_moving"] for s in settings.values()] == [
+        json.loads((tiny_corpus / "mining.json").read_text())["min_moving"],
+        0.3,
+    ]
 
 
 def test_the_datamodule_takes_a_list_and_a_small_corpus_says_which_key_to_lower(tiny_corpus, two_halves):

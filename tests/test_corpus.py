@@ -6,23 +6,47 @@ import pytest
 import torch
 
 from vidrep.data.corpus import (
-    CorpusError, PairIndex, PairRecord, read_manifest, select_pairs, video_id_for, write_shard,
+    CorpusError,
+    PairIndex,
+    PairRecord,
+    read_manifest,
+    select_pairs,
+    video_id_for,
+    write_shard,
 )
 from vidrep.data.datamodule import PairDataModule, PairDataset
 from vidrep.data.transforms import PatchTransform
 
 
 def record(video, frame, payload=b"x"):
-    return PairRecord(video=video, query_frame=frame, tracked_frame=frame + 30, query_box=(1, 2, 227, 227),
-                      tracked_box=(3, 4, 227, 227), num_points=100, num_moving=40,
-                      query_jpeg=payload * 10 + b"q", tracked_jpeg=payload * 20 + b"t")
+    return PairRecord(
+        video=video,
+        query_frame=frame,
+        tracked_frame=frame + 30,
+        query_box=(1, 2, 227, 227),
+        tracked_box=(3, 4, 227, 227),
+        num_points=100,
+        num_moving=40,
+        query_jpeg=payload * 10 + b"q",
+        tracked_jpeg=payload * 20 + b"t",
+    )
 
 
 def test_round_trip_and_manifest_columns(tmp_path):
     write_shard(tmp_path, "a", [record("v1.mp4", 0), record("v1.mp4", 40)])
     write_shard(tmp_path, "b", [record("v2.mp4", 5, b"y")])
     table = read_manifest(tmp_path)
-    for col in ("pair_id", "video", "video_id", "query_frame", "tracked_frame", "query_box", "tracked_box", "num_points", "num_moving"):
+    for col in (
+        "pair_id",
+        "video",
+        "video_id",
+        "query_frame",
+        "tracked_frame",
+        "query_box",
+        "tracked_box",
+        "num_points",
+        "num_moving",
+    ):
         assert col in table.column_names
     assert table.column("video_id").type.bit_width == 64
     rows = table.to_pylist()
@@ -32,7 +56,9 @@ def test_round_trip_and_manifest_columns(tmp_path):
     assert index.read_pair(2) == (b"y" * 10 + b"q", b"y" * 20 + b"t")
     # the shard is a plain tar readable by WebDataset tools
     with tarfile.open(tmp_path / "shards" / "a.tar") as tar:
-        assert sorted(tar.getnames()) == sorted(f"{r['pair_id']}.{k}.jpg" for r in rows[:2] for k in ("query", "tracked"))
+        assert sorted(tar.getnames()) == sorted(
+            f"{r['pair_id']}.{k}.jpg" for r in rows[:2] for k in ("query", "tracked")
+        )
 
 
 def test_uncommitted_shards_are_invisible_and_rewrites_replace(tmp_path):
@@ -97,9 +123,11 @@ def test_demo_pairs_show_the_same_object(tiny_corpus):
     items = [ds[i] for i in range(len(ds))]
     hist = lambda x: torch.histc(x.float(), bins=32, min=0, max=255) / x.numel()  # noqa: E731
     closer = 0
-    for i, it in enumerate(items):
+    for _i, it in enumerate(items):
         d_pos = (hist(it["anchor"]) - hist(it["positive"])).abs().sum()
-        others = [(hist(it["anchor"]) - hist(o["positive"])).abs().sum() for o in items if o["video_id"] != it["video_id"]]
+        others = [
+            (hist(it["anchor"]) - hist(o["positive"])).abs().sum() for o in items if o["video_id"] != it["video_id"]
+        ]
         closer += d_pos < min(others)
     assert closer / len(items) > 0.9
 
@@ -206,7 +234,9 @@ def test_batches_decoded_on_the_device_match_the_worker_decoder(tiny_corpus, siz
     from vidrep.data.datamodule import PairDataModule
     from vidrep.data.transforms import decode_batch, unpack_jpegs
 
-    common = dict(batch_size=6, num_workers=0, input_size=size, val_fraction=0.25, pin_memory=False, persistent_workers=False)
+    common = dict(
+        batch_size=6, num_workers=0, input_size=size, val_fraction=0.25, pin_memory=False, persistent_workers=False
+    )
     on_device = PairDataModule(str(tiny_corpus), decoder="device", **common)
     in_workers = PairDataModule(str(tiny_corpus), decoder="torchvision", **common)
     on_device.setup(), in_workers.setup()
@@ -228,6 +258,7 @@ def test_batches_decoded_on_the_device_match_the_worker_decoder(tiny_corpus, siz
 
 # ---------------------------------------------------------------- damage: checksums, strict reads
 
+
 def _damage_first_jpeg(root, name="a", at=4, length=8):
     """Overwrite bytes inside the first JPEG of shard `name` (the tar stays a valid tar)."""
     import pyarrow.parquet as pq
@@ -246,9 +277,14 @@ def test_checksums_are_stored_and_checked(tmp_path):
     rows = read_manifest(tmp_path).to_pylist()
     import zlib
 
-    assert rows[0]["query_crc32"] == zlib.crc32(b"x" * 10 + b"q") and rows[0]["tracked_crc32"] == zlib.crc32(b"x" * 20 + b"t")
+    assert rows[0]["query_crc32"] == zlib.crc32(b"x" * 10 + b"q") and rows[0]["tracked_crc32"] == zlib.crc32(
+        b"x" * 20 + b"t"
+    )
     pair = _damage_first_jpeg(tmp_path)
-    with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard .*a.tar is damaged .*CRC32.*mine.py out={tmp_path} verify=true"):
+    with pytest.raises(
+        DamagedCorpusError,
+        match=rf"pair {pair} in shard .*a.tar is damaged .*CRC32.*mine.py out={tmp_path} verify=true",
+    ):
         PairIndex(tmp_path).read_pair(0)
     assert PairIndex(tmp_path).read_pair(1)  # the other pair is intact
 
@@ -279,7 +315,9 @@ def test_training_reads_strictly_or_skips_and_counts(tiny_corpus, tmp_path):
     strict = PairDataset(PairIndex(root), np.array([row, (row + 1) % len(index)]), PatchTransform(67, 0.0))
     with pytest.raises(DamagedCorpusError, match=rf"pair {pair} in shard .*{name}.tar.*verify=true"):
         strict[0]
-    lenient = PairDataset(PairIndex(root), np.array([row, (row + 1) % len(index)]), PatchTransform(67, 0.0), skip_damaged=True)
+    lenient = PairDataset(
+        PairIndex(root), np.array([row, (row + 1) % len(index)]), PatchTransform(67, 0.0), skip_damaged=True
+    )
     item = lenient[0]
     assert int(item["damaged"]) == 1 and torch.equal(item["anchor"], strict[1]["anchor"])
     # a zeroed JPEG header, in a corpus without checksums: the decode fails, the pair is named

@@ -35,9 +35,13 @@ def _loss(model, x, video_ids, loss_fn):
     return loss_across_ranks(loss_fn, a, p, video_ids, hard_ratio=1.0)[0]
 
 
-CONFIGS = [*(RankingLoss(margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=symmetric, gather_across_ranks=True)
-             for symmetric in (False, True)),
-           InfoNCELoss(temperature=0.1, symmetric=True, gather_across_ranks=True)]
+CONFIGS = [
+    *(
+        RankingLoss(margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=symmetric, gather_across_ranks=True)
+        for symmetric in (False, True)
+    ),
+    InfoNCELoss(temperature=0.1, symmetric=True, gather_across_ranks=True),
+]
 
 
 def _rank(rank, init_file, out_file):

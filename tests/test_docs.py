@@ -39,8 +39,12 @@ def anchors(page: Path) -> set[str]:
 
 
 def links() -> list[tuple[Path, str]]:
-    return [(page, target) for page in PAGES for target in LINK.findall(_prose(page.read_text()))
-            if not re.match(r"[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: are not checked
+    return [
+        (page, target)
+        for page in PAGES
+        for target in LINK.findall(_prose(page.read_text()))
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target)
+    ]  # http:, https:, mailto: are not checked
 
 
 def test_the_pages_exist_and_link_somewhere():
@@ -69,23 +73,34 @@ def test_the_readme_is_at_most_300_lines():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
 
 
-@pytest.mark.parametrize("heading, expected", [
-    ("How more GPUs train: `scaling`", "how-more-gpus-train-scaling"),
-    ("The demo's check", "the-demos-check"),
-    ("A learning check on real footage: `bench/learning_check.py`",
-     "a-learning-check-on-real-footage-benchlearning_checkpy"),
-    ("Mining against decoding alone, on footage it was not tuned on",
-     "mining-against-decoding-alone-on-footage-it-was-not-tuned-on"),
-])
+@pytest.mark.parametrize(
+    "heading, expected",
+    [
+        ("How more GPUs train: `scaling`", "how-more-gpus-train-scaling"),
+        ("The demo's check", "the-demos-check"),
+        (
+            "A learning check on real footage: `bench/learning_check.py`",
+            "a-learning-check-on-real-footage-benchlearning_checkpy",
+        ),
+        (
+            "Mining against decoding alone, on footage it was not tuned on",
+            "mining-against-decoding-alone-on-footage-it-was-not-tuned-on",
+        ),
+    ],
+)
 def test_anchors_are_githubs(heading, expected):
     assert slug(heading) == expected
 
 
 def test_a_broken_link_is_caught(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
-    page.write_text("# Title\n\n[ok](#title) [gone](missing.md) [bad anchor](#nowhere) `[code](not-a-link.md)`\n"
-                    "```\n[fenced](also-not.md)\n```\n")
+    page.write_text(
+        "# Title\n\n[ok](#title) [gone](missing.md) [bad anchor](#nowhere) `[code](not-a-link.md)`\n"
+        "```\n[fenced](also-not.md)\n```\n"
+    )
     monkeypatch.setattr(__import__(__name__), "PAGES", [page])
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
-    assert [b.split(": ")[-1] for b in broken_links()] == [f"no file {tmp_path / 'missing.md'}",
-                                                           "no heading #nowhere in page.md"]
+    assert [b.split(": ")[-1] for b in broken_links()] == [
+        f"no file {tmp_path / 'missing.md'}",
+        "no heading #nowhere in page.md",
+    ]

@@ -27,14 +27,18 @@ def _t(boxes, labels, difficult=None):
 
 
 def _p(boxes, scores, labels):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.tensor(labels, dtype=torch.int64)}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
 
 
 GT = [0, 0, 9, 9]
 
 
 # ---------------------------------------------------------------- VOC AP, hand-computed
+
 
 def test_perfect_detection():
     assert voc_detection_ap([_p([GT], [0.9], [0])], [_t([GT], [0])], num_classes=1) == {"map": 1.0, "ap": [1.0]}
@@ -97,10 +101,13 @@ def test_classification_ap_and_where_torchmetrics_differs():
     scores = np.array([0.9, 0.8, 0.7, 0.6])
     monotone = np.array([1, -1, 1, -1])  # precision only falls: both agree
     assert voc_classification_ap(scores, monotone) == pytest.approx(
-        binary_average_precision(torch.tensor(scores), torch.tensor(monotone > 0).long()).item())
+        binary_average_precision(torch.tensor(scores), torch.tensor(monotone > 0).long()).item()
+    )
     rising = np.array([-1, 1, 1, -1])  # precision rises 1/2 -> 2/3: VOC interpolates, torchmetrics does not
     assert voc_classification_ap(scores, rising) == pytest.approx(2 / 3)
-    assert binary_average_precision(torch.tensor(scores), torch.tensor(rising > 0).long()).item() == pytest.approx(7 / 12)
+    assert binary_average_precision(torch.tensor(scores), torch.tensor(rising > 0).long()).item() == pytest.approx(
+        7 / 12
+    )
     ignored = np.array([-1, 0, 1, 1])  # a difficult-only image is ignored, not a negative
     assert voc_classification_ap(scores, ignored) == pytest.approx(2 / 3)
 
@@ -134,7 +141,9 @@ def test_splits_follow_rcnn_and_overlap_is_refused():
     assert resolve_splits(2007, None, None) == ("trainval", "test")
     assert resolve_splits(2012, "trainval", "val") == ("trainval", "val")
     check_disjoint(["a", "b"], ["c"], "train", "val", 2012)
-    with pytest.raises(SplitOverlapError, match=r"trainval and val share 2 of 3 test images \(b, c\).*voc.train_split=train"):
+    with pytest.raises(
+        SplitOverlapError, match=r"trainval and val share 2 of 3 test images \(b, c\).*voc.train_split=train"
+    ):
         check_disjoint(["a", "b", "c"], ["b", "c", "d"], "trainval", "val", 2012)
 
 
@@ -149,11 +158,17 @@ def test_voc_errors_name_the_layout(tiny_voc, tmp_path):
 
 # ---------------------------------------------------------------- networks and features
 
+
 def _checkpoint(path, seed):
     torch.manual_seed(seed)
     trunk = CaffeNet(67, 64, 32)
-    torch.save({"state_dict": {f"net.trunk.{k}": v for k, v in trunk.state_dict().items()},
-                "hyper_parameters": {"input_size": 67, "pixel_mean": [107.99, 102.75, 96.64]}}, path)
+    torch.save(
+        {
+            "state_dict": {f"net.trunk.{k}": v for k, v in trunk.state_dict().items()},
+            "hyper_parameters": {"input_size": 67, "pixel_mean": [107.99, 102.75, 96.64]},
+        },
+        path,
+    )
     return path
 
 
@@ -180,11 +195,25 @@ def test_conv_features_pool_to_about_9k():
 
 # ---------------------------------------------------------------- the svm protocol end to end
 
+
 def _evaluate(tmp_path, ckpt, *extra):
-    fast_svm = [] if "protocol=detection" in extra else ["protocol.layers=[conv5,fc7]", "protocol.costs=[0.1,10]", "protocol.folds=2"]
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={tmp_path / 'voc'}",
-           f"voc.classes=[{','.join(CLASSES)}]", *fast_svm, f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false",
-           "input_size=67", *extra]
+    fast_svm = (
+        []
+        if "protocol=detection" in extra
+        else ["protocol.layers=[conv5,fc7]", "protocol.costs=[0.1,10]", "protocol.folds=2"]
+    )
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        f"ckpt={ckpt}",
+        f"voc.root={tmp_path / 'voc'}",
+        f"voc.classes=[{','.join(CLASSES)}]",
+        *fast_svm,
+        f"cache_dir={tmp_path / 'cache'}",
+        "wandb.enabled=false",
+        "input_size=67",
+        *extra,
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -264,9 +293,17 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
 
 # ---------------------------------------------------------------- the detection protocol end to end
 
-DETECTION_FAST = ["protocol=detection", "protocol.finetune_workers=0", "protocol.adapt.workers=0", "protocol.iterations=4",
-                  "protocol.batch_size=32", "protocol.fc_dim=64",
-                  "protocol.proposals.max_side=160", "protocol.proposals.max_proposals=16", "protocol.svm.norm_images=10"]
+DETECTION_FAST = [
+    "protocol=detection",
+    "protocol.finetune_workers=0",
+    "protocol.adapt.workers=0",
+    "protocol.iterations=4",
+    "protocol.batch_size=32",
+    "protocol.fc_dim=64",
+    "protocol.proposals.max_side=160",
+    "protocol.proposals.max_proposals=16",
+    "protocol.svm.norm_images=10",
+]
 
 
 @pytest.mark.parametrize("finetune", ["none"])  # straightforward: the VOC2012 test below
@@ -287,9 +324,18 @@ def test_detection_protocol(tiny_voc, tmp_path, finetune):
 def test_iterative_finetuning_and_an_ensemble(tiny_voc, tiny_corpus, tmp_path):
     (tmp_path / "voc").symlink_to(tiny_voc)
     a, b = _checkpoint(tmp_path / "a.ckpt", 1), _checkpoint(tmp_path / "b.ckpt", 2)
-    _evaluate(tmp_path, f"[{a},{b}]", *DETECTION_FAST, "protocol.finetune=iterative", f"protocol.adapt.corpus={tiny_corpus}",
-              "protocol.adapt.steps=2", "protocol.adapt.batch_size=8", "protocol.regions=roi_pool", "protocol.roi_pool.scale=120",
-              f"hydra.run.dir={tmp_path}/run")
+    _evaluate(
+        tmp_path,
+        f"[{a},{b}]",
+        *DETECTION_FAST,
+        "protocol.finetune=iterative",
+        f"protocol.adapt.corpus={tiny_corpus}",
+        "protocol.adapt.steps=2",
+        "protocol.adapt.batch_size=8",
+        "protocol.regions=roi_pool",
+        "protocol.roi_pool.scale=120",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["row"] == "unsup + iterative ft" and len(result["checkpoints"]) == 2
     assert result["protocol"]["rounds"] == 2 and result["protocol"]["regions"] == "roi_pool"
@@ -312,9 +358,16 @@ def test_region_sampling_follows_rcnn_thresholds():
     props = np.array([[0, 0, 99, 89], [0, 0, 99, 29], [0, 0, 99, 4], [200, 200, 220, 220]], np.float32)
     rois, target = p._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
     got = sorted((tuple(r), t) for r, t in zip(rois.tolist(), target.tolist()))
-    assert got == [((0, 0, 99, 4), 0), ((0, 0, 99, 29), 0), ((0, 0, 99, 89), 4), ((0, 0, 99, 99), 4),
-                   ((200, 200, 220, 220), 0)]  # class 3 -> 4 (0 = background)
-    fast = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5, bg_iou=[0.1, 0.5])  # Fast R-CNN's range
+    assert got == [
+        ((0, 0, 99, 4), 0),
+        ((0, 0, 99, 29), 0),
+        ((0, 0, 99, 89), 4),
+        ((0, 0, 99, 99), 4),
+        ((200, 200, 220, 220), 0),
+    ]  # class 3 -> 4 (0 = background)
+    fast = DetectionProtocol(
+        batch_size=16, images_per_batch=2, fg_fraction=0.5, bg_iou=[0.1, 0.5]
+    )  # Fast R-CNN's range
     rois, target = fast._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
     assert sorted(tuple(r) for r in rois.tolist()) == [(0, 0, 99, 29), (0, 0, 99, 89), (0, 0, 99, 99)]
 
@@ -344,12 +397,18 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
 
     def oracle(self, model, net, im, boxes, device):
         iou = box_iou(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(detection._gt0(im))).numpy()
-        return np.stack([iou[:, im.labels == c].max(1) if (im.labels == c).any() else np.zeros(len(boxes))
-                         for c in range(len(CLASSES))], 1).astype(np.float32)
+        return np.stack(
+            [
+                iou[:, im.labels == c].max(1) if (im.labels == c).any() else np.zeros(len(boxes))
+                for c in range(len(CLASSES))
+            ],
+            1,
+        ).astype(np.float32)
 
     monkeypatch.setattr(detection.DetectionProtocol, "region_features", oracle)
-    protocol = detection.DetectionProtocol(finetune="none", fc_dim=64,
-                                           proposals={"max_side": 160, "mode": "fast", "max_proposals": 300})
+    protocol = detection.DetectionProtocol(
+        finetune="none", fc_dim=64, proposals={"max_side": 160, "mode": "fast", "max_proposals": 300}
+    )
     train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
     test = read_voc(tiny_voc, 2007, "test", CLASSES)
     result = protocol.run([random_network(67, 64, 32)], train, test, CLASSES, tmp_path, "k", "cpu")
@@ -358,8 +417,14 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
 
 def test_results_go_to_wandb_offline(tiny_voc, tmp_path):
     (tmp_path / "voc").symlink_to(tiny_voc)
-    _evaluate(tmp_path, _checkpoint(tmp_path / "a.ckpt", 1), "wandb.enabled=true", "wandb.mode=offline",
-              "protocol.layers=[fc7]", f"hydra.run.dir={tmp_path}/run")
+    _evaluate(
+        tmp_path,
+        _checkpoint(tmp_path / "a.ckpt", 1),
+        "wandb.enabled=true",
+        "wandb.mode=offline",
+        "protocol.layers=[fc7]",
+        f"hydra.run.dir={tmp_path}/run",
+    )
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
@@ -372,8 +437,9 @@ def test_a_synthetic_voc_tree_of_another_size_is_not_reused(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_voc2012(tmp_path_factory):
-    return write_synthetic_voc(tmp_path_factory.mktemp("voc2012"), num_trainval=24, num_test=20, height=120, width=160,
-                               seed=7, year=2012)
+    return write_synthetic_voc(
+        tmp_path_factory.mktemp("voc2012"), num_trainval=24, num_test=20, height=120, width=160, seed=7, year=2012
+    )
 
 
 @pytest.mark.slow
@@ -387,21 +453,36 @@ def test_the_readme_voc2012_command_trains_on_train_and_tests_on_val(tiny_voc201
     assert result["splits"] == {"train": {"name": "train", "images": 24}, "test": {"name": "val", "images": 20}}
     assert result["protocol"]["use_07_metric"] is False  # VOC2012: all-point AP
     assert result["row"] == "unsup + ft" and result["best_layer"] == "fc7" and result["protocol"]["regions"] == "warp"
-    assert len(result["layers"]["fc7"]["ap"]) == len(CLASSES) and all(0 <= x <= 1 for x in result["layers"]["fc7"]["ap"])
+    assert len(result["layers"]["fc7"]["ap"]) == len(CLASSES) and all(
+        0 <= x <= 1 for x in result["layers"]["fc7"]["ap"]
+    )
     assert len(list((tmp_path / "cache" / "proposals").rglob("*.npy"))) == 44  # cached once per image (train + val)
     assert list((tmp_path / "cache" / "detection").glob("*/round0/metrics.csv"))  # the fine-tuning's curve
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={tmp_path / 'voc'}", "voc.year=2012",
-           "voc.train_split=trainval", "voc.test_split=val", f"voc.classes=[{','.join(CLASSES)}]", "protocol=detection",
-           f"cache_dir={tmp_path / 'cache'}", "wandb.enabled=false", f"hydra.run.dir={tmp_path}/refused"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "evaluate.py"),
+        f"ckpt={a}",
+        f"voc.root={tmp_path / 'voc'}",
+        "voc.year=2012",
+        "voc.train_split=trainval",
+        "voc.test_split=val",
+        f"voc.classes=[{','.join(CLASSES)}]",
+        "protocol=detection",
+        f"cache_dir={tmp_path / 'cache'}",
+        "wandb.enabled=false",
+        f"hydra.run.dir={tmp_path}/refused",
+    ]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "trainval and val share 20 of 20 test images" in out.stderr
 
 
 # ---------------------------------------------------------------- R-CNN's warped crop
 
+
 def _imresize_bilinear_reference(window: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """MATLAB's imresize(window, [out_h out_w], 'bilinear', 'antialiasing', false), loop by loop:
     1-based x = u / s + 0.5 * (1 - 1 / s), triangle weights, indices mirrored (aux = [1:n, n:-1:1])."""
+
     def weights(n_in, n_out):
         s = n_out / n_in
         rows = []
@@ -422,6 +503,7 @@ def _imresize_bilinear_reference(window: np.ndarray, out_h: int, out_w: int) -> 
 def _rcnn_im_crop_reference(im: np.ndarray, box0, crop_size: int, padding: int) -> np.ndarray:
     """rcnn_im_crop.m (warp), statement by statement, with MATLAB's round; im [H, W, C], box 0-based;
     returns the crop with zeros where R-CNN pads (image mean already subtracted)."""
+
     def mround(v):
         return float(np.sign(v) * np.floor(abs(v) + 0.5))
 
@@ -429,8 +511,12 @@ def _rcnn_im_crop_reference(im: np.ndarray, box0, crop_size: int, padding: int) 
     scale = crop_size / (crop_size - padding * 2)
     half_height, half_width = (bbox[3] - bbox[1] + 1) / 2, (bbox[2] - bbox[0] + 1) / 2
     center = [bbox[0] + half_width, bbox[1] + half_height]
-    bbox = [mround(center[0] - half_width * scale), mround(center[1] - half_height * scale),
-            mround(center[0] + half_width * scale), mround(center[1] + half_height * scale)]
+    bbox = [
+        mround(center[0] - half_width * scale),
+        mround(center[1] - half_height * scale),
+        mround(center[0] + half_width * scale),
+        mround(center[1] + half_height * scale),
+    ]
     unclipped_height, unclipped_width = bbox[3] - bbox[1] + 1, bbox[2] - bbox[0] + 1
     pad_x1, pad_y1 = max(0, 1 - bbox[0]), max(0, 1 - bbox[1])
     bbox = [max(1, bbox[0]), max(1, bbox[1]), min(im.shape[1], bbox[2]), min(im.shape[0], bbox[3])]
@@ -442,7 +528,9 @@ def _rcnn_im_crop_reference(im: np.ndarray, box0, crop_size: int, padding: int) 
     crop_width = min(crop_width, crop_size - pad_w)
     window = im[int(bbox[1]) - 1 : int(bbox[3]), int(bbox[0]) - 1 : int(bbox[2])]
     out = np.zeros((crop_size, crop_size, im.shape[2]))
-    out[pad_h : pad_h + crop_height, pad_w : pad_w + crop_width] = _imresize_bilinear_reference(window, crop_height, crop_width)
+    out[pad_h : pad_h + crop_height, pad_w : pad_w + crop_width] = _imresize_bilinear_reference(
+        window, crop_height, crop_width
+    )
     return out
 
 
@@ -451,12 +539,17 @@ def test_warped_crop_matches_rcnn_im_crop_brute_force():
 
     rng = np.random.default_rng(0)
     im = rng.uniform(-100, 100, (37, 53, 3))  # already mean-subtracted, so padding is zero
-    boxes = np.array([[10, 8, 30, 25],     # inside, context fits
-                      [0, 0, 12, 9],       # top-left corner: context falls off two sides
-                      [40, 20, 52, 36],    # bottom-right corner
-                      [0, 0, 52, 36],      # the whole image
-                      [25, 3, 27, 33],     # thin: upsampled a lot along x
-                      [5, 30, 45, 36]], np.float32)
+    boxes = np.array(
+        [
+            [10, 8, 30, 25],  # inside, context fits
+            [0, 0, 12, 9],  # top-left corner: context falls off two sides
+            [40, 20, 52, 36],  # bottom-right corner
+            [0, 0, 52, 36],  # the whole image
+            [25, 3, 27, 33],  # thin: upsampled a lot along x
+            [5, 30, 45, 36],
+        ],
+        np.float32,
+    )
     crop_size, padding = 31, 4
     crops, mask = warp_regions(torch.from_numpy(im.transpose(2, 0, 1)).double(), boxes, crop_size, padding)
     ours = (crops * mask).permute(0, 2, 3, 1).double().numpy()
@@ -467,6 +560,7 @@ def test_warped_crop_matches_rcnn_im_crop_brute_force():
 
 
 # ---------------------------------------------------------------- R-CNN's SVMs: bounded memory, passes as configured
+
 
 class _FakeStore:
     """150 proposals per image, some on each object (the SVM stage needs nothing else of a store)."""
@@ -486,8 +580,15 @@ def _fake_images(n):
     for i in range(n):
         k = int(rng.integers(1, 3))
         xy = rng.uniform(1, 100, (k, 2))
-        out.append(VOCImage(str(i), None, np.concatenate([xy, xy + rng.uniform(20, 50, (k, 2))], 1).astype(np.float32),
-                            rng.integers(0, 4, k), np.zeros(k, bool)))
+        out.append(
+            VOCImage(
+                str(i),
+                None,
+                np.concatenate([xy, xy + rng.uniform(20, 50, (k, 2))], 1).astype(np.float32),
+                rng.integers(0, 4, k),
+                np.zeros(k, bool),
+            )
+        )
     return out
 
 
@@ -501,6 +602,7 @@ def _fake_features(calls):
         f = rng.normal(0, 0.3, (len(boxes), 256)).astype(np.float32)
         f[:, :4] += 3 * class_overlap(boxes, _gt0(im), im.labels, 4)
         return f
+
     return feats
 
 
@@ -527,7 +629,9 @@ def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
 def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
     from vidrep.eval.detection import DetectionProtocol
 
-    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "epochs": epochs, "retrain_limit": 200})
+    protocol = DetectionProtocol(
+        finetune="none", svm={**DetectionProtocol().svm, "epochs": epochs, "retrain_limit": 200}
+    )
     images, calls = _fake_images(12), []
     W, B, _ = protocol.train_svms(_fake_features(calls), images, _FakeStore(), 4, tmp_path)
     with np.load(tmp_path / "svms.npz") as z:
@@ -539,6 +643,7 @@ def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
 
 
 # ---------------------------------------------------------------- every stage resumes after kill -9
+
 
 def _run_until(cmd, cwd, log, appears, timeout=300):
     """Start `cmd`; kill -9 it as soon as a file matching `appears` (a glob under cwd) exists, or
@@ -566,12 +671,28 @@ def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
     a = _checkpoint(tmp_path / "a.ckpt", 1)
 
     def cmd(cache, run):
-        return [sys.executable, str(ROOT / "evaluate.py"), f"ckpt={a}", f"voc.root={voc}", f"voc.classes=[{','.join(CLASSES)}]",
-                "protocol=detection", "protocol.iterations=12", "protocol.finetune_checkpoint_every=4", "protocol.batch_size=16",
-                "protocol.finetune_workers=0",
-                "protocol.fc_dim=64", "protocol.proposals.max_side=128", "protocol.proposals.max_proposals=24",
-                "protocol.svm.norm_images=4", "protocol.svm.checkpoint_every=2", "protocol.test_chunk=2",
-                f"cache_dir={tmp_path / cache}", "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path / run}"]
+        return [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            f"ckpt={a}",
+            f"voc.root={voc}",
+            f"voc.classes=[{','.join(CLASSES)}]",
+            "protocol=detection",
+            "protocol.iterations=12",
+            "protocol.finetune_checkpoint_every=4",
+            "protocol.batch_size=16",
+            "protocol.finetune_workers=0",
+            "protocol.fc_dim=64",
+            "protocol.proposals.max_side=128",
+            "protocol.proposals.max_proposals=24",
+            "protocol.svm.norm_images=4",
+            "protocol.svm.checkpoint_every=2",
+            "protocol.test_chunk=2",
+            f"cache_dir={tmp_path / cache}",
+            "wandb.enabled=false",
+            "pictures=false",
+            f"hydra.run.dir={tmp_path / run}",
+        ]
 
     assert _run_until(cmd("ref", "ref"), tmp_path, tmp_path / "ref.log", None) == 0
     reference = json.loads((tmp_path / "ref" / "results.json").read_text())
@@ -590,10 +711,13 @@ def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
     # finished stages were read, not redone
     assert next((tmp_path / "cache" / "detection").glob("*/finetuned.pt")).stat().st_mtime_ns == finetuned
     assert next((tmp_path / "cache" / "detection" / "svm").glob("*/svms.npz")).stat().st_mtime_ns == svms
-    assert next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns == first_chunk
+    assert (
+        next((tmp_path / "cache" / "detection" / "test").glob("*/chunk0000000.npz")).stat().st_mtime_ns == first_chunk
+    )
 
 
 # ---------------------------------------------------------------- proposals: R-CNN's .mat files, worker processes
+
 
 def test_rcnn_selective_search_mat_files_are_read(tmp_path):
     from scipy.io import savemat
@@ -602,14 +726,24 @@ def test_rcnn_selective_search_mat_files_are_read(tmp_path):
     from vidrep.eval.proposals import ProposalStore
 
     # R-CNN's layout: one file per split, `boxes` a cell of [P, 4] y1 x1 y2 x2 (1-based), `images` a cell of ids
-    boxes = {"2008_000001": np.array([[11, 21, 40, 60], [1, 1, 100, 200]], float), "2008_000002": np.array([[5, 6, 7, 8]], float),
-             "2008_000003": np.array([[2, 3, 50, 90]], float)}
+    boxes = {
+        "2008_000001": np.array([[11, 21, 40, 60], [1, 1, 100, 200]], float),
+        "2008_000002": np.array([[5, 6, 7, 8]], float),
+        "2008_000003": np.array([[2, 3, 50, 90]], float),
+    }
     cell = lambda items: np.array(items + [None], dtype=object)[:-1]  # noqa: E731 - a 1-D object array, as MATLAB cells load
     (tmp_path / "ss").mkdir()
-    savemat(tmp_path / "ss" / "voc_2012_train.mat", {"boxes": cell([boxes["2008_000001"], boxes["2008_000002"]]),
-                                                     "images": cell(["2008_000001", "2008_000002"])})
-    savemat(tmp_path / "ss" / "voc_2012_val.mat", {"boxes": cell([boxes["2008_000003"]]), "images": cell(["2008_000003"])})
-    images = [VOCImage(i, tmp_path / f"{i}.jpg", np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool)) for i in boxes]
+    savemat(
+        tmp_path / "ss" / "voc_2012_train.mat",
+        {"boxes": cell([boxes["2008_000001"], boxes["2008_000002"]]), "images": cell(["2008_000001", "2008_000002"])},
+    )
+    savemat(
+        tmp_path / "ss" / "voc_2012_val.mat", {"boxes": cell([boxes["2008_000003"]]), "images": cell(["2008_000003"])}
+    )
+    images = [
+        VOCImage(i, tmp_path / f"{i}.jpg", np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
+        for i in boxes
+    ]
     store = ProposalStore(tmp_path / "cache", "k", {"dir": str(tmp_path / "ss"), "workers": 1})
     store.ensure(images)
     np.testing.assert_array_equal(store.boxes(images[0]), [[20, 10, 59, 39], [0, 0, 199, 99]])  # x1 y1 x2 y2, 0-based
@@ -624,7 +758,10 @@ def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_
 
     images = read_voc(tiny_voc, 2007, "trainval", CLASSES)[:4]
     settings = {"max_side": 160, "mode": "fast", "max_proposals": 50}
-    one, two = ProposalStore(tmp_path / "a", "k", {**settings, "workers": 1}), ProposalStore(tmp_path / "b", "k", {**settings, "workers": 2})
+    one, two = (
+        ProposalStore(tmp_path / "a", "k", {**settings, "workers": 1}),
+        ProposalStore(tmp_path / "b", "k", {**settings, "workers": 2}),
+    )
     one.ensure(images)
     two.ensure(images)
     for im in images:
@@ -632,6 +769,7 @@ def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_
 
 
 # ---------------------------------------------------------------- the frozen protocol as Goyal et al.
+
 
 def test_goyal_pooling_per_layer_at_227():
     from vidrep.eval.features import fixed_pool
@@ -652,7 +790,15 @@ def test_cross_validation_scores_as_sklearn_cross_val_score():
     x = rng.normal(size=(60, 8))
     labels = np.where(x[:, 0] + rng.normal(0, 1, 60) > 0.5, 1, -1)
     labels[:3] = 0  # difficult-only images: negatives in training and in the CV score, as theirs
-    clf = LinearSVC(C=0.1, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge", tol=0.0001,
-                    dual=True, max_iter=2000)
+    clf = LinearSVC(
+        C=0.1,
+        class_weight={1: 2, -1: 1},
+        intercept_scaling=1.0,
+        penalty="l2",
+        loss="squared_hinge",
+        tol=0.0001,
+        dual=True,
+        max_iter=2000,
+    )
     theirs = cross_val_score(clf, x, np.where(labels > 0, 1, -1), cv=3, scoring="average_precision").mean()
     assert cross_validated_ap(x, labels, 0.1, 3, 0, False, "goyal") == pytest.approx(theirs, abs=1e-6)

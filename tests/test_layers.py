@@ -11,11 +11,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vidrep"
 LAYERS = {
     "vidrep": -1,  # the root package: config resolvers and the core count, importing nothing of vidrep
     "common": 0,
-    "models": 1, "losses": 1,
+    "models": 1,
+    "losses": 1,
     "data": 2,
-    "mining": 3, "training": 3,
+    "mining": 3,
+    "training": 3,
     "eval": 4,
-    "viz": 5, "demo": 5,
+    "viz": 5,
+    "demo": 5,
 }
 
 
@@ -60,9 +63,14 @@ def upward_imports() -> list[str]:
 
 
 def test_every_package_has_a_layer():
-    packages = {"vidrep"} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} | {
-        p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    assert packages == set(LAYERS), f"packages without a layer: {packages - set(LAYERS)}; layers without a package: {set(LAYERS) - packages}"
+    packages = (
+        {"vidrep"}
+        | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+        | {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    )
+    assert packages == set(LAYERS), (
+        f"packages without a layer: {packages - set(LAYERS)}; layers without a package: {set(LAYERS) - packages}"
+    )
 
 
 def test_no_upward_or_sideways_imports():
@@ -70,14 +78,20 @@ def test_no_upward_or_sideways_imports():
 
 
 def test_common_imports_nothing_of_the_project():
-    assert [f"{w}:{line}" for own, name, line, w in project_imports() if own == "common" and name != "vidrep.common"
-            and not name.startswith("vidrep.common.")] == []
+    assert [
+        f"{w}:{line}"
+        for own, name, line, w in project_imports()
+        if own == "common" and name != "vidrep.common" and not name.startswith("vidrep.common.")
+    ] == []
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from vidrep.training.schedule import x", "data (layer 2) imports vidrep.training.schedule (layer 3)"),
-    ("import vidrep.eval.report", "data (layer 2) imports vidrep.eval.report (layer 4)"),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from vidrep.training.schedule import x", "data (layer 2) imports vidrep.training.schedule (layer 3)"),
+        ("import vidrep.eval.report", "data (layer 2) imports vidrep.eval.report (layer 4)"),
+    ],
+)
 def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, expected):
     fake = tmp_path / "vidrep"
     for name in LAYERS:

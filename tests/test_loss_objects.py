@@ -7,13 +7,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-
 from conftest import TINY
+from hydra.utils import instantiate
 from test_configs import compose_train
+
 from vidrep.losses import (
-    Candidates, InfoNCELoss, NegativeSchedule, PairLoss, RankingLoss, loss_from_config, ranking_loss_from_mask,
-    select_negatives, switch_step, triplet_stats,
+    Candidates,
+    InfoNCELoss,
+    NegativeSchedule,
+    PairLoss,
+    RankingLoss,
+    loss_from_config,
+    ranking_loss_from_mask,
+    select_negatives,
+    switch_step,
+    triplet_stats,
 )
 from vidrep.training import plan
 from vidrep.training.validate import settings_errors
@@ -28,8 +36,10 @@ def make_batch(n=12, d=16, videos=5, seed=0):
 
 # --- the ranking loss: the same numbers as its pieces ---------------------------------------------
 
-@pytest.mark.parametrize("hard_ratio,symmetric,violators_only",
-                         [(0.0, False, False), (0.5, True, True), (1.0, False, True)])
+
+@pytest.mark.parametrize(
+    "hard_ratio,symmetric,violators_only", [(0.0, False, False), (0.5, True, True), (1.0, False, True)]
+)
 @pytest.mark.parametrize("gathered", [False, True])
 def test_ranking_object_equals_select_then_score(hard_ratio, symmetric, violators_only, gathered):
     """The object's loss, gradients and stats are those of the functions it calls, with the same
@@ -48,8 +58,9 @@ def test_ranking_object_equals_select_then_score(hard_ratio, symmetric, violator
             loss, stats = loss_fn(a1, p1, vid, hard_ratio=hard_ratio, candidates=Candidates(patches, ids))
         else:
             mask = select_negatives(a1, p1, vid, **kw, hard_ratio=hard_ratio, patches=patches, patch_ids=ids)
-            loss = ranking_loss_from_mask(a1, p1, mask, margin=0.5, num_negatives=4, symmetric=symmetric,
-                                          patches=patches)
+            loss = ranking_loss_from_mask(
+                a1, p1, mask, margin=0.5, num_negatives=4, symmetric=symmetric, patches=patches
+            )
             s = triplet_stats(a1, p1, mask, patches.detach())
             stats = {name: getattr(s, name) for name in RankingLoss.stat_names}
         loss.backward()
@@ -72,14 +83,16 @@ def test_negative_schedule_switches_once_by_step_or_epoch():
 
 # --- InfoNCE against a brute-force reference -----------------------------------------------------
 
+
 def brute_infonce(a, p, vid, patches, ids, t, symmetric):
     """Per query: -log(exp(s(q, p)/t) / (exp(s(q, p)/t) + sum over other-video candidates))."""
     terms = []
-    for queries in ([a, p] if symmetric else [a]):
+    for queries in [a, p] if symmetric else [a]:
         for i in range(a.shape[0]):
             pos = torch.exp(a[i] @ p[i] / t)
-            neg = sum((torch.exp(queries[i] @ patches[j] / t) for j in range(len(ids)) if ids[j] != vid[i]),
-                      torch.zeros(()))
+            neg = sum(
+                (torch.exp(queries[i] @ patches[j] / t) for j in range(len(ids)) if ids[j] != vid[i]), torch.zeros(())
+            )
             terms.append(-torch.log(pos / (pos + neg)))
     return torch.stack(terms).mean()
 
@@ -126,6 +139,7 @@ def test_infonce_edge_cases():
 
 # --- by config -----------------------------------------------------------------------------------
 
+
 def test_losses_round_trip_through_their_config():
     for loss in (RankingLoss(margin=1.0, symmetric=True, hard_after_steps=7), InfoNCELoss(temperature=0.2)):
         assert isinstance(loss, PairLoss) and loss_from_config(loss.config()) == loss
@@ -137,8 +151,14 @@ def test_losses_round_trip_through_their_config():
 
 def test_presets_instantiate_their_loss(tmp_path):
     paper = instantiate(compose_train([], tmp_path).model.loss)
-    assert paper == RankingLoss(margin=0.5, num_negatives=4, hard_ratio=1.0, initial_hard_ratio=0.0,
-                                hard_after_epochs=6, hard_after_pairs=7_500_000)  # data=demo's switch after 6 epochs
+    assert paper == RankingLoss(
+        margin=0.5,
+        num_negatives=4,
+        hard_ratio=1.0,
+        initial_hard_ratio=0.0,
+        hard_after_epochs=6,
+        hard_after_pairs=7_500_000,
+    )  # data=demo's switch after 6 epochs
     code = instantiate(compose_train(["model/loss=code_faithful"], tmp_path).model.loss)
     assert (code.margin, code.symmetric, code.violators_only, code.schedule.ratio(0, 0)) == (1.0, True, True, 0.5)
     cfg = compose_train(["model/loss=infonce", "model.loss.temperature=0.2"], tmp_path)
@@ -161,8 +181,18 @@ def test_infonce_trains_by_config(tmp_path, tiny_corpus):
     other-video patch a negative, no negative schedule) and its checkpoint rebuilds it."""
     from vidrep.training.run import train
 
-    cfg = compose_train([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "model/loss=infonce",
-                         "trainer.max_steps=-1", "trainer.max_epochs=1"], tmp_path)
+    cfg = compose_train(
+        [
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "model/loss=infonce",
+            "trainer.max_steps=-1",
+            "trainer.max_epochs=1",
+        ],
+        tmp_path,
+    )
     metrics = train(cfg)
     assert {"train/top1_acc_step", "val/top1_acc", "val/loss"} <= metrics.keys()
     assert "train/triplet_acc_step" not in metrics and "train/hard_phase_step" not in metrics

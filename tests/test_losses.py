@@ -77,7 +77,9 @@ def test_selection_rules(hard_ratio, violators_only):
     margin, k = 0.5, 4
     for seed in range(5):
         a, p, vid = make_batch(n=10, seed=seed, videos=4)
-        mask = select_negatives(a, p, vid, margin=margin, num_negatives=k, hard_ratio=hard_ratio, violators_only=violators_only)
+        mask = select_negatives(
+            a, p, vid, margin=margin, num_negatives=k, hard_ratio=hard_ratio, violators_only=violators_only
+        )
         cands = brute_candidates(a, p, vid, margin, violators_only)
         patches = torch.cat([a, p])
         hard = int(k * hard_ratio)
@@ -113,16 +115,32 @@ def test_too_few_candidates_uses_all_and_keeps_denominator():
     torch.testing.assert_close(loss, brute_loss(a, p, vid, mask, 0.5, 4, False))
     # one video only: no candidate anywhere, loss 0
     one = torch.zeros(4, dtype=torch.long)
-    assert ranking_loss(a, p, one, margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=True, violators_only=False) == 0
+    assert (
+        ranking_loss(a, p, one, margin=0.5, num_negatives=4, hard_ratio=1.0, symmetric=True, violators_only=False) == 0
+    )
 
 
 def test_paper_example_value():
     # orthogonal unit vectors: s(a,p)=1 for identical, s(a,n)=0 -> hinge max(0, 0.5 - 1 + 0) = 0
     a = torch.eye(4)
-    assert ranking_loss(a, a.clone(), torch.arange(4), margin=0.5, num_negatives=2, hard_ratio=1.0, symmetric=False, violators_only=False) == 0
+    assert (
+        ranking_loss(
+            a,
+            a.clone(),
+            torch.arange(4),
+            margin=0.5,
+            num_negatives=2,
+            hard_ratio=1.0,
+            symmetric=False,
+            violators_only=False,
+        )
+        == 0
+    )
     # anchors equal to every negative: each hinge is the margin
     b = F.normalize(torch.ones(3, 2), dim=1)
-    loss = ranking_loss(b, b.clone(), torch.arange(3), margin=0.5, num_negatives=2, hard_ratio=1.0, symmetric=True, violators_only=False)
+    loss = ranking_loss(
+        b, b.clone(), torch.arange(3), margin=0.5, num_negatives=2, hard_ratio=1.0, symmetric=True, violators_only=False
+    )
     torch.testing.assert_close(loss, torch.tensor(0.5))
 
 

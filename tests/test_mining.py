@@ -11,20 +11,20 @@ import time
 import cv2
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from vidrep.data.corpus import CorpusError, PairIndex, read_manifest, read_records
 from vidrep.data.synthetic import SyntheticVideo
 from vidrep.mining.decode import VideoError, read_frames
 from vidrep.mining.inputs import InputError, list_videos, select_shard
 from vidrep.mining.miner import MinerConfig, VideoMiner, frame_verdict
-from vidrep.mining.points import surf_available
 from vidrep.mining.motion import PointMotion, balanced_subset, point_motion, residual_flow
+from vidrep.mining.points import surf_available
 from vidrep.mining.run import mine_corpus
 from vidrep.mining.window import best_window, window_counts
 
-
 # ---------------------------------------------------------------- pure pieces
+
 
 def test_window_counts_match_brute_force():
     rng = np.random.default_rng(0)
@@ -46,8 +46,13 @@ def test_best_window_holds_the_most_points(seed):
     points = np.clip(points, 0, [width - 1, height - 1])
     x, y, count = best_window(points, height, width, size)
     brute = max(
-        int(((points[:, 0] >= bx) & (points[:, 0] < bx + size) & (points[:, 1] >= by) & (points[:, 1] < by + size)).sum())
-        for by in range(height - size + 1) for bx in range(width - size + 1)
+        int(
+            (
+                (points[:, 0] >= bx) & (points[:, 0] < bx + size) & (points[:, 1] >= by) & (points[:, 1] < by + size)
+            ).sum()
+        )
+        for by in range(height - size + 1)
+        for bx in range(width - size + 1)
     )
     assert count == brute
     inside = (points[:, 0] >= x) & (points[:, 0] < x + size) & (points[:, 1] >= y) & (points[:, 1] < y + size)
@@ -98,14 +103,17 @@ def _motion(fraction_moving: float, n: int = 100, homography=True) -> PointMotio
     return PointMotion(np.zeros((n, 2), np.float32), residual, np.eye(3) if homography else None)
 
 
-@pytest.mark.parametrize("motion, verdict", [
-    (_motion(0.5, n=10), "rejected_few_points"),
-    (_motion(0.5, homography=False), "rejected_no_camera_model"),
-    (_motion(0.24), "rejected_static"),
-    (_motion(0.25), None),
-    (_motion(0.75), None),
-    (_motion(0.76), "rejected_camera_motion"),
-])
+@pytest.mark.parametrize(
+    "motion, verdict",
+    [
+        (_motion(0.5, n=10), "rejected_few_points"),
+        (_motion(0.5, homography=False), "rejected_no_camera_model"),
+        (_motion(0.24), "rejected_static"),
+        (_motion(0.25), None),
+        (_motion(0.75), None),
+        (_motion(0.76), "rejected_camera_motion"),
+    ],
+)
 def test_frame_rejection_rules(motion, verdict):
     assert frame_verdict(motion, MinerConfig()) == verdict
 
@@ -119,6 +127,7 @@ def test_config_is_checked():
 
 
 # ---------------------------------------------------------------- synthetic videos with known motion
+
 
 def _grey(img):
     return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
@@ -223,13 +232,16 @@ def test_pyav_scaler_gives_the_pixels_of_a_fresh_one_per_frame(tmp_path):
 
     path = SyntheticVideo(9, num_frames=6, height=360, width=480, object_size=(60, 120)).write(tmp_path / "v.avi")
     with av.open(str(path)) as container:
-        expected = [f.to_ndarray(format="bgr24", width=600, height=448, interpolation="AREA") for f in container.decode(video=0)]
+        expected = [
+            f.to_ndarray(format="bgr24", width=600, height=448, interpolation="AREA") for f in container.decode(video=0)
+        ]
     got = list(read_frames(path))
     assert len(got) == len(expected) == 6
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
 
 
 # ---------------------------------------------------------------- the corpus-level run
+
 
 @pytest.fixture(scope="module")
 def video_dir(tmp_path_factory):
@@ -298,8 +310,12 @@ def test_bad_inputs_are_recorded_and_skipped(tmp_path):
     summary = mine_corpus(listing, tmp_path / "corpus", MinerConfig(), workers=2, progress=False)
     failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
     assert failures == {
-        "empty.avi": "empty_file", "text.mp4": "unreadable", "truncated.avi": "too_short",
-        "garbage.avi": "unreadable", "short.avi": "too_short", "missing.avi": "missing",
+        "empty.avi": "empty_file",
+        "text.mp4": "unreadable",
+        "truncated.avi": "too_short",
+        "garbage.avi": "unreadable",
+        "short.avi": "too_short",
+        "missing.avi": "missing",
     }
     assert summary.run["videos_mined"] == 1 and summary.run["videos_failed"] == 6
     # failures count as done: a rerun does not try them again unless asked to
@@ -317,7 +333,9 @@ def test_a_worker_crash_costs_only_the_video_that_caused_it(tmp_path):
     for i in range(4):
         SyntheticVideo(200 + i, num_frames=40).write(folder / f"ok{i}.avi")
     SyntheticVideo(300, num_frames=40).write(folder / "crash.avi")
-    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(), workers=2, progress=False, miner_factory=CrashingMiner)
+    summary = mine_corpus(
+        folder, tmp_path / "corpus", MinerConfig(), workers=2, progress=False, miner_factory=CrashingMiner
+    )
     failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
     assert failures == {"crash.avi": "worker_crashed"}
     assert summary.run["videos_mined"] == 4 and summary.run["videos_failed"] == 1
@@ -336,8 +354,9 @@ def test_a_hanging_video_is_stopped_and_recorded_as_timeout(tmp_path):
     SyntheticVideo(300, num_frames=40).write(folder / "crash.avi")
     SyntheticVideo(301, num_frames=40).write(folder / "hang.avi")
     start = time.perf_counter()
-    summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(video_timeout=3), workers=2, progress=False,
-                          miner_factory=HangingMiner)
+    summary = mine_corpus(
+        folder, tmp_path / "corpus", MinerConfig(video_timeout=3), workers=2, progress=False, miner_factory=HangingMiner
+    )
     failures = {r["video"]: r["reason"] for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
     assert failures == {"crash.avi": "worker_crashed", "hang.avi": "timeout"}
     assert summary.run["videos_mined"] == 3 and summary.failures == {"worker_crashed": 1, "timeout": 1}
@@ -379,8 +398,9 @@ def test_video_errors_name_the_file(tmp_path):
 
 def _mine_cli(*args, **kw):
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, str(ROOT / "mine.py"), *args], cwd=kw.pop("cwd"), env=env,
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "mine.py"), *args], cwd=kw.pop("cwd"), env=env, capture_output=True, text=True, **kw
+    )
 
 
 def test_cli_mines_and_reports(video_dir, reference_corpus, tmp_path):
@@ -394,8 +414,16 @@ def test_cli_mines_and_reports(video_dir, reference_corpus, tmp_path):
 
 @pytest.mark.slow
 def test_multirun_shards_through_the_joblib_launcher(video_dir, reference_corpus, tmp_path):
-    out = _mine_cli("-m", "shard=range(0,2)", "num_shards=2", f"videos={video_dir}", f"out={tmp_path / 'c'}",
-                    "progress=false", cwd=tmp_path, timeout=600)
+    out = _mine_cli(
+        "-m",
+        "shard=range(0,2)",
+        "num_shards=2",
+        f"videos={video_dir}",
+        f"out={tmp_path / 'c'}",
+        "progress=false",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert _pairs(tmp_path / "c") == _pairs(reference_corpus)
     assert sorted(p.name for p in (tmp_path / "outputs/mine/multirun").glob("*/shard*")) == ["shard0", "shard1"]
@@ -405,9 +433,20 @@ def test_multirun_shards_through_the_joblib_launcher(video_dir, reference_corpus
 def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(video_dir, reference_corpus, tmp_path):
     root = tmp_path / "c"
     for delay in (1.5, 3.0):  # two interruptions at different moments, then a clean finish
-        proc = subprocess.Popen([sys.executable, str(ROOT / "mine.py"), f"videos={video_dir}", f"out={root}",
-                                 "progress=false", "workers=2"], cwd=tmp_path, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "mine.py"),
+                f"videos={video_dir}",
+                f"out={root}",
+                "progress=false",
+                "workers=2",
+            ],
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -422,8 +461,8 @@ def test_kill_9_then_rerun_loses_nothing_and_duplicates_nothing(video_dir, refer
     assert _pairs(root) == _pairs(reference_corpus)
 
 
-
 # ---------------------------------------------------------------- identity, verify, repair
+
 
 def test_one_video_one_identity(tmp_path):
     import shutil
@@ -438,10 +477,16 @@ def test_one_video_one_identity(tmp_path):
     (folder / "f_loop.avi").symlink_to(folder / "g_loop.avi")
     (folder / "g_loop.avi").symlink_to(folder / "f_loop.avi")
     summary = mine_corpus(folder, tmp_path / "corpus", MinerConfig(), workers=0, progress=False)
-    failures = {r["video"]: (r["reason"], r["detail"]) for r in read_records(tmp_path / "corpus", "failures").to_pylist()}
+    failures = {
+        r["video"]: (r["reason"], r["detail"]) for r in read_records(tmp_path / "corpus", "failures").to_pylist()
+    }
     assert {k: v[0] for k, v in failures.items()} == {
-        "b_copy.avi": "duplicate", "d_other.avi": "duplicate", "e_fifo.avi": "not_a_file", "f_loop.avi": "not_a_file",
-        "g_loop.avi": "not_a_file"}
+        "b_copy.avi": "duplicate",
+        "d_other.avi": "duplicate",
+        "e_fifo.avi": "not_a_file",
+        "f_loop.avi": "not_a_file",
+        "g_loop.avi": "not_a_file",
+    }
     assert "content of a.avi" in failures["b_copy.avi"][1] and "content of c_link.avi" in failures["d_other.avi"][1]
     assert "FIFO" in failures["e_fifo.avi"][1] and "symlink loop" in failures["f_loop.avi"][1]
     assert summary.run["videos_mined"] == 2
@@ -485,7 +530,9 @@ def test_verify_and_repair_remine_exactly_the_damaged_videos(video_dir, referenc
     assert again.run["videos_mined"] == 3 and again.run["videos_skipped_done"] == 1
     assert _pairs(root) == _pairs(reference_corpus)
 
+
 # ---------------------------------------------------------------- real footage
+
 
 def _layout(jpeg: bytes) -> np.ndarray:
     """A 16x16 grey thumbnail, zero-mean and unit-norm: its dot product is a normalised
@@ -611,7 +658,9 @@ def test_the_tracker_is_swapped_by_config(tmp_path, monkeypatch):
     assert config.tracker == name and config.corpus_settings()["tracker"] == name
     built = []
     for kind, create in list(tracking.TRACKERS.items()):
-        monkeypatch.setitem(tracking.TRACKERS, kind, lambda patch, kind=kind, create=create: built.append(kind) or create(patch))
+        monkeypatch.setitem(
+            tracking.TRACKERS, kind, lambda patch, kind=kind, create=create: built.append(kind) or create(patch)
+        )
     path = SyntheticVideo(1, num_frames=100, object_speed=(3.0, 4.0)).write(tmp_path / "v.avi")
     result = VideoMiner(config).mine(path)
     assert result.stats["tracks"] >= 1 and built == [name] * result.stats["tracks"]

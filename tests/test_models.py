@@ -28,9 +28,14 @@ def test_named_feature_shapes_at_227():
         feats = net.forward_features(torch.randn(2, 3, 227, 227))
     shapes = {k: tuple(v.shape) for k, v in feats.items()}
     assert shapes == {
-        "conv1": (2, 96, 55, 55), "conv2": (2, 256, 27, 27), "conv3": (2, 384, 13, 13),
-        "conv4": (2, 384, 13, 13), "conv5": (2, 256, 13, 13), "pool5": (2, 9216),
-        "fc6": (2, 4096), "fc7": (2, 1024),
+        "conv1": (2, 96, 55, 55),
+        "conv2": (2, 256, 27, 27),
+        "conv3": (2, 384, 13, 13),
+        "conv4": (2, 384, 13, 13),
+        "conv5": (2, 256, 13, 13),
+        "pool5": (2, 9216),
+        "fc6": (2, 4096),
+        "fc7": (2, 1024),
     }
     assert all((v >= 0).all() for k, v in feats.items() if k != "pool5")
 
@@ -56,7 +61,15 @@ def test_kaiming_initialisation_scales_each_layer_by_its_fan_in():
     torch.manual_seed(0)
     net = CaffeNet(init="kaiming", bias_one=False)
     # fan_in of a grouped convolution counts only its group's input channels.
-    fan_in = {"conv1": 3 * 121, "conv2": 48 * 25, "conv3": 256 * 9, "conv4": 192 * 9, "conv5": 192 * 9, "fc6": 9216, "fc7": 4096}
+    fan_in = {
+        "conv1": 3 * 121,
+        "conv2": 48 * 25,
+        "conv3": 256 * 9,
+        "conv4": 192 * 9,
+        "conv5": 192 * 9,
+        "fc6": 9216,
+        "fc7": 4096,
+    }
     for name, n in fan_in.items():
         layer = getattr(net, name)
         assert layer.weight.std().item() == pytest.approx((2 / n) ** 0.5, rel=0.03), name
@@ -117,8 +130,8 @@ def test_lrn_slices_equals_torch_local_response_norm(size, channels_last):
     ref = torch.nn.LocalResponseNorm(size, alpha=1e-4, beta=0.75, k=1.0)(x)
     out = lrn_slices(x, size, 1e-4, 0.75, 1.0)
     assert (out - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
-    g_ref, = torch.autograd.grad(ref.square().sum(), x)
-    g_out, = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    (g_out,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
     if channels_last:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -196,9 +209,13 @@ def test_fused_sgd_takes_the_released_solvers_steps():
     params = []
     for fused in (False, True):
         torch.manual_seed(0)
-        module = TripletModule(EmbeddingNet(CaffeNet(67, 32, 16)), {},
-                               partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=0.0005, fused=fused), scheduler=None,
-                               input_size=67)
+        module = TripletModule(
+            EmbeddingNet(CaffeNet(67, 32, 16)),
+            {},
+            partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=0.0005, fused=fused),
+            scheduler=None,
+            input_size=67,
+        )
         optimizer = module.configure_optimizers()
         for _ in range(3):
             optimizer.zero_grad()

@@ -2,11 +2,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
+from vidrep.common.preflight import PreflightError, compose, did_you_mean, first_values, preflight
 from vidrep.eval.checks import check_evaluate
 from vidrep.mining.checks import check_mine
-from vidrep.common.preflight import PreflightError, compose, did_you_mean, first_values, preflight
 from vidrep.training.checks import check_train
 
 
@@ -16,9 +16,14 @@ def errors(config, check, *overrides):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("override, suggestion", [("trainer.max_step=5", "trainer.max_steps"),
-                                                   ("model.loss.marjin=1", "model.loss.margin"),
-                                                   ("dat.root=/x", "data.root")])
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [
+        ("trainer.max_step=5", "trainer.max_steps"),
+        ("model.loss.marjin=1", "model.loss.margin"),
+        ("dat.root=/x", "data.root"),
+    ],
+)
 def test_an_unknown_key_gets_the_nearest_valid_one(override, suggestion):
     with pytest.raises(PreflightError, match=f"unknown key {override.split('=')[0]}: did you mean {suggestion}\\?"):
         compose("train", [override])
@@ -57,8 +62,14 @@ def test_paths_and_missing_values_are_named(tmp_path, capsys):
 
 
 def test_train_py_stops_before_any_run_directory(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer.max_step=5"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "trainer.max_step=5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 2 and "did you mean trainer.max_steps?" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "outputs").exists()
 
@@ -69,8 +80,12 @@ def test_every_protocol_preset_composes_on_its_own_so_a_sweep_over_them_does(tmp
     presets = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
     assert {"svm", "svm_cpu", "detection", "detection_cpu", "retrieval"} <= set(presets)
     for name in presets:
-        cfg = compose("evaluate", [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}", f"retrieval.corpus={tmp_path}"]
-                      if name == "retrieval" else [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}"])
+        cfg = compose(
+            "evaluate",
+            [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}", f"retrieval.corpus={tmp_path}"]
+            if name == "retrieval"
+            else [f"protocol={name}", "ckpt=random", f"voc.root={tmp_path}"],
+        )
         if name != "retrieval":
             assert hydra.utils.instantiate(cfg.protocol).settings()["name"] in ("svm", "detection")
     cpu = compose("evaluate", ["protocol=detection_cpu", "ckpt=random", f"voc.root={tmp_path}"]).protocol

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY
+
 from vidrep.eval.retrieval import (
     colour_histogram,
     num_candidates,
@@ -125,10 +125,22 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
     names = np.array(table.column("video").to_pylist(), dtype=object)
     videos = sorted(set(names))[:3]
     (tmp_path / "videos.txt").write_text("\n".join(videos) + "\n")
-    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "protocol=retrieval", "ckpt=pixels",
-                          f"retrieval.corpus={tiny_corpus}", f"retrieval.videos={tmp_path / 'videos.txt'}",
-                          "wandb.enabled=false", f"hydra.run.dir={tmp_path}/run"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "protocol=retrieval",
+            "ckpt=pixels",
+            f"retrieval.corpus={tiny_corpus}",
+            f"retrieval.videos={tmp_path / 'videos.txt'}",
+            "wandb.enabled=false",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = np.flatnonzero(np.isin(names, videos))
@@ -137,8 +149,13 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
     assert result["retrieval"]["pixels"]["num_videos"] == 3 and result["retrieval"]["pixels"]["num_pairs"] == len(rows)
     assert result["data"]["videos"] == videos and result["data"]["corpus"] == str(tiny_corpus.resolve())
     assert "| pixels |" in (tmp_path / "run" / "results.md").read_text()
-    gathered = subprocess.run([sys.executable, "-m", "vidrep.eval.report", str(tmp_path / "run" / "results.json")],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    gathered = subprocess.run(
+        [sys.executable, "-m", "vidrep.eval.report", str(tmp_path / "run" / "results.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert gathered.returncode == 0, gathered.stderr[-3000:]
     assert f"| pixels | {100 * expected['recall_at_1']:.1f} |" in gathered.stdout
 
@@ -154,10 +171,16 @@ def test_demo_check_table_comes_from_the_run(tiny_corpus, tmp_path):
     from vidrep.training.run import train
 
     overrides = [o for o in TINY if o != "~callbacks.demo_check"]
-    cfg = compose_train([*overrides, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_steps=2"], tmp_path)
+    cfg = compose_train(
+        [*overrides, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_steps=2"], tmp_path
+    )
     metrics = train(cfg)
     lines = (tmp_path / "demo_eval.md").read_text().splitlines()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if line.startswith("| ") and "R@1" not in line}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in lines
+        if line.startswith("| ") and "R@1" not in line
+    }
     assert list(rows) == ["trained (fc7)", "initialisation (fc7)", "colour_histogram", "pixels"]
     for name, cells in rows.items():
         key = name.split(" ")[0]
@@ -168,6 +191,11 @@ def test_demo_check_table_comes_from_the_run(tiny_corpus, tmp_path):
     val = select_pairs(index.video_id, index.query_frame, None, 0.25, 0).val
     expected = retrieval_results(index, val, [baseline_featurizer("colour_histogram"), baseline_featurizer("pixels")])
     for name, r in expected.items():
-        assert rows[name][:5] == [f"{100 * r['recall_at_1']:.1f}", f"{100 * r['recall_at_5']:.1f}", f"{r['median_rank']:g}",
-                                  str(r["num_pairs"]), str(r["num_videos"])]
+        assert rows[name][:5] == [
+            f"{100 * r['recall_at_1']:.1f}",
+            f"{100 * r['recall_at_5']:.1f}",
+            f"{r['median_rank']:g}",
+            str(r["num_pairs"]),
+            str(r["num_videos"]),
+        ]
     assert "Weights moved" in "\n".join(lines)

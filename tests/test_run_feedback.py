@@ -41,8 +41,13 @@ def run(callback, batches, dim=256):
 
 def test_collapse_reason_names_the_sign():
     dim = 256
-    assert collapse_reason(**{k.split("/")[1][:-5]: float(v) for k, v in batch_metrics(*healthy()).items()}, dim=dim) is None
-    reason = collapse_reason(**{k.split("/")[1][:-5]: float(v) for k, v in batch_metrics(*collapsed()).items()}, dim=dim)
+    assert (
+        collapse_reason(**{k.split("/")[1][:-5]: float(v) for k, v in batch_metrics(*healthy()).items()}, dim=dim)
+        is None
+    )
+    reason = collapse_reason(
+        **{k.split("/")[1][:-5]: float(v) for k, v in batch_metrics(*collapsed()).items()}, dim=dim
+    )
     assert reason is not None and "embed_std" in reason
     # without the dimension, the similarity gap alone still tells
     assert "no gap" in collapse_reason(1e-4, 0.99999, 0.99998, None)
@@ -85,15 +90,18 @@ def test_report_rows_and_render_folders_have_readable_names(tmp_path):
 
     run = tmp_path / "2026-12-01_10-00-00"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- experiment=paper_8M\n- data.root=/data/corpus\n- trainer.devices=4\n")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=paper_8M\n- data.root=/data/corpus\n- trainer.devices=4\n"
+    )
     assert checkpoint_name(str(run / "checkpoints" / "last.ckpt")) == "experiment=paper_8M"
     (run / ".hydra" / "overrides.yaml").write_text("[]\n")
     (run / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      data: demo\n")
     assert checkpoint_name(str(run / "checkpoints" / "last.ckpt")) == "demo"
     assert checkpoint_name("random") == "random" and checkpoint_name("imagenet:/w/alexnet.pth") == "imagenet"
     assert checkpoint_name(str(tmp_path / "bare" / "checkpoints" / "x.ckpt")) == "bare"
-    assert _folder_names([Path("/r/svm-run/results.json"), Path("/s/svm-run/results.json"), Path("/t/det/results.json")]) \
-        == ["svm-run", "svm-run-2", "det"]
+    assert _folder_names(
+        [Path("/r/svm-run/results.json"), Path("/s/svm-run/results.json"), Path("/t/det/results.json")]
+    ) == ["svm-run", "svm-run-2", "det"]
 
 
 def test_resume_takes_the_runs_own_overrides(tmp_path):
@@ -101,7 +109,9 @@ def test_resume_takes_the_runs_own_overrides(tmp_path):
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- data=8M\n- data.root=/c\n- trainer.devices=4\n- ckpt_path=/old.ckpt\n")
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "- data=8M\n- data.root=/c\n- trainer.devices=4\n- ckpt_path=/old.ckpt\n"
+    )
     argv = [f"resume={run}", "trainer.devices=2"]
     expanded = with_run_overrides(argv)
     assert expanded == ["data=8M", "data.root=/c", f"resume={run}", "trainer.devices=2"]
@@ -110,10 +120,9 @@ def test_resume_takes_the_runs_own_overrides(tmp_path):
 
 
 def test_the_run_directory_is_new_unless_resume_names_one(tmp_path):
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from conftest import ROOT
 
     def run_dir(*overrides):
         GlobalHydra.instance().clear()
@@ -133,10 +142,12 @@ def test_svm_convergence_warnings_are_summarised_once_per_stage(tmp_path, caplog
     x = rng.normal(size=(40, 16)).astype(np.float32)
     labels = np.where(rng.random((40, 2)) < 0.5, 1, -1)
     caplog.set_level(logging.WARNING, logger="vidrep.eval.svm")
-    results = svm_class_results(x, labels, x, labels, ["a", "b"], [1.0, 10.0], 2, 0, False, tmp_path, max_iter=1,
-                                desc="fc7 SVMs")
+    results = svm_class_results(
+        x, labels, x, labels, ["a", "b"], [1.0, 10.0], 2, 0, False, tmp_path, max_iter=1, desc="fc7 SVMs"
+    )
     assert [r["class"] for r in results] == ["a", "b"]
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and lines[0].startswith("fc7 SVMs: ") and "max_iter=1" in lines[0]
     from sklearn.exceptions import ConvergenceWarning
+
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]

@@ -9,8 +9,13 @@ def test_the_command_writes_a_set_marked_synthetic_and_its_results_are_never_cal
     assert "voc.classes='[circle,square,triangle,ellipse,diamond]'" in capsys.readouterr().out
     assert is_synthetic(tmp_path, 2007) and not is_synthetic(tmp_path, 2012)
     assert len(read_voc(tmp_path, 2007, "test", SHAPES)) == 2
-    result = {"row": "unsup + ft (1.5M)", "label": "x", "protocol": {"name": "detection"}, "map": 0.5,
-              "data": {"year": 2007, "test_split": "test", "name": "synthetic VOC-format", "synthetic": True}}
+    result = {
+        "row": "unsup + ft (1.5M)",
+        "label": "x",
+        "protocol": {"name": "detection"},
+        "map": 0.5,
+        "data": {"year": 2007, "test_split": "test", "name": "synthetic VOC-format", "synthetic": True},
+    }
     _, (row,) = comparison_rows([result], ["r.json"])
     assert row[3] == "synthetic VOC-format test" and row[6] == "- (synthetic data)"
 

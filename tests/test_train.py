@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import lightning as L
+import pytest
 import torch
 import yaml
-
 from conftest import ROOT, TINY
 from test_configs import compose_train
+
 from vidrep.common.loggers import resolve_wandb_mode
 from vidrep.training.run import train
 
@@ -22,8 +22,15 @@ def tiny_cfg(tmp_path, corpus, *extra):
 
 
 def run_cli(args, cwd, timeout=300, env=None):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
@@ -50,7 +57,11 @@ def test_fast_dev_run(tmp_path, tiny_corpus):
 
 
 def test_resume_continues_step_scheduler_and_negative_phase(tmp_path, tiny_corpus):
-    common = ["model.loss.hard_after_epochs=1", "model.scheduler.step_size=3", "callbacks.periodic_checkpoint.every_n_train_steps=1000"]
+    common = [
+        "model.loss.hard_after_epochs=1",
+        "model.scheduler.step_size=3",
+        "callbacks.periodic_checkpoint.every_n_train_steps=1000",
+    ]
     first = tmp_path / "first"
     train(tiny_cfg(first, tiny_corpus, *common, "trainer.max_epochs=2"))
     last = first / "checkpoints" / "last.ckpt"
@@ -83,7 +94,9 @@ def test_wandb_offline_without_credentials_or_network(tmp_path, tiny_corpus, mon
     assert resolve_wandb_mode(timeout=1.0) == "offline"
     monkeypatch.delenv("WANDB_API_KEY")
     monkeypatch.delenv("WANDB_BASE_URL")
-    cfg = compose_train([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=wandb", "trainer.max_steps=2"], tmp_path)
+    cfg = compose_train(
+        [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=wandb", "trainer.max_steps=2"], tmp_path
+    )
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
@@ -91,8 +104,17 @@ def test_wandb_offline_without_credentials_or_network(tmp_path, tiny_corpus, mon
 
 
 def test_train_cli_writes_run_dir(tmp_path, tiny_corpus):
-    out = run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=2",
-                   f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    out = run_cli(
+        [
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+    )
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / ".hydra" / "config.yaml").exists()
     rows = read_metrics(run / "metrics.csv")
@@ -107,9 +129,21 @@ def test_train_cli_writes_run_dir(tmp_path, tiny_corpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("gather", [False, True])
 def test_ddp_two_cpu_processes(tmp_path, tiny_corpus, gather):
-    run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu",
-             "trainer.devices=2", "trainer.max_epochs=2", f"model.loss.gather_across_ranks={gather}",
-             f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    run_cli(
+        [
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=2",
+            f"model.loss.gather_across_ranks={gather}",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        cwd=tmp_path,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # ranks made no folders of their own
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     # global batches of 8 pairs (4 per rank), as many as one process trains, for 2 epochs
@@ -123,9 +157,26 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_corpus, gather):
 @pytest.mark.slow
 def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_corpus):
     env = {"HOME": str(tmp_path / "home"), "WANDB_MODE": ""}
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"data.root={tiny_corpus}", "~data.demo",
-                          "logger=wandb", "trainer.max_steps=2", "model.optimizer.momentum=-1,0.9,0.8", f"hydra.sweep.dir={tmp_path}/sweep"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "model.optimizer.momentum=-1,0.9,0.8",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
     # (a negative momentum fails in the optimiser, after W&B started; settings refused before anything starts are in
     # test_settings_that_train_to_nothing_stop_before_anything_starts)
     assert out.returncode != 0 and "Invalid momentum value" in out.stderr  # the failed job is reported
@@ -140,8 +191,17 @@ def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_co
 def test_demo_loss_goes_down(tmp_path):
     """The Quickstart's `python train.py` as shipped, with its own demo corpus, cut to the first
     4 epochs (random negatives) to keep the suite short."""
-    run_cli(["logger=csv", "~callbacks.progress", "trainer.max_epochs=4", f"hydra.run.dir={tmp_path}/run",
-             f"paths.cache_dir={tmp_path}/cache"], cwd=tmp_path, timeout=900)
+    run_cli(
+        [
+            "logger=csv",
+            "~callbacks.progress",
+            "trainer.max_epochs=4",
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        cwd=tmp_path,
+        timeout=900,
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     by_epoch = {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
     assert sorted(by_epoch) == [0, 1, 2, 3]
@@ -151,13 +211,23 @@ def test_demo_loss_goes_down(tmp_path):
 
 @pytest.mark.slow
 def test_validation_metrics_do_not_change_with_the_number_of_devices(tmp_path, tiny_corpus):
-    common = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.accelerator=cpu", "data.batch_size=5"]
+    common = [
+        *TINY,
+        f"data.root={tiny_corpus}",
+        "~data.demo",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        "data.batch_size=5",
+    ]
     run_cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/train"], cwd=tmp_path)
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     values = {}
     for devices in (1, 2):
         extra = ["trainer=ddp", "trainer.devices=2"] if devices == 2 else []
-        run_cli([*common, *extra, "validate_only=true", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/val{devices}"], cwd=tmp_path)
+        run_cli(
+            [*common, *extra, "validate_only=true", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/val{devices}"],
+            cwd=tmp_path,
+        )
         rows = [r for r in read_metrics(tmp_path / f"val{devices}" / "metrics.csv") if r.get("val/loss")]
         values[devices] = {k: float(rows[-1][k]) for k in ("val/loss", "val/triplet_acc", "val/sim_neg")}
     assert values[1] == pytest.approx(values[2], rel=1e-5), values
@@ -165,8 +235,16 @@ def test_validation_metrics_do_not_change_with_the_number_of_devices(tmp_path, t
 
 @pytest.mark.slow
 def test_ddp_run_resumes(tmp_path, tiny_corpus):
-    common = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer=ddp", "trainer.accelerator=cpu",
-              "trainer.devices=2", "model.loss.hard_after_epochs=1"]
+    common = [
+        *TINY,
+        f"data.root={tiny_corpus}",
+        "~data.demo",
+        "logger=csv",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "model.loss.hard_after_epochs=1",
+    ]
     run_cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/first"], cwd=tmp_path)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=False)
@@ -182,13 +260,33 @@ def test_ddp_run_resumes(tmp_path, tiny_corpus):
 def test_multirun_of_ddp_jobs(tmp_path, tiny_corpus):
     """Lightning restarts the script for rank 1 with the command line: in a multirun that would be
     the whole sweep again, in a new timestamped folder. Each job's rank 1 must run that job only."""
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *TINY, f"data.root={tiny_corpus}", "~data.demo",
-                          "logger=csv", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
-                          "seed=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_epochs=1",
+            "seed=0,1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (out.stdout + out.stderr).count("Launching 2 jobs") == 1
     sweeps = list((tmp_path / "outputs" / "train" / "multirun").iterdir())
-    assert len(sweeps) == 1 and sorted(p.name for p in sweeps[0].iterdir() if not p.name.startswith(".") and p.is_dir()) == ["0", "1"]
+    assert len(sweeps) == 1 and sorted(
+        p.name for p in sweeps[0].iterdir() if not p.name.startswith(".") and p.is_dir()
+    ) == ["0", "1"]
     assert sorted(p.name for p in (tmp_path / "outputs" / "train").iterdir()) == ["multirun"]
     for job in ("0", "1"):
         assert (sweeps[0] / job / "checkpoints" / "last.ckpt").exists()
@@ -198,8 +296,18 @@ def test_multirun_of_ddp_jobs(tmp_path, tiny_corpus):
 def test_training_decodes_batches_on_the_device(tiny_corpus, tmp_path):
     """data.decoder=device: the workers only read; each batch is decoded where the model runs (here
     the CPU; nvJPEG on a GPU) with flips in training, none in validation."""
-    run_cli([*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=1", "data.decoder=device",
-             f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    run_cli(
+        [
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "data.decoder=device",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        tmp_path,
+    )
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     train = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
@@ -229,12 +337,32 @@ def _fit_recorded(corpus, tmp_path, max_epochs, ckpt_path=None, every=None):
     from vidrep.data.datamodule import PairDataModule
 
     L.seed_everything(0)
-    dm = PairDataModule(str(corpus), batch_size=4, num_workers=0, input_size=67, flip_p=0.0, val_fraction=0.25,
-                        pin_memory=False, persistent_workers=False)
-    callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1, filename="{step}")] if every else []
+    dm = PairDataModule(
+        str(corpus),
+        batch_size=4,
+        num_workers=0,
+        input_size=67,
+        flip_p=0.0,
+        val_fraction=0.25,
+        pin_memory=False,
+        persistent_workers=False,
+    )
+    callbacks = (
+        [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1, filename="{step}")]
+        if every
+        else []
+    )
     model = _Recorder()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False, limit_val_batches=0,
-                        enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(every))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every),
+    )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen, len(dm.train_dataloader())
 
@@ -244,7 +372,9 @@ def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epochs_order(tiny_corpu
     assert n > 4 and len(full) == 2 * n
     assert len(set(sum(full[:n], []))) == 4 * n  # one epoch: every pair once
     assert full[n:] != full[:n]  # each epoch its own order (Lightning's set_epoch reaches the batch sampler)
-    resumed, _ = _fit_recorded(tiny_corpus, tmp_path / "resumed", max_epochs=2, ckpt_path=tmp_path / "full" / "step=3.ckpt")
+    resumed, _ = _fit_recorded(
+        tiny_corpus, tmp_path / "resumed", max_epochs=2, ckpt_path=tmp_path / "full" / "step=3.ckpt"
+    )
     # the 3 batches trained before the checkpoint are not trained again; the rest of epoch 0 comes
     # in the same order, then all of epoch 1
     assert resumed[: n - 3] == full[3:n]
@@ -272,13 +402,17 @@ def test_the_resumable_sampler_resumes_each_ranks_share():
 
 # ---------------------------------------------------------------- settings, checkpoints, history
 
-@pytest.mark.parametrize("override,key", [
-    ("model.loss.margin=-1", "model.loss.margin"),
-    ("data.batch_size=1", "data.batch_size"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("model.loss.num_negatives=1000", "model.loss.num_negatives"),
-    ("model.net.trunk.fc7_dim=0", "model.net.trunk.fc7_dim"),
-])
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.loss.margin=-1", "model.loss.margin"),
+        ("data.batch_size=1", "data.batch_size"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("model.loss.num_negatives=1000", "model.loss.num_negatives"),
+        ("model.net.trunk.fc7_dim=0", "model.net.trunk.fc7_dim"),
+    ],
+)
 def test_settings_that_train_to_nothing_stop_before_anything_starts(tmp_path, tiny_corpus, override, key):
     from vidrep.training.validate import SettingsError
 
@@ -288,14 +422,21 @@ def test_settings_that_train_to_nothing_stop_before_anything_starts(tmp_path, ti
 
 
 def test_train_cli_refuses_bad_settings_before_making_the_run_dir(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "model.loss.num_negatives=1000", f"hydra.run.dir={tmp_path}/run"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model.loss.num_negatives=1000", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 2 and "model.loss.num_negatives=1000" in out.stderr and "at most 62" in out.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_every_shipped_option_passes_the_settings_check(tmp_path):
     from test_configs import GROUPS
+
     from vidrep.training.validate import settings_errors
 
     for group, options in GROUPS.items():
@@ -314,8 +455,11 @@ def test_candidate_pool_bound_matches_a_brute_force_count():
 
 
 def _tiny_state():
-    return {"global_step": 7, "state_dict": {"w": torch.full((64,), 1.2345, dtype=torch.float32), "b": torch.zeros(3)},
-            "optimizer_states": [{"state": {0: {"momentum_buffer": torch.ones(4)}}}]}
+    return {
+        "global_step": 7,
+        "state_dict": {"w": torch.full((64,), 1.2345, dtype=torch.float32), "b": torch.zeros(3)},
+        "optimizer_states": [{"state": {0: {"momentum_buffer": torch.ones(4)}}}],
+    }
 
 
 def test_damaged_checkpoints_are_refused_naming_the_file(tmp_path):
@@ -362,12 +506,31 @@ def test_resume_moves_an_abandoned_future_aside_and_keeps_earlier_history(tmp_pa
 @pytest.mark.slow
 def test_kill_9_after_the_second_epoch_then_resume_into_the_same_run_dir(tmp_path, tiny_corpus):
     run = tmp_path / "run"
-    args = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_epochs=3",
-            "callbacks.periodic_checkpoint.every_n_train_steps=1000", f"hydra.run.dir={run}"]
+    args = [
+        *TINY,
+        f"data.root={tiny_corpus}",
+        "~data.demo",
+        "logger=csv",
+        "trainer.max_epochs=3",
+        "callbacks.periodic_checkpoint.every_n_train_steps=1000",
+        f"hydra.run.dir={run}",
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    killed = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "+callbacks.kill._target_=conftest.KillAfterEpoch",
-                             "+callbacks.kill.epoch=1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **env}, stdin=subprocess.DEVNULL)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *args,
+            "+callbacks.kill._target_=conftest.KillAfterEpoch",
+            "+callbacks.kill.epoch=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=False)
@@ -377,9 +540,12 @@ def test_kill_9_after_the_second_epoch_then_resume_into_the_same_run_dir(tmp_pat
     assert sorted(float(r["epoch"]) for r in before if r.get("val/loss")) == [0, 1]
     run_cli([*args, f"ckpt_path={last}"], cwd=tmp_path, env=env)
     after = read_metrics(run / "metrics.csv")
-    assert sorted(float(r["epoch"]) for r in after if r.get("val/loss")) == [0, 1, 2], "earlier rows kept, one per epoch"
-    assert [r["train/loss_step"] for r in after[: len(before)] if r.get("train/loss_step")] == \
-        [r["train/loss_step"] for r in before if r.get("train/loss_step")]
+    assert sorted(float(r["epoch"]) for r in after if r.get("val/loss")) == [0, 1, 2], (
+        "earlier rows kept, one per epoch"
+    )
+    assert [r["train/loss_step"] for r in after[: len(before)] if r.get("train/loss_step")] == [
+        r["train/loss_step"] for r in before if r.get("train/loss_step")
+    ]
     assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
 
 
@@ -407,13 +573,30 @@ def test_damaged_pairs_stop_training_or_are_skipped_and_counted(tmp_path, tiny_c
             with open(root / "shards" / row["shard"], "r+b") as f:
                 f.seek(row["query_offset"] + 300)
                 f.write(bytes(600))
-    cfg = lambda *extra: compose_train([*TINY, f"data.root={root}", "~data.demo", "logger=csv", "trainer.max_epochs=1",  # noqa: E731
-                                        "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=0", *extra],
-                                       tmp_path / extra[0].split("=")[-1])
+
+    def cfg(*extra):
+        return compose_train(
+            [
+                *TINY,
+                f"data.root={root}",
+                "~data.demo",
+                "logger=csv",
+                "trainer.max_epochs=1",
+                "+trainer.limit_train_batches=2",
+                "+trainer.limit_val_batches=0",
+                *extra,
+            ],
+            tmp_path / extra[0].split("=")[-1],
+        )
+
     with pytest.raises(DamagedCorpusError, match=r"pair \w+ in shard .*\.tar is damaged .*verify=true"):
         train(cfg("data.skip_damaged=false"))
     train(cfg("data.skip_damaged=true"))
-    skipped = [float(r["data/damaged_skipped"]) for r in read_metrics(tmp_path / "true" / "metrics.csv") if r.get("data/damaged_skipped")]
+    skipped = [
+        float(r["data/damaged_skipped"])
+        for r in read_metrics(tmp_path / "true" / "metrics.csv")
+        if r.get("data/damaged_skipped")
+    ]
     assert len(skipped) == 1 and skipped[0] >= 1
 
 

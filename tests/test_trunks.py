@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from vidrep.models import CaffeNet, ResNet18Trunk, TorchvisionAlexNet, build_trunk
 from vidrep.models.resnet import IMAGENET_MEAN, IMAGENET_STD, WeightsFileError
 from vidrep.models.trunk import Trunk
@@ -115,8 +115,9 @@ def test_resnet18_by_config_through_checkpoint_rebuild_and_every_feature_path(tm
     from vidrep.eval.frozen import benchmark_layers
     from vidrep.eval.retrieval import network_featurizer
 
-    cfg = _compose(["model=resnet18", "model.input_size=67", "model.net.trunk.fc6_dim=64",
-                    "model.net.trunk.fc7_dim=32"])
+    cfg = _compose(
+        ["model=resnet18", "model.input_size=67", "model.net.trunk.fc6_dim=64", "model.net.trunk.fc7_dim=32"]
+    )
     assert cfg.model.pixel_mean == [255.0 * m for m in IMAGENET_MEAN]
     module = hydra.utils.instantiate(cfg.model)
     assert type(module.net.trunk) is ResNet18Trunk
@@ -184,19 +185,51 @@ def test_train_then_evaluate_resnet18_by_config_alone(tmp_path, tiny_corpus):
     from vidrep.data.synthetic_voc import write_synthetic_voc
 
     run = tmp_path / "run"
-    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=resnet18", *TINY, f"data.root={tiny_corpus}",
-                            "~data.demo", "logger=csv", "trainer.max_steps=2", f"hydra.run.dir={run}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    train = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "model=resnet18",
+            *TINY,
+            f"data.root={tiny_corpus}",
+            "~data.demo",
+            "logger=csv",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["net"]["trunk"]["_target_"] == "vidrep.models.resnet.ResNet18Trunk"
     voc = write_synthetic_voc(tmp_path / "voc", num_trainval=12, num_test=12, height=96, width=128)
-    out = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={ckpt}", f"voc.root={voc}",
-                          f"voc.classes=[{','.join(SHAPES)}]", "protocol=svm_cpu", "protocol.layers=[layer4,fc7]",
-                          "protocol.costs=[0.1,10]", "protocol.folds=2", f"cache_dir={tmp_path / 'cache'}",
-                          "wandb.enabled=false", "pictures=false", f"hydra.run.dir={tmp_path}/eval"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            f"ckpt={ckpt}",
+            f"voc.root={voc}",
+            f"voc.classes=[{','.join(SHAPES)}]",
+            "protocol=svm_cpu",
+            "protocol.layers=[layer4,fc7]",
+            "protocol.costs=[0.1,10]",
+            "protocol.folds=2",
+            f"cache_dir={tmp_path / 'cache'}",
+            "wandb.enabled=false",
+            "pictures=false",
+            f"hydra.run.dir={tmp_path}/eval",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(result["layers"]) == {"layer4", "fc7"} and result["checkpoints"] == [str(ckpt)]

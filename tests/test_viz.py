@@ -10,15 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY
+
 from vidrep.eval.metrics import classification_pr, thin_curve, voc_classification_ap
 from vidrep.viz.canvas import PictureSink, read_png
 from vidrep.viz.evaluation import ap_bar_chart, pr_curves_figure, table_image
 from vidrep.viz.mining import contact_sheet, mining_frame_figure
 from vidrep.viz.training import (
-    cross_video_neighbours, embed_2d, embedding_figure, filter_mosaic, filters_figure, hardest_chosen_negative,
-    retrieval_figure, top_response_figure, top_response_indices, triplet_figure, unit_responses,
+    cross_video_neighbours,
+    embed_2d,
+    embedding_figure,
+    filter_mosaic,
+    filters_figure,
+    hardest_chosen_negative,
+    retrieval_figure,
+    top_response_figure,
+    top_response_indices,
+    triplet_figure,
+    unit_responses,
 )
 
 TRAINING_PICTURES = {"triplets.png", "retrieval.png", "conv1.png", "top_responses.png", "embedding.png"}
@@ -29,6 +38,7 @@ def _unit(n, d, seed):
 
 
 # ---------------------------------------------------------------- selection maths
+
 
 def test_hardest_chosen_negative_matches_brute_force():
     a, p = _unit(6, 8, 0), _unit(6, 8, 1)
@@ -102,6 +112,7 @@ def test_pr_curves_are_the_ones_behind_ap():
 
 # ---------------------------------------------------------------- figure sizes and shapes
 
+
 def _patches(n, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
@@ -112,12 +123,16 @@ def _is_rgb(img):
 
 def test_training_figures_have_their_expected_sizes():
     # matplotlib's default 100 dpi: pixels = inches x 100
-    t4 = triplet_figure(_patches(4), _patches(4, seed=1), _patches(4, seed=2), [0.9] * 4, [0.2, 0.5, float("nan"), 0.8], 0.5, "t")
+    t4 = triplet_figure(
+        _patches(4), _patches(4, seed=1), _patches(4, seed=2), [0.9] * 4, [0.2, 0.5, float("nan"), 0.8], 0.5, "t"
+    )
     t8 = triplet_figure(_patches(8), _patches(8, seed=1), _patches(8, seed=2), [0.9] * 8, [0.1] * 8, 0.5, "t")
     assert _is_rgb(t4) and t4.shape == (round(100 * (1.85 * 4 + 0.7)), 480, 3)
     assert t8.shape == (round(100 * (1.85 * 8 + 0.7)), 480, 3)
     sims = np.array([[0.9, 0.8, np.nan]] * 2)
-    r = retrieval_figure(_patches(2), [[_patches(1)[0], _patches(1)[0], None]] * 2, sims, [1, 2], np.zeros((2, 3), int), "r")
+    r = retrieval_figure(
+        _patches(2), [[_patches(1)[0], _patches(1)[0], None]] * 2, sims, [1, 2], np.zeros((2, 3), int), "r"
+    )
     assert _is_rgb(r) and r.shape == (round(100 * (1.85 * 2 + 0.7)), round(100 * 1.6 * 4), 3)
     units = top_response_figure([[p for p in _patches(3)]] * 2, [7, 9], np.ones((2, 3)), "u")
     assert _is_rgb(units) and units.shape == (round(100 * (1.85 * 2 + 0.7)), round(100 * (1.6 * 3 + 0.6)), 3)
@@ -132,20 +147,35 @@ def test_training_figures_have_their_expected_sizes():
 def test_mining_figures_have_their_expected_sizes():
     frame = np.random.default_rng(0).integers(0, 255, (448, 600, 3), dtype=np.uint8)
     points = np.random.default_rng(1).uniform(0, 440, (50, 2))
-    img = mining_frame_figure(frame, frame, points, np.arange(50) % 3 == 0, (10, 20, 227, 227), (30, 25, 227, 227), "f", 5, 35)
+    img = mining_frame_figure(
+        frame, frame, points, np.arange(50) % 3 == 0, (10, 20, 227, 227), (30, 25, 227, 227), "f", 5, 35
+    )
     assert _is_rgb(img) and img.shape == (round(100 * (12 * 448 / 1200 + 1.1)), 1200, 3)
-    sheet = contact_sheet([_patches(1)[0]] * 6, [_patches(1)[0]] * 6, [(i, i + 30) for i in range(6)], "s", pairs_per_row=4)
+    sheet = contact_sheet(
+        [_patches(1)[0]] * 6, [_patches(1)[0]] * 6, [(i, i + 30) for i in range(6)], "s", pairs_per_row=4
+    )
     assert _is_rgb(sheet) and sheet.shape == (round(100 * (1.85 * 2 + 0.7)), round(100 * 1.6 * 8), 3)
 
 
 def _fake_result(label, classes, map_, with_pr=True, protocol="svm"):
     rng = np.random.default_rng(len(label))
-    per_class = [{"class": c, "ap": float(a), "pr": thin_curve((np.linspace(0.05, 1, 20), np.linspace(1, 0.2, 20))) if with_pr else None}
-                 for c, a in zip(classes, rng.uniform(0.1, 0.9, len(classes)))]
-    return {"row": "unsup, no ft", "label": label, "map": map_, "best_layer": "fc7",
-            "protocol": {"name": protocol, "use_07_metric": True},
-            "data": {"classes": classes, "year": 2007, "test_split": "test"},
-            "layers": {"fc7": {"ap": [c["ap"] for c in per_class], "map": map_, "classes": per_class}}}
+    per_class = [
+        {
+            "class": c,
+            "ap": float(a),
+            "pr": thin_curve((np.linspace(0.05, 1, 20), np.linspace(1, 0.2, 20))) if with_pr else None,
+        }
+        for c, a in zip(classes, rng.uniform(0.1, 0.9, len(classes)))
+    ]
+    return {
+        "row": "unsup, no ft",
+        "label": label,
+        "map": map_,
+        "best_layer": "fc7",
+        "protocol": {"name": protocol, "use_07_metric": True},
+        "data": {"classes": classes, "year": 2007, "test_split": "test"},
+        "layers": {"fc7": {"ap": [c["ap"] for c in per_class], "map": map_, "classes": per_class}},
+    }
 
 
 def test_evaluation_figures_have_their_expected_sizes():
@@ -182,18 +212,39 @@ def test_picture_sink_writes_png_and_wandb_media(tmp_path):
 
 # ---------------------------------------------------------------- the training callback
 
+
 def _train(tmp_path, corpus, name, *extra):
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, f"data.root={corpus}", "~data.demo",
-                          "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / name}", *extra],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *TINY,
+            f"data.root={corpus}",
+            "~data.demo",
+            "trainer.max_epochs=2",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return tmp_path / name
 
 
 @pytest.mark.slow
 def test_training_pictures_every_epoch_and_nothing_when_off(tiny_corpus, tmp_path):
-    on = _train(tmp_path, tiny_corpus, "on", "logger=wandb", "callbacks.pictures.every_n_epochs=1",
-                "callbacks.pictures.embedding=pca")
+    on = _train(
+        tmp_path,
+        tiny_corpus,
+        "on",
+        "logger=wandb",
+        "callbacks.pictures.every_n_epochs=1",
+        "callbacks.pictures.embedding=pca",
+    )
     for epoch in ("epoch001", "epoch002"):
         files = {p.name for p in (on / "pictures" / epoch).iterdir()}
         assert files == TRAINING_PICTURES
@@ -205,29 +256,59 @@ def test_training_pictures_every_epoch_and_nothing_when_off(tiny_corpus, tmp_pat
     off = _train(tmp_path, tiny_corpus, "off", "logger=csv", "callbacks.pictures.every_n_epochs=0")
     assert not (off / "pictures").exists()
     # Pictures draw no random numbers from training's stream: the same weights with and without.
-    same = _train(tmp_path, tiny_corpus, "csv_on", "logger=csv", "callbacks.pictures.every_n_epochs=1",
-                  "callbacks.pictures.embedding=pca")
+    same = _train(
+        tmp_path,
+        tiny_corpus,
+        "csv_on",
+        "logger=csv",
+        "callbacks.pictures.every_n_epochs=1",
+        "callbacks.pictures.embedding=pca",
+    )
     a = torch.load(off / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(same / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # The render command draws the same set for the checkpoint, from its run's held-out pairs.
-    out = subprocess.run([sys.executable, "-m", "vidrep.viz", "train", "--ckpt", str(off / "checkpoints" / "last.ckpt"),
-                          "--embedding", "pca"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vidrep.viz",
+            "train",
+            "--ckpt",
+            str(off / "checkpoints" / "last.ckpt"),
+            "--embedding",
+            "pca",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rendered = [Path(line) for line in out.stdout.split()]
-    assert {p.name for p in rendered} == TRAINING_PICTURES and all(p.parent.parent == off / "pictures" for p in rendered)
+    assert {p.name for p in rendered} == TRAINING_PICTURES and all(
+        p.parent.parent == off / "pictures" for p in rendered
+    )
 
 
 # ---------------------------------------------------------------- mining and the corpus
+
 
 @pytest.mark.slow
 def test_mine_viz_draws_frames_and_contact_sheets(tiny_corpus, tmp_path):
     videos = tiny_corpus.parent / f"{tiny_corpus.name}-videos"
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, corpus)
-    cmd = [sys.executable, str(ROOT / "mine.py"), f"videos={videos}", f"out={corpus}", "progress=false", "workers=0",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "mine.py"),
+        f"videos={videos}",
+        f"out={corpus}",
+        "progress=false",
+        "workers=0",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     out = subprocess.run([*cmd, "viz=true", "viz_videos=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     drawn = sorted((corpus / "pictures").iterdir())
@@ -242,8 +323,23 @@ def test_mine_viz_draws_frames_and_contact_sheets(tiny_corpus, tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and not (corpus / "pictures").exists()
     # without the videos, the render command still draws the contact sheets
-    out = subprocess.run([sys.executable, "-m", "vidrep.viz", "corpus", str(corpus), "--max-videos", "2", "--out",
-                          str(tmp_path / "sheets")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vidrep.viz",
+            "corpus",
+            str(corpus),
+            "--max-videos",
+            "2",
+            "--out",
+            str(tmp_path / "sheets"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(Path(p).name for p in out.stdout.split()) == ["pairs.png", "pairs.png"]
 
@@ -255,17 +351,32 @@ def test_render_eval_pictures(tmp_path):
         (tmp_path / label).mkdir()
         paths.append(tmp_path / label / "results.json")
         paths[-1].write_text(json.dumps(_fake_result(label, classes, 0.3 + i / 10)))
-    out = subprocess.run([sys.executable, "-m", "vidrep.viz", "eval", *map(str, paths)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "vidrep.viz", "eval", *map(str, paths)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert {p.name for p in (tmp_path / "one" / "pictures").iterdir() if p.is_file()} == {"per_class_ap.png", "pr_curves.png"}
-    assert {p.name for p in (tmp_path / "one" / "pictures" / "comparison").iterdir()} == {"paper_table.png", "per_class_ap.png"}
+    assert {p.name for p in (tmp_path / "one" / "pictures").iterdir() if p.is_file()} == {
+        "per_class_ap.png",
+        "pr_curves.png",
+    }
+    assert {p.name for p in (tmp_path / "one" / "pictures" / "comparison").iterdir()} == {
+        "paper_table.png",
+        "per_class_ap.png",
+    }
     assert read_png(tmp_path / "two" / "pictures" / "pr_curves.png").shape == (round(100 * (2.2 + 0.8)), 1200, 3)
 
 
 def test_render_command_errors_name_the_input(tmp_path):
-    for args, message in ((["corpus", str(tmp_path / "nope")], "is not a vidrep corpus"),
-                          (["train", "--ckpt", str(tmp_path / "nope.ckpt")], "does not exist"),
-                          (["eval", str(tmp_path / "nope.json")], "not found")):
-        out = subprocess.run([sys.executable, "-m", "vidrep.viz", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    for args, message in (
+        (["corpus", str(tmp_path / "nope")], "is not a vidrep corpus"),
+        (["train", "--ckpt", str(tmp_path / "nope.ckpt")], "does not exist"),
+        (["eval", str(tmp_path / "nope.json")], "not found"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "vidrep.viz", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr

@@ -16,12 +16,17 @@ def usable_cores() -> int:
 # ${vidrep.workers:8} in the configs: 8 loader workers, or fewer on a machine with fewer cores
 # (PyTorch warns, and the workers only contend, when there are more). Registered on import, as
 # every entry point imports vidrep before it composes a config.
-OmegaConf.register_new_resolver("vidrep.workers", lambda at_most=8: max(1, min(int(at_most), usable_cores())), replace=True)
+OmegaConf.register_new_resolver(
+    "vidrep.workers", lambda at_most=8: max(1, min(int(at_most), usable_cores())), replace=True
+)
 # ckpt_path's default: resume=<run dir> resumes from that run's last checkpoint.
-OmegaConf.register_new_resolver("vidrep.last_checkpoint", lambda run: None if run is None else f"{run}/checkpoints/last.ckpt",
-                                replace=True)
+OmegaConf.register_new_resolver(
+    "vidrep.last_checkpoint", lambda run: None if run is None else f"{run}/checkpoints/last.ckpt", replace=True
+)
 # hydra.run.dir's default: the run directory given by resume=<run dir>, else a new one.
-OmegaConf.register_new_resolver("vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True)
+OmegaConf.register_new_resolver(
+    "vidrep.or", lambda value, default: default if value in (None, "") else value, replace=True
+)
 
 
 def _trunk_pixel_mean(target: str):
@@ -31,8 +36,9 @@ def _trunk_pixel_mean(target: str):
     try:
         mean = getattr(importlib.import_module(module_name), name).pixel_mean
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"model.pixel_mean: the trunk {target!r} declares no pixel_mean ({e}); "
-                         "set model.pixel_mean=[r,g,b]") from None
+        raise ValueError(
+            f"model.pixel_mean: the trunk {target!r} declares no pixel_mean ({e}); set model.pixel_mean=[r,g,b]"
+        ) from None
     # a ListConfig, not a list: OmegaConf.resolve() writes resolved values back into the config
     return ListConfig([float(v) for v in mean])
 

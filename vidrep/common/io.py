@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-RERUN_ADVICE = "nothing partial was left there. Free space (or fix permissions) and rerun the same command: finished work is kept"
+RERUN_ADVICE = (
+    "nothing partial was left there. Free space (or fix permissions) and rerun the same command: finished work is kept"
+)
 
 
 def atomic_write(path: Path, write, advice: str = RERUN_ADVICE) -> None:

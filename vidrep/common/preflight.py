@@ -31,7 +31,12 @@ def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         full = f"{prefix}{key}"
         keys.append(full)
         node = cfg._get_node(key)
-        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none() and not node._is_interpolation():
+        if (
+            isinstance(node, DictConfig)
+            and not node._is_missing()
+            and not node._is_none()
+            and not node._is_interpolation()
+        ):
             keys.extend(config_keys(node, full + "."))
     return keys
 
@@ -50,8 +55,11 @@ def did_you_mean(key: str, keys: Iterable[str]) -> list[str]:
     return difflib.get_close_matches(key, keys, n=2, cutoff=0.75)
 
 
-_UNKNOWN = (re.compile(r"Could not override '([^']+)'"), re.compile(r"Could not delete from config\. '?([^'\s]+)'? does not exist"),
-            re.compile(r"Key '([^']+)' is not in struct"))
+_UNKNOWN = (
+    re.compile(r"Could not override '([^']+)'"),
+    re.compile(r"Could not delete from config\. '?([^'\s]+)'? does not exist"),
+    re.compile(r"Key '([^']+)' is not in struct"),
+)
 
 
 def _unknown_key(message: str) -> str | None:
@@ -93,11 +101,17 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
                 text = str(e).split("Config search path")[0]
                 raise PreflightError(" ".join(line.strip() for line in text.splitlines() if line.strip())) from None
             bare = key.lstrip("+~")
-            base = hydra_compose(config_name, overrides=[o for o in overrides if not o.lstrip("+~").startswith(bare + "=")
-                                                         and o.lstrip("+~") != bare])
+            base = hydra_compose(
+                config_name,
+                overrides=[
+                    o for o in overrides if not o.lstrip("+~").startswith(bare + "=") and o.lstrip("+~") != bare
+                ],
+            )
             near = did_you_mean(bare, config_keys(base))
             hint = f"did you mean {' or '.join(near)}?" if near else "no key of that name exists here"
-            raise PreflightError(f"unknown key {bare}: {hint} (`python {config_name}.py --cfg job` lists every key)") from None
+            raise PreflightError(
+                f"unknown key {bare}: {hint} (`python {config_name}.py --cfg job` lists every key)"
+            ) from None
 
 
 def is_missing(cfg: DictConfig, key: str) -> bool:
@@ -129,7 +143,14 @@ def preflight(config_name: str, checks: Callable[[DictConfig, set[str]], None], 
     PreflightError print it as one line and exit with status 2. Hydra's own flags (--help,
     --cfg, --info, shell completion) pass straight through."""
     args = _hydra_args(sys.argv[1:] if argv is None else argv)
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or getattr(args, "version", False):
+    if (
+        args.help
+        or args.hydra_help
+        or args.cfg
+        or args.info
+        or args.shell_completion
+        or getattr(args, "version", False)
+    ):
         return
     try:
         overrides, swept = first_values(list(args.overrides))

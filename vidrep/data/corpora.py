@@ -22,8 +22,10 @@ def as_roots(root: str | Path | Sequence[str | Path]) -> list[Path]:
     """data.root as a list of corpus folders (one path, or a list of them)."""
     roots = [root] if root is None or isinstance(root, str | Path) else list(root)
     if not roots or any(r is None or str(r) in ("", "???") for r in roots):
-        raise CorpusError("data.root is not set: point it at a mined corpus (or a list of them, data.root='[/data/a,/data/b]'), "
-                          "e.g. `python train.py data=8M data.root=/data/corpus`")
+        raise CorpusError(
+            "data.root is not set: point it at a mined corpus (or a list of them, data.root='[/data/a,/data/b]'), "
+            "e.g. `python train.py data=8M data.root=/data/corpus`"
+        )
     return [Path(str(r)).expanduser() for r in roots]
 
 
@@ -38,7 +40,9 @@ def open_index(root: str | Path | Sequence[str | Path]) -> PairIndex:
     roots = as_roots(root)
     missing = [str(r) for r in roots if not r.exists()]
     if missing:
-        raise CorpusError(f"data.root {', '.join(missing)} does not exist; mine a corpus there with mine.py or fix the path")
+        raise CorpusError(
+            f"data.root {', '.join(missing)} does not exist; mine a corpus there with mine.py or fix the path"
+        )
     if len(roots) == 1:
         index = PairIndex(roots[0])
         check_complete(roots[0], len(index))

@@ -47,28 +47,45 @@ from vidrep.common.io import atomic_write, write_json
 
 FORMAT = {"format": "vidrep-corpus", "version": 1}
 MANIFEST_COLUMNS = (
-    "pair_id", "video", "video_id", "query_frame", "tracked_frame",
-    "query_box", "tracked_box", "num_points", "num_moving",
+    "pair_id",
+    "video",
+    "video_id",
+    "query_frame",
+    "tracked_frame",
+    "query_box",
+    "tracked_box",
+    "num_points",
+    "num_moving",
 )
-STORAGE_COLUMNS = ("shard", "query_offset", "query_size", "tracked_offset", "tracked_size", "query_crc32", "tracked_crc32")
-SCHEMA = pa.schema([
-    ("pair_id", pa.string()),
-    ("video", pa.string()),
-    ("video_id", pa.int64()),
-    ("query_frame", pa.int32()),
-    ("tracked_frame", pa.int32()),
-    ("query_box", pa.list_(pa.int32(), 4)),
-    ("tracked_box", pa.list_(pa.int32(), 4)),
-    ("num_points", pa.int32()),
-    ("num_moving", pa.int32()),
-    ("shard", pa.string()),
-    ("query_offset", pa.int64()),
-    ("query_size", pa.int32()),
-    ("tracked_offset", pa.int64()),
-    ("tracked_size", pa.int32()),
-    ("query_crc32", pa.int64()),  # zlib.crc32 of the JPEG bytes; null in corpora mined before it
-    ("tracked_crc32", pa.int64()),
-])
+STORAGE_COLUMNS = (
+    "shard",
+    "query_offset",
+    "query_size",
+    "tracked_offset",
+    "tracked_size",
+    "query_crc32",
+    "tracked_crc32",
+)
+SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("video", pa.string()),
+        ("video_id", pa.int64()),
+        ("query_frame", pa.int32()),
+        ("tracked_frame", pa.int32()),
+        ("query_box", pa.list_(pa.int32(), 4)),
+        ("tracked_box", pa.list_(pa.int32(), 4)),
+        ("num_points", pa.int32()),
+        ("num_moving", pa.int32()),
+        ("shard", pa.string()),
+        ("query_offset", pa.int64()),
+        ("query_size", pa.int32()),
+        ("tracked_offset", pa.int64()),
+        ("tracked_size", pa.int32()),
+        ("query_crc32", pa.int64()),  # zlib.crc32 of the JPEG bytes; null in corpora mined before it
+        ("tracked_crc32", pa.int64()),
+    ]
+)
 
 
 class CorpusError(RuntimeError):
@@ -84,8 +101,10 @@ def verify_command(root: str | Path, mode: str = "true") -> str:
 
 
 def damage_advice(root: str | Path) -> str:
-    return (f"run `{verify_command(root)}` to list the damage, then `{verify_command(root, 'repair')}` and rerun "
-            f"`python mine.py videos=<the same videos> out={root}` to re-mine exactly the damaged videos")
+    return (
+        f"run `{verify_command(root)}` to list the damage, then `{verify_command(root, 'repair')}` and rerun "
+        f"`python mine.py videos=<the same videos> out={root}` to re-mine exactly the damaged videos"
+    )
 
 
 def video_id_for(video: str) -> int:
@@ -156,11 +175,22 @@ def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> P
         q_off, q_size = where[f"{r.pair_id}.query.jpg"]
         t_off, t_size = where[f"{r.pair_id}.tracked.jpg"]
         row = dict(
-            pair_id=r.pair_id, video=r.video, video_id=r.video_id, query_frame=r.query_frame,
-            tracked_frame=r.tracked_frame, query_box=list(r.query_box), tracked_box=list(r.tracked_box),
-            num_points=r.num_points, num_moving=r.num_moving, shard=tar_path.name,
-            query_offset=q_off, query_size=q_size, tracked_offset=t_off, tracked_size=t_size,
-            query_crc32=zlib.crc32(r.query_jpeg), tracked_crc32=zlib.crc32(r.tracked_jpeg),
+            pair_id=r.pair_id,
+            video=r.video,
+            video_id=r.video_id,
+            query_frame=r.query_frame,
+            tracked_frame=r.tracked_frame,
+            query_box=list(r.query_box),
+            tracked_box=list(r.tracked_box),
+            num_points=r.num_points,
+            num_moving=r.num_moving,
+            shard=tar_path.name,
+            query_offset=q_off,
+            query_size=q_size,
+            tracked_offset=t_off,
+            tracked_size=t_size,
+            query_crc32=zlib.crc32(r.query_jpeg),
+            tracked_crc32=zlib.crc32(r.tracked_jpeg),
         )
         for c in SCHEMA.names:
             columns[c].append(row[c])
@@ -178,7 +208,8 @@ def check_settings(root: str | Path, settings: dict, filename: str = "mining.jso
         if stored != settings:
             diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise CorpusError(
-                f"corpus {root} was mined with other settings ({', '.join(f'{k}: {stored.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
+                f"corpus {root} was mined with other settings "
+                f"({', '.join(f'{k}: {stored.get(k)!r} there, {settings.get(k)!r} now' for k in diff)}); "
                 f"mine into a new out= folder, or rerun with the stored settings from {path}"
             )
     else:
@@ -226,7 +257,8 @@ def _read_parquets(root: Path, files: list[str], schema: pa.Schema | None = None
             raise
         raise DamagedCorpusError(
             f"corpus {root}: {len(bad)} damaged file(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} "
-            f"({type(e).__name__}); {damage_advice(root)}") from None
+            f"({type(e).__name__}); {damage_advice(root)}"
+        ) from None
 
 
 def read_records(root: str | Path, kind: str) -> pa.Table | None:
@@ -251,7 +283,9 @@ def read_manifest(root: str | Path) -> pa.Table:
     ids = table.column("pair_id").to_numpy(zero_copy_only=False)
     _, first = np.unique(ids, return_index=True)
     if len(first) < len(ids):
-        warnings.warn(f"corpus {root}: {len(ids) - len(first)} duplicate pairs (same pair_id in two shards) ignored")
+        warnings.warn(
+            f"corpus {root}: {len(ids) - len(first)} duplicate pairs (same pair_id in two shards) ignored", stacklevel=2
+        )
         table = table.take(np.sort(first))
     return table
 
@@ -267,8 +301,10 @@ def check_complete(root: str | Path, num_pairs: int) -> None:
     except (ValueError, TypeError, AttributeError):
         raise DamagedCorpusError(f"corpus {root}: {summary} is damaged; {damage_advice(root)}") from None
     if num_pairs < counted:
-        raise DamagedCorpusError(f"corpus {root}: its manifests hold {num_pairs:,} pairs but summary.json counts {counted:,} "
-                                 f"(manifest files lost or damaged); {damage_advice(root)}")
+        raise DamagedCorpusError(
+            f"corpus {root}: its manifests hold {num_pairs:,} pairs but summary.json counts {counted:,} "
+            f"(manifest files lost or damaged); {damage_advice(root)}"
+        )
 
 
 def _spread(rank: np.ndarray) -> np.ndarray:
@@ -282,7 +318,9 @@ class Selection:
     val: np.ndarray
 
 
-def select_pairs(video_ids: np.ndarray, query_frames: np.ndarray, num_pairs: int | None, val_fraction: float, seed: int) -> Selection:
+def select_pairs(
+    video_ids: np.ndarray, query_frames: np.ndarray, num_pairs: int | None, val_fraction: float, seed: int
+) -> Selection:
     """Deterministically choose `num_pairs` training pairs, and the validation videos on top.
 
     Videos are ordered by a seeded permutation and taken whole in that order (the last training
@@ -301,7 +339,8 @@ def select_pairs(video_ids: np.ndarray, query_frames: np.ndarray, num_pairs: int
         train_so_far = np.cumsum(~is_val)
         if num_pairs > train_so_far[-1]:
             raise CorpusError(
-                f"asked for {num_pairs:,} training pairs ({2 * num_pairs:,} patches) but the corpus holds {len(order):,} "
+                f"asked for {num_pairs:,} training pairs ({2 * num_pairs:,} patches) but the corpus holds "
+                f"{len(order):,} "
                 f"pairs: {train_so_far[-1]:,} in training videos and {len(order) - train_so_far[-1]:,} in the "
                 f"validation videos (val_fraction={val_fraction}); mine more videos or lower data.num_patches"
             )
@@ -331,8 +370,9 @@ class ShardReader:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                raise DamagedCorpusError(f"shard {path} is listed in the manifest but missing; "
-                                         f"{damage_advice(self.shard_dir.parent)}") from None
+                raise DamagedCorpusError(
+                    f"shard {path} is listed in the manifest but missing; {damage_advice(self.shard_dir.parent)}"
+                ) from None
             self._files[shard] = fd
             if len(self._files) > self.max_open:
                 os.close(self._files.popitem(last=False)[1])
@@ -343,8 +383,10 @@ class ShardReader:
     def read(self, shard: str, offset: int, size: int) -> bytes:
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
-            raise DamagedCorpusError(f"shard {self.shard_dir / shard} is truncated at byte {offset + len(data)}; "
-                                     f"{damage_advice(self.shard_dir.parent)}")
+            raise DamagedCorpusError(
+                f"shard {self.shard_dir / shard} is truncated at byte {offset + len(data)}; "
+                f"{damage_advice(self.shard_dir.parent)}"
+            )
         return data
 
     def close(self) -> None:
@@ -389,8 +431,10 @@ class PairIndex:
         return self.root / "shards" / self.shards[self.shard_index[i]]
 
     def damaged(self, i: int, what: str) -> DamagedCorpusError:
-        return DamagedCorpusError(f"corpus {self.root}: pair {self.pair_id(i)} in shard {self.shard_path(i)} is damaged "
-                                  f"({what}); {damage_advice(self.root)}")
+        return DamagedCorpusError(
+            f"corpus {self.root}: pair {self.pair_id(i)} in shard {self.shard_path(i)} is damaged "
+            f"({what}); {damage_advice(self.root)}"
+        )
 
     def read_pair(self, i: int) -> tuple[bytes, bytes]:
         """The pair's two JPEGs, checked against their CRC32 (~1 us per 10 KB patch)."""

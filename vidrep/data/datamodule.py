@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vidrep.common.workarounds import EpochForwarder, quiet_mid_epoch_resume_warning
 from vidrep.data.corpora import as_roots, corpus_settings, open_index
 from vidrep.data.corpus import CorpusError, DamagedCorpusError, PairIndex, select_pairs
-from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
-from vidrep.common.workarounds import EpochForwarder, quiet_mid_epoch_resume_warning
 from vidrep.data.shares import rank_shares
+from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,9 @@ class PairDataset(Dataset):
     keep their size) and item["damaged"] counts the pairs skipped for it.
     """
 
-    def __init__(self, index: PairIndex, rows: np.ndarray, transform: PatchTransform, skip_damaged: bool = False) -> None:
+    def __init__(
+        self, index: PairIndex, rows: np.ndarray, transform: PatchTransform, skip_damaged: bool = False
+    ) -> None:
         self.index, self.rows, self.transform = index, np.asarray(rows, np.int64), transform
         self.skip_damaged = skip_damaged
 
@@ -48,7 +50,11 @@ class PairDataset(Dataset):
             anchor, positive = self.transform(query), self.transform(tracked)
         except ValueError:
             raise self.index.damaged(row, "a JPEG does not decode") from None
-        return {"anchor": anchor, "positive": positive, "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64)}
+        return {
+            "anchor": anchor,
+            "positive": positive,
+            "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
+        }
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not self.skip_damaged:
@@ -65,8 +71,11 @@ class PairDataset(Dataset):
 
 def collate_jpegs(items: list[dict]) -> dict:
     """Batches of undecoded patches (data.decoder=device), each side packed by `pack_jpegs`."""
-    return {"anchor": pack_jpegs([it["anchor"] for it in items]), "positive": pack_jpegs([it["positive"] for it in items]),
-            **{k: torch.stack([it[k] for it in items]) for k in ("video_id", "damaged") if k in items[0]}}
+    return {
+        "anchor": pack_jpegs([it["anchor"] for it in items]),
+        "positive": pack_jpegs([it["positive"] for it in items]),
+        **{k: torch.stack([it[k] for it in items]) for k in ("video_id", "damaged") if k in items[0]},
+    }
 
 
 class BatchShards(Sampler[list[int]]):
@@ -134,8 +143,9 @@ class ResumableSampler(Sampler[list[int]]):
     resumes exactly on another number of devices too.
     """
 
-    def __init__(self, length: int, global_batch: int, world: int = 1, rank: int = 0, seed: int = 0,
-                 resume: dict | None = None) -> None:
+    def __init__(
+        self, length: int, global_batch: int, world: int = 1, rank: int = 0, seed: int = 0, resume: dict | None = None
+    ) -> None:
         shares = rank_shares(global_batch, world)
         self.length, self.global_batch, self.seed, self.resume = length, global_batch, seed, resume
         self.lo = sum(shares[:rank])
@@ -228,12 +238,23 @@ class PairDataModule(L.LightningDataModule):
         num_pairs = None if self.num_patches is None else self.num_patches // 2
         sel = select_pairs(index.video_id, index.query_frame, num_pairs, self.val_fraction, self.seed)
         if len(sel.train) < self.train_batch_size:
-            raise CorpusError(f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
-                              f"of {self.train_batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
-        self.train_set = PairDataset(index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder), self.skip_damaged)
-        self.val_set = PairDataset(index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder), self.skip_damaged)
-        log.info("corpus %s: %d train pairs, %d validation pairs, %d videos", ", ".join(map(str, self.roots)), len(sel.train), len(sel.val),
-                 len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])))
+            raise CorpusError(
+                f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
+                f"of {self.train_batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')"
+            )
+        self.train_set = PairDataset(
+            index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder), self.skip_damaged
+        )
+        self.val_set = PairDataset(
+            index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder), self.skip_damaged
+        )
+        log.info(
+            "corpus %s: %d train pairs, %d validation pairs, %d videos",
+            ", ".join(map(str, self.roots)),
+            len(sel.train),
+            len(sel.val),
+            len(np.unique(index.video_id[np.concatenate([sel.train, sel.val])])),
+        )
 
     def _record_corpora(self) -> None:
         """Several corpora may have been mined with different settings: say which differ, and keep
@@ -242,25 +263,35 @@ class PairDataModule(L.LightningDataModule):
             keys = sorted({k for s in self.corpora.values() for k in s})
             differ = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in self.corpora.values()}) > 1]
             if differ:
-                log.warning("the corpora were mined with different settings (%s); each one's are logged as `corpora`", ", ".join(differ))
-        for lg in (self.trainer.loggers if self.trainer is not None else []):
+                log.warning(
+                    "the corpora were mined with different settings (%s); each one's are logged as `corpora`",
+                    ", ".join(differ),
+                )
+        for lg in self.trainer.loggers if self.trainer is not None else []:
             lg.log_hyperparams({"corpora": self.corpora})
 
     def _loader(self, dataset: PairDataset, train: bool) -> DataLoader:
         world, rank = _distributed() or (1, 0)
-        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                      persistent_workers=self.persistent_workers and self.num_workers > 0,
-                      collate_fn=collate_jpegs if self.decoder == "device" else None)
+        common = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=collate_jpegs if self.decoder == "device" else None,
+        )
         if not train:
             shards = BatchShards(dataset.video_ids(), self.batch_size, world, rank, self.seed)
             batches = shards.num_batches
             if 0 < batches < world:
                 # every rank sees the same count, so all of them stop here: none waits for the others
-                raise CorpusError(f"validation holds {batches} batch(es) of data.batch_size={self.batch_size} pairs for {world} "
-                                  "processes, and a process without one would stall the others: lower data.batch_size, raise "
-                                  "data.val_fraction, or run fewer processes (trainer.devices)")
+                raise CorpusError(
+                    f"validation holds {batches} batch(es) of data.batch_size={self.batch_size} pairs for {world} "
+                    "processes, and a process without one would stall the others: lower data.batch_size, raise "
+                    "data.val_fraction, or run fewer processes (trainer.devices)"
+                )
             return DataLoader(dataset, batch_sampler=shards, **common)
-        self._train_sampler = ResumableSampler(len(dataset), self.train_batch_size, world, rank, self.seed, self._resume)
+        self._train_sampler = ResumableSampler(
+            len(dataset), self.train_batch_size, world, rank, self.seed, self._resume
+        )
         self._resume = None
         return DataLoader(dataset, batch_sampler=self._train_sampler, **common)
 
@@ -287,8 +318,13 @@ class PairDataModule(L.LightningDataModule):
 
     def decode(self, batch: dict, device: torch.device | str, flip_p: float) -> dict:
         """A batch of packed JPEGs (data.decoder=device) -> the decoded batch on `device`."""
-        return {**batch, **{key: decode_batch(unpack_jpegs(*batch[key]), self.input_size, device, flip_p)
-                            for key in ("anchor", "positive")}}
+        return {
+            **batch,
+            **{
+                key: decode_batch(unpack_jpegs(*batch[key]), self.input_size, device, flip_p)
+                for key in ("anchor", "positive")
+            },
+        }
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

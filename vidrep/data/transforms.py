@@ -56,7 +56,9 @@ class PatchTransform:
         try:
             img = self._torchvision(jpeg) if self.decoder == "torchvision" else self._opencv(jpeg)
         except RuntimeError:
-            raise ValueError("a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)") from None
+            raise ValueError(
+                "a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)"
+            ) from None
         if self.flip_p > 0 and torch.rand(()) < self.flip_p:
             img = img.flip(-1)
         return img.contiguous()
@@ -87,7 +89,9 @@ def decode_batch(jpegs: list[torch.Tensor], size: int, device: torch.device | st
         try:
             images = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
         except RuntimeError as e:
-            raise ValueError(f"a corpus patch is not a decodable JPEG ({e}); the shard may be damaged (re-mine its videos)") from None
+            raise ValueError(
+                f"a corpus patch is not a decodable JPEG ({e}); the shard may be damaged (re-mine its videos)"
+            ) from None
     images = [img if img.shape[-2:] == (size, size) else resize(img, [size, size], antialias=True) for img in images]
     batch = torch.stack(images)
     if flip_p > 0:

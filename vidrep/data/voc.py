@@ -1,6 +1,6 @@
 """PASCAL VOC in the standard VOCdevkit layout, read from disk (never downloaded).
 
-    <root>/VOC2007/Annotations/<id>.xml  JPEGImages/<id>.jpg  ImageSets/Main/<split>.txt
+<root>/VOC2007/Annotations/<id>.xml  JPEGImages/<id>.jpg  ImageSets/Main/<split>.txt
 """
 
 from __future__ import annotations
@@ -14,8 +14,26 @@ import numpy as np
 from vidrep.data.synthetic import SHAPES
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 LAYOUT = "<root>/VOC<year>/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}"
 
@@ -35,8 +53,11 @@ class VOCImage:
     def target(self) -> dict:
         import torch
 
-        return {"boxes": torch.from_numpy(self.boxes), "labels": torch.from_numpy(self.labels),
-                "difficult": torch.from_numpy(self.difficult)}
+        return {
+            "boxes": torch.from_numpy(self.boxes),
+            "labels": torch.from_numpy(self.labels),
+            "difficult": torch.from_numpy(self.difficult),
+        }
 
     def class_labels(self, num_classes: int) -> np.ndarray:
         """Per class: 1 present (a non-difficult object), 0 only difficult objects, -1 absent."""
@@ -50,7 +71,10 @@ def voc_dir(root: str | Path, year: int | str) -> Path:
     base = Path(root).expanduser() / f"VOC{year}"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         if not (base / sub).is_dir():
-            raise VOCError(f"{base / sub} is missing: a VOC root must follow {LAYOUT} (e.g. voc.root=/data/VOCdevkit voc.year=2007)")
+            raise VOCError(
+                f"{base / sub} is missing: a VOC root must follow {LAYOUT} (e.g. voc.root=/data/VOCdevkit "
+                "voc.year=2007)"
+            )
     return base
 
 
@@ -63,13 +87,21 @@ def _parse(xml_path: Path, classes: tuple[str, ...]) -> tuple[np.ndarray, np.nda
     for obj in tree.getroot().iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in classes:
-            hint = f"voc.classes='[{','.join(SHAPES)}]' (a synthetic set's)" if name in SHAPES else "voc.classes='[...]' with this set's classes"
-            raise VOCError(f"{xml_path}: object class {name!r} is not in the configured classes {list(classes)}; set {hint}")
+            hint = (
+                f"voc.classes='[{','.join(SHAPES)}]' (a synthetic set's)"
+                if name in SHAPES
+                else "voc.classes='[...]' with this set's classes"
+            )
+            raise VOCError(
+                f"{xml_path}: object class {name!r} is not in the configured classes {list(classes)}; set {hint}"
+            )
         bb = obj.find("bndbox")
         try:
             boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
         except (AttributeError, TypeError, ValueError):
-            raise VOCError(f"{xml_path}: an object of class {name!r} has no valid <bndbox> xmin/ymin/xmax/ymax") from None
+            raise VOCError(
+                f"{xml_path}: an object of class {name!r} has no valid <bndbox> xmin/ymin/xmax/ymax"
+            ) from None
         labels.append(classes.index(name))
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
     return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(difficult, bool))

@@ -37,7 +37,9 @@ def _build_into(final: Path, build) -> Path:
     return final
 
 
-def write_demo_videos(folder: str | Path, num_videos: int, num_frames: int, seed: int = 0, workers: int | None = None) -> Path:
+def write_demo_videos(
+    folder: str | Path, num_videos: int, num_frames: int, seed: int = 0, workers: int | None = None
+) -> Path:
     """`num_videos` synthetic MJPG .avi files named 00000.avi, ... (seeds seed, seed + 1, ...)."""
     folder = Path(folder)
 
@@ -55,8 +57,14 @@ def write_demo_videos(folder: str | Path, num_videos: int, num_frames: int, seed
     return _build_into(folder, build)
 
 
-def build_demo_corpus(root: str | Path, num_videos: int = 64, num_frames: int = 220, seed: int = 0,
-                      workers: int | None = None, progress: bool = True) -> Path:
+def build_demo_corpus(
+    root: str | Path,
+    num_videos: int = 64,
+    num_frames: int = 220,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Build the demo corpus at `root` unless it is already there. With the miner's defaults (a
     query every 5th frame, 30-frame tracks), 220 frames give up to 6 pairs per video."""
     from vidrep.mining.miner import MinerConfig
@@ -83,7 +91,10 @@ def build_demo_corpus(root: str | Path, num_videos: int = 64, num_frames: int = 
     def build(tmp: Path) -> None:
         summary = mine_corpus(videos, tmp, MinerConfig(), workers=workers, progress=progress)
         if summary.run["videos_failed"]:
-            raise RuntimeError(f"mining the demo videos in {videos} failed for {summary.run['videos_failed']} of them: see {tmp}/failures")
+            raise RuntimeError(
+                f"mining the demo videos in {videos} failed for {summary.run['videos_failed']} of them: see "
+                f"{tmp}/failures"
+            )
         (tmp / "demo.json").write_text(json.dumps(params, indent=2))
 
     if root.exists():

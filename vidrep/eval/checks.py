@@ -10,10 +10,12 @@ from vidrep.common.preflight import PreflightError, is_missing, require_path
 from vidrep.eval.retrieval import BASELINES
 
 # What ckpt= takes besides a checkpoint file: evaluate.py's networks that need no file.
-CKPT_FORMS = ("ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
-              "network of model=<caffenet|resnet18|...>, CaffeNet by default), ckpt=imagenet:<torchvision AlexNet "
-              "weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval also takes ckpt=colour_histogram or "
-              "ckpt=pixels")
+CKPT_FORMS = (
+    "ckpt=outputs/train/<run>/checkpoints/last.ckpt (a train.py checkpoint), ckpt=random (the untrained "
+    "network of model=<caffenet|resnet18|...>, CaffeNet by default), ckpt=imagenet:<torchvision AlexNet "
+    "weights file>, or ckpt='[a,b,c]' (an ensemble); protocol=retrieval also takes ckpt=colour_histogram or "
+    "ckpt=pixels"
+)
 KEYWORDS = ("random", *BASELINES)
 
 
@@ -32,15 +34,26 @@ def check_evaluate(cfg: DictConfig, swept: set[str]) -> None:
                 raise PreflightError(f"ckpt: {path!r} does not exist; ckpt takes {CKPT_FORMS}")
     random = "random" in [str(v) for v in (list(cfg.ckpt) if OmegaConf.is_list(cfg.ckpt) else [cfg.ckpt])]
     if random and OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
-        require_path(cfg, "model.net.trunk.weights", "ckpt=random builds model.net.trunk: give a local weights file "
-                     "(nothing is downloaded), or model.net.trunk.weights=null", swept)
+        require_path(
+            cfg,
+            "model.net.trunk.weights",
+            "ckpt=random builds model.net.trunk: give a local weights file "
+            "(nothing is downloaded), or model.net.trunk.weights=null",
+            swept,
+        )
     if cfg.protocol.get("name") == "retrieval":
         if is_missing(cfg, "retrieval.corpus"):
             raise PreflightError("retrieval.corpus is not set: retrieval.corpus=<a mine.py corpus>")
-        require_path(cfg, "retrieval.corpus", "give a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept)
-        require_path(cfg, "retrieval.videos", "give a text file with one video per line, or leave it unset for all", swept)
+        require_path(
+            cfg, "retrieval.corpus", "give a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept
+        )
+        require_path(
+            cfg, "retrieval.videos", "give a text file with one video per line, or leave it unset for all", swept
+        )
         return
     if is_missing(cfg, "voc.root"):
-        raise PreflightError("voc.root is not set: voc.root=<the VOCdevkit folder holding VOC2007/ or VOC2012/>, or a "
-                             "synthetic VOC-format set written by `python -m vidrep.data.synthetic_voc <folder>`")
+        raise PreflightError(
+            "voc.root is not set: voc.root=<the VOCdevkit folder holding VOC2007/ or VOC2012/>, or a "
+            "synthetic VOC-format set written by `python -m vidrep.data.synthetic_voc <folder>`"
+        )
     require_path(cfg, "voc.root", "give the VOCdevkit folder (holding VOC2007/ or VOC2012/)", swept)

@@ -101,14 +101,24 @@ def nms_inclusive(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np
 
 # ---------------------------------------------------------------- the network
 
+
 class DetectionNet(nn.Module):
     """The trunk's body, fc6, fc7 (dropout in training) and a (classes + background) classifier over
     regions that are either warped crops (`warp`) or RoI-pooled cells of the trunk's `region_layer`
     (`roi_pool`). Its "pool5" output is the trunk's `pooled_layer` (pool5 for the AlexNets, avgpool
     for ResNet-18), or the RoI-pooled cells finished as the trunk finishes that layer."""
 
-    def __init__(self, trunk: Trunk, num_classes: int, regions: str, input_size: int, fc6_dim: int = 4096,
-                 fc7_dim: int = 4096, dropout: float = 0.5, keep_fc: bool = False) -> None:
+    def __init__(
+        self,
+        trunk: Trunk,
+        num_classes: int,
+        regions: str,
+        input_size: int,
+        fc6_dim: int = 4096,
+        fc7_dim: int = 4096,
+        dropout: float = 0.5,
+        keep_fc: bool = False,
+    ) -> None:
         super().__init__()
         self.trunk = trunk  # only its body is used
         self.regions = regions
@@ -170,7 +180,9 @@ class DetectionProtocol:
     regions: str = "warp"
     warp: dict = field(default_factory=lambda: {"padding": 16, "batch_size": 128})
     roi_pool: dict = field(default_factory=lambda: {"scale": 600, "max_size": 1000})
-    proposals: dict = field(default_factory=lambda: {"max_side": 500, "mode": "fast", "max_proposals": 2000, "workers": 1, "dir": None})
+    proposals: dict = field(
+        default_factory=lambda: {"max_side": 500, "mode": "fast", "max_proposals": 2000, "workers": 1, "dir": None}
+    )
     iterations: int = 100000  # fine-tuning SGD steps
     lr: float = 0.001
     lr_step: int = 20000
@@ -187,17 +199,39 @@ class DetectionProtocol:
     flip: bool = True
     finetune_checkpoint_every: int = 1000
     fc_dim: int = 4096
-    svm: dict = field(default_factory=lambda: {"C": 0.001, "bias_mult": 10.0, "pos_loss_weight": 2.0, "tol": 0.1, "max_iter": 1000,
-                                               "neg_iou": 0.3, "hard_thresh": -1.0001, "evict_thresh": -1.2, "retrain_limit": 2000,
-                                               "epochs": 1, "target_norm": 20.0, "norm_images": 200, "norm_boxes": 200,
-                                               "checkpoint_every": 500})
+    svm: dict = field(
+        default_factory=lambda: {
+            "C": 0.001,
+            "bias_mult": 10.0,
+            "pos_loss_weight": 2.0,
+            "tol": 0.1,
+            "max_iter": 1000,
+            "neg_iou": 0.3,
+            "hard_thresh": -1.0001,
+            "evict_thresh": -1.2,
+            "retrain_limit": 2000,
+            "epochs": 1,
+            "target_norm": 20.0,
+            "norm_images": 200,
+            "norm_boxes": 200,
+            "checkpoint_every": 500,
+        }
+    )
     nms_iou: float = 0.3
     max_per_image: int = 100
     test_chunk: int = 100
     iou_threshold: float = 0.5
     use_07_metric: bool | None = None  # None: evaluate.py sets it from the year (11-point before VOC2010)
-    adapt: dict = field(default_factory=lambda: {"corpus": None, "steps": 1000, "batch_size": 50, "lr": 0.001, "checkpoint_every": 1000,
-                                                 "workers": 4})
+    adapt: dict = field(
+        default_factory=lambda: {
+            "corpus": None,
+            "steps": 1000,
+            "batch_size": 50,
+            "lr": 0.001,
+            "checkpoint_every": 1000,
+            "workers": 4,
+        }
+    )
     finetune_workers: int = 4  # DataLoader processes decoding and warping R-CNN's windows (regions=warp)
     devices: int = 1  # devices for fine-tuning and re-adaptation; > 1: DDP
     seed: int = 0
@@ -219,7 +253,9 @@ class DetectionProtocol:
 
     # -------------------------------------------------------------- regions
 
-    def _region_outputs(self, model: DetectionNet, net: Network, image: np.ndarray, boxes: np.ndarray, device: str) -> Callable:
+    def _region_outputs(
+        self, model: DetectionNet, net: Network, image: np.ndarray, boxes: np.ndarray, device: str
+    ) -> Callable:
         """A function of a chunk of box indices giving the model's outputs for those regions."""
         if self.regions == "warp":
             img = torch.from_numpy(image.transpose(2, 0, 1)).to(device)
@@ -227,6 +263,7 @@ class DetectionProtocol:
             def outputs(idx):
                 crops, mask = warp_regions(img, boxes[idx], net.input_size, int(self.warp["padding"]))
                 return model.warped(net.preprocess(crops) * mask)
+
             return outputs
         h, w = image.shape[:2]
         scale = min(float(self.roi_pool["scale"]) / min(h, w), float(self.roi_pool["max_size"]) / max(h, w))
@@ -237,18 +274,25 @@ class DetectionProtocol:
         def pooled(idx):
             rois = torch.from_numpy(boxes[idx] * np.array([sx, sy, sx, sy], np.float32)).float().to(device)
             return model.pooled(x, rois)
+
         return pooled
 
     @torch.no_grad()
-    def region_features(self, model: DetectionNet, net: Network, im: VOCImage, boxes: np.ndarray, device: str) -> np.ndarray:
+    def region_features(
+        self, model: DetectionNet, net: Network, im: VOCImage, boxes: np.ndarray, device: str
+    ) -> np.ndarray:
         """[R, D] float32 features (pool5 without fine-tuning, fc7 with) of `boxes` of one image, in batches."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not len(boxes):
             return np.zeros((0, model.fc7.out_features if self.layer == "fc7" else model.fc6.in_features), np.float32)
         outputs = self._region_outputs(model, net, read_rgb(im.path), boxes, device)
         step = int(self.warp["batch_size"])
-        return torch.cat([outputs(np.arange(i, min(i + step, len(boxes))))[self.layer].float().cpu()
-                          for i in range(0, len(boxes), step)]).numpy()
+        return torch.cat(
+            [
+                outputs(np.arange(i, min(i + step, len(boxes))))[self.layer].float().cpu()
+                for i in range(0, len(boxes), step)
+            ]
+        ).numpy()
 
     # -------------------------------------------------------------- fine-tuning
 
@@ -256,7 +300,9 @@ class DetectionProtocol:
     def rois_per_image(self) -> int:
         return max(1, self.batch_size // self.images_per_batch)
 
-    def _sample_rois(self, gt: np.ndarray, labels: np.ndarray, props: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _sample_rois(
+        self, gt: np.ndarray, labels: np.ndarray, props: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """R-CNN's windows (window_data_layer: fg_threshold 0.5, bg below bg_threshold 0.5, fg_fraction
         0.25): ground truth and proposals with IoU >= fg_iou are their object's class, those in
         [bg_iou[0], bg_iou[1]) background."""
@@ -282,19 +328,47 @@ class DetectionProtocol:
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
-            mult = (self.cls_lr_mult if name.startswith("cls.") else 1.0) * (self.bias_lr_mult if name.endswith("bias") else 1.0)
-            groups.append({"params": [p], "lr": self.lr * mult, "weight_decay": 0.0 if name.endswith("bias") else self.weight_decay})
+            mult = (self.cls_lr_mult if name.startswith("cls.") else 1.0) * (
+                self.bias_lr_mult if name.endswith("bias") else 1.0
+            )
+            groups.append(
+                {
+                    "params": [p],
+                    "lr": self.lr * mult,
+                    "weight_decay": 0.0 if name.endswith("bias") else self.weight_decay,
+                }
+            )
         return groups
 
-    def build_detector(self, net: Network, images, store: ProposalStore, num_classes: int, device: str, folder: Path,
-                       model_cfg=None, logger=None) -> DetectionNet:
+    def build_detector(
+        self,
+        net: Network,
+        images,
+        store: ProposalStore,
+        num_classes: int,
+        device: str,
+        folder: Path,
+        model_cfg=None,
+        logger=None,
+    ) -> DetectionNet:
         """The fine-tuned detection network, from `folder` when a previous run finished it; a killed
         fine-tuning or re-adaptation resumes from its last checkpoint there. `model_cfg`: evaluate.py's
         `model` config, which builds the re-adaptation's TripletModule; `logger`: its `logger` config."""
         torch.manual_seed(self.seed)
         keep_fc = net.name.startswith("imagenet:")  # R-CNN's baseline keeps ImageNet's fc6/fc7
-        make = lambda trunk: DetectionNet(trunk, num_classes, self.regions, net.input_size, self.fc_dim, self.fc_dim,  # noqa: E731
-                                          self.dropout, keep_fc).to(device)
+
+        def make(trunk):
+            return DetectionNet(
+                trunk,
+                num_classes,
+                self.regions,
+                net.input_size,
+                self.fc_dim,
+                self.fc_dim,
+                self.dropout,
+                keep_fc,
+            ).to(device)
+
         model = make(copy.deepcopy(net.trunk))
         if self.finetune == "none":
             return model.eval()
@@ -305,8 +379,11 @@ class DetectionProtocol:
             return model.eval()
         rounds = self.rounds if self.finetune == "iterative" else 1
         if rounds > 1 and keep_fc:
-            raise ValueError(f"finetune=iterative re-adapts a network trained by train.py with its triplet loss; {net.name} is not one "
-                             "(its preprocessing is ImageNet's): use protocol.finetune=straightforward")
+            raise ValueError(
+                f"finetune=iterative re-adapts a network trained by train.py with its triplet loss; {net.name} is not "
+                "one "
+                "(its preprocessing is ImageNet's): use protocol.finetune=straightforward"
+            )
         triplet = copy.deepcopy(net.trunk).to(device)
         for r in range(rounds):
             done = folder / f"round{r}.pt"
@@ -318,7 +395,17 @@ class DetectionProtocol:
                 write_torch(done, model.state_dict())
             if r + 1 < rounds:
                 triplet.load_state_dict(model.trunk.body_state(), strict=False)
-                readapt(triplet, net.input_size, self.adapt, model_cfg, folder / f"adapt{r}", device, int(self.devices), logger, self.seed)
+                readapt(
+                    triplet,
+                    net.input_size,
+                    self.adapt,
+                    model_cfg,
+                    folder / f"adapt{r}",
+                    device,
+                    int(self.devices),
+                    logger,
+                    self.seed,
+                )
                 model.trunk.load_state_dict(triplet.body_state(), strict=False)
                 torch.manual_seed(self.seed + r + 1)
                 model = make(model.trunk)
@@ -332,11 +419,20 @@ class DetectionProtocol:
 
     def _svm_features(self, detectors, networks, device) -> Callable[[VOCImage, np.ndarray], np.ndarray]:
         def feats(im: VOCImage, boxes: np.ndarray) -> np.ndarray:
-            return np.concatenate([self.region_features(m, n, im, boxes, device) for m, n in zip(detectors, networks)], 1)
+            return np.concatenate(
+                [self.region_features(m, n, im, boxes, device) for m, n in zip(detectors, networks)], 1
+            )
+
         return feats
 
-    def train_svms(self, feats: Callable[[VOCImage, np.ndarray], np.ndarray], train: Sequence[VOCImage], store: ProposalStore,
-                   num_classes: int, folder: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    def train_svms(
+        self,
+        feats: Callable[[VOCImage, np.ndarray], np.ndarray],
+        train: Sequence[VOCImage],
+        store: ProposalStore,
+        num_classes: int,
+        folder: Path,
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """(W [D, C], B [C], feature scale): rcnn_train.m's stages, each saved in `folder`."""
         o = self.svm
         done = folder / "svms.npz"
@@ -365,32 +461,66 @@ class DetectionProtocol:
                 for c in range(num_classes):
                     per_class[c].append(f[im.labels == c])
             dim = next(x.shape[1] for chunks in per_class for x in chunks)
-            write_npz(pos_file, {f"c{c}": np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-                                     for c, chunks in enumerate(per_class)})
+            write_npz(
+                pos_file,
+                {
+                    f"c{c}": np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+                    for c, chunks in enumerate(per_class)
+                },
+            )
         with np.load(pos_file) as z:
             positives = [z[f"c{c}"] for c in range(num_classes)]
         # 3. the hard-negative mining pass(es), resumable at the last saved image
-        miner = HardNegativeMiner(positives, epochs=int(o["epochs"]), num_images=len(train), C=float(o["C"]),
-                                  bias_mult=float(o["bias_mult"]), pos_loss_weight=float(o["pos_loss_weight"]), tol=float(o["tol"]),
-                                  max_iter=int(o["max_iter"]), neg_iou=float(o["neg_iou"]), hard_thresh=float(o["hard_thresh"]),
-                                  evict_thresh=float(o["evict_thresh"]), retrain_limit=int(o["retrain_limit"]), seed=self.seed)
+        miner = HardNegativeMiner(
+            positives,
+            epochs=int(o["epochs"]),
+            num_images=len(train),
+            C=float(o["C"]),
+            bias_mult=float(o["bias_mult"]),
+            pos_loss_weight=float(o["pos_loss_weight"]),
+            tol=float(o["tol"]),
+            max_iter=int(o["max_iter"]),
+            neg_iou=float(o["neg_iou"]),
+            hard_thresh=float(o["hard_thresh"]),
+            evict_thresh=float(o["evict_thresh"]),
+            retrain_limit=int(o["retrain_limit"]),
+            seed=self.seed,
+        )
         state = folder / "mining.npz"
         if state.exists():
             miner.load(state)
             log.info("hard-negative mining resumes at image %d of %d x %d", miner.position, len(train), miner.epochs)
-        bar = tqdm(total=len(train) * miner.epochs, initial=miner.position, desc="train: SVM hard-negative mining", unit="image")
+        bar = tqdm(
+            total=len(train) * miner.epochs,
+            initial=miner.position,
+            desc="train: SVM hard-negative mining",
+            unit="image",
+        )
         while not miner.done:
             bar.update()
             im = train[miner.position % len(train)]
             boxes = np.concatenate([_gt0(im), store.boxes(im)]).astype(np.float32)
-            miner.add_image(miner.position % len(train), feats(im, boxes) * scale,
-                            class_overlap(boxes, _gt0(im), im.labels, num_classes))
+            miner.add_image(
+                miner.position % len(train),
+                feats(im, boxes) * scale,
+                class_overlap(boxes, _gt0(im), im.labels, num_classes),
+            )
             if miner.position % int(o["checkpoint_every"]) == 0 and not miner.done:
                 miner.save(state)
         bar.close()
         W, B = miner.weights()
-        write_npz(done, {"W": W, "B": B, "scale": np.array(scale), "updates": miner.updates, "last_update": miner.last_update,
-                             "passes": np.array(miner.position / len(train)), "cache_sizes": np.array(miner.cache_sizes())})
+        write_npz(
+            done,
+            {
+                "W": W,
+                "B": B,
+                "scale": np.array(scale),
+                "updates": miner.updates,
+                "last_update": miner.last_update,
+                "passes": np.array(miner.position / len(train)),
+                "cache_sizes": np.array(miner.cache_sizes()),
+            },
+        )
         state.unlink(missing_ok=True)
         return W, B, scale
 
@@ -399,7 +529,11 @@ class DetectionProtocol:
     def detect(self, scores: np.ndarray, boxes: np.ndarray, bias: np.ndarray) -> dict:
         """Per class with a detector: the top max_per_image regions by score (rcnn_test.m), then NMS at
         nms_iou (inclusive pixels, as nms.m)."""
-        out_boxes, out_scores, out_labels = [np.zeros((0, 4), np.float32)], [np.zeros(0, np.float32)], [np.zeros(0, np.int64)]
+        out_boxes, out_scores, out_labels = (
+            [np.zeros((0, 4), np.float32)],
+            [np.zeros(0, np.float32)],
+            [np.zeros(0, np.int64)],
+        )
         for c in range(scores.shape[1]):
             if not np.isfinite(bias[c]):
                 continue
@@ -408,10 +542,22 @@ class DetectionProtocol:
             out_boxes.append(boxes[keep])
             out_scores.append(scores[keep, c].astype(np.float32))
             out_labels.append(np.full(len(keep), c, np.int64))
-        return {"boxes": np.concatenate(out_boxes), "scores": np.concatenate(out_scores), "labels": np.concatenate(out_labels)}
+        return {
+            "boxes": np.concatenate(out_boxes),
+            "scores": np.concatenate(out_scores),
+            "labels": np.concatenate(out_labels),
+        }
 
-    def test_detections(self, feats, test: Sequence[VOCImage], store: ProposalStore, W: np.ndarray, B: np.ndarray,
-                        scale: float, folder: Path) -> list[dict]:
+    def test_detections(
+        self,
+        feats,
+        test: Sequence[VOCImage],
+        store: ProposalStore,
+        W: np.ndarray,
+        B: np.ndarray,
+        scale: float,
+        folder: Path,
+    ) -> list[dict]:
         """Detections per test image (boxes 1-based inclusive, as the devkit's), saved per chunk of
         `test_chunk` images so a killed test resumes at the last finished chunk."""
         preds = []
@@ -428,31 +574,74 @@ class DetectionProtocol:
                 write_npz(chunk, arrays)
             with np.load(chunk) as z:
                 for k in range(len(test[start : start + self.test_chunk])):
-                    preds.append({"boxes": torch.from_numpy(z[f"{k}_boxes"] + 1.0).float(),
-                                  "scores": torch.from_numpy(z[f"{k}_scores"]).float(),
-                                  "labels": torch.from_numpy(z[f"{k}_labels"]).long()})
+                    preds.append(
+                        {
+                            "boxes": torch.from_numpy(z[f"{k}_boxes"] + 1.0).float(),
+                            "scores": torch.from_numpy(z[f"{k}_scores"]).float(),
+                            "labels": torch.from_numpy(z[f"{k}_labels"]).long(),
+                        }
+                    )
             bar.n = min(len(test), start + self.test_chunk)  # chunks read back from an earlier run count too
             bar.refresh()
         bar.close()
         return preds
 
-    def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
-            classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu", model=None, logger=None) -> dict:
+    def run(
+        self,
+        networks: Sequence[Network],
+        train: Sequence[VOCImage],
+        test: Sequence[VOCImage],
+        classes: Sequence[str],
+        cache_dir: Path,
+        data_key: str,
+        device: str = "cpu",
+        model=None,
+        logger=None,
+    ) -> dict:
         """`model`, `logger`: evaluate.py's configs of those names (the re-adaptation's TripletModule; W&B curves)."""
         store = ProposalStore(cache_dir, data_key, self.proposals)
         store.ensure(list(train) + list(test))
         s = self.settings()
-        finetune_settings = {k: s[k] for k in ("finetune", "rounds", "regions", "warp", "roi_pool", "iterations", "lr", "lr_step",
-                                                "momentum", "weight_decay", "batch_size", "images_per_batch", "fg_fraction", "fg_iou",
-                                                "bg_iou", "dropout", "cls_lr_mult", "bias_lr_mult", "flip", "fc_dim", "seed")}
+        finetune_settings = {
+            k: s[k]
+            for k in (
+                "finetune",
+                "rounds",
+                "regions",
+                "warp",
+                "roi_pool",
+                "iterations",
+                "lr",
+                "lr_step",
+                "momentum",
+                "weight_decay",
+                "batch_size",
+                "images_per_batch",
+                "fg_fraction",
+                "fg_iou",
+                "bg_iou",
+                "dropout",
+                "cls_lr_mult",
+                "bias_lr_mult",
+                "flip",
+                "fc_dim",
+                "seed",
+            )
+        }
         if self.finetune == "iterative":  # where and how fast it runs (workers, checkpoints) is not what it trains
             from omegaconf import OmegaConf
 
-            finetune_settings["adapt"] = {k: v for k, v in self.adapt.items() if k not in ("workers", "checkpoint_every")}
-            finetune_settings["model"] = OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else model
+            finetune_settings["adapt"] = {
+                k: v for k, v in self.adapt.items() if k not in ("workers", "checkpoint_every")
+            }
+            finetune_settings["model"] = (
+                OmegaConf.to_container(model, resolve=True) if OmegaConf.is_config(model) else model
+            )
         ft_keys = [_key(n.key, data_key, store.folder.name, finetune_settings) for n in networks]
-        detectors = [self.build_detector(n, train, store, len(classes), device, cache_dir / "detection" / k, model, logger)
-                     for n, k in zip(networks, ft_keys)]
+        detectors = [
+            self.build_detector(n, train, store, len(classes), device, cache_dir / "detection" / k, model, logger)
+            for n, k in zip(networks, ft_keys)
+        ]
         feats = self._svm_features(detectors, networks, device)
         svm_key = _key(ft_keys, self.svm)
         W, B, scale = self.train_svms(feats, train, store, len(classes), cache_dir / "detection" / "svm" / svm_key)
@@ -462,5 +651,11 @@ class DetectionProtocol:
         # The curves once, for the AP (voc_detection_ap's computation) and for results.json.
         curves = voc_detection_pr(preds, targets, iou_threshold=self.iou_threshold, num_classes=len(classes))
         ap = ap_of_curves(curves, bool(self.use_07_metric))
-        per_class = [{"class": name, "ap": a, "pr": thin_curve(curve)} for name, a, curve in zip(classes, ap["ap"], curves)]
-        return {"layers": {self.layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}}, "best_layer": self.layer, "map": ap["map"]}
+        per_class = [
+            {"class": name, "ap": a, "pr": thin_curve(curve)} for name, a, curve in zip(classes, ap["ap"], curves)
+        ]
+        return {
+            "layers": {self.layer: {"ap": ap["ap"], "map": ap["map"], "classes": per_class}},
+            "best_layer": self.layer,
+            "map": ap["map"],
+        }

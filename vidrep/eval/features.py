@@ -67,7 +67,10 @@ def read_checkpoint(path: str | Path) -> dict:
     """A train.py checkpoint, loaded with weights_only=True; errors name the file and the fix."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, ckpt=random or ckpt=imagenet:<file>")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, ckpt=random or "
+            "ckpt=imagenet:<file>"
+        )
     try:
         ckpt = load_verified(path, "cpu", weights_only=True)
     except DamagedCheckpointError as e:
@@ -81,8 +84,9 @@ def read_checkpoint(path: str | Path) -> dict:
         conv1 = f"{TRUNK_PREFIX}conv1.weight" in state or f"{TRUNK_PREFIX}convs.0.weight" in state
         has_trunk = conv1 and f"{TRUNK_PREFIX}fc7.weight" in state
     if not has_trunk:
-        raise CheckpointError(f"{path} is not a vidrep train.py checkpoint "
-                              f"(no {TRUNK_PREFIX}* trunk weights in its state_dict)")
+        raise CheckpointError(
+            f"{path} is not a vidrep train.py checkpoint (no {TRUNK_PREFIX}* trunk weights in its state_dict)"
+        )
     return ckpt
 
 
@@ -102,15 +106,16 @@ def _legacy_trunk(trunk_state: dict[str, Tensor], input_size: int) -> Trunk:
 
 def checkpoint_trunk(path: Path, ckpt: dict) -> Trunk:
     """The trunk of a checkpoint read by `read_checkpoint`, built from its stored config, its weights loaded."""
-    trunk_state = {k[len(TRUNK_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
+    trunk_state = {k[len(TRUNK_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(TRUNK_PREFIX)}
     input_size = int(ckpt.get("hyper_parameters", {}).get("input_size", 227))
     stored = _stored_net_config(ckpt)
     try:
         trunk = _legacy_trunk(trunk_state, input_size) if stored is None else build_trunk(stored["trunk"])
         trunk.load_state_dict(trunk_state)
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its trunk cannot be rebuilt from the network config it stores "
-                              f"({str(e)[:300]})") from None
+        raise CheckpointError(
+            f"{path}: its trunk cannot be rebuilt from the network config it stores ({str(e)[:300]})"
+        ) from None
     return trunk.eval()
 
 
@@ -124,8 +129,9 @@ def load_checkpoint_trunk(path: str | Path, ckpt: dict | None = None) -> Network
     return Network(str(path), trunk, trunk.input_size, mean_subtract(mean), _file_key(path))
 
 
-def random_network(input_size: int = 227, fc6_dim: int = 4096, fc7_dim: int = 1024, seed: int = 0,
-                   trunk_config: dict | None = None) -> Network:
+def random_network(
+    input_size: int = 227, fc6_dim: int = 4096, fc7_dim: int = 1024, seed: int = 0, trunk_config: dict | None = None
+) -> Network:
     """The untrained network (the "scratch" baseline): the trunk `trunk_config` names (a resolved
     `model.net.trunk` node) at `input_size`, else CaffeNet with the released initialisation."""
     torch.manual_seed(seed)
@@ -144,23 +150,28 @@ def imagenet_network(path: str | Path, input_size: int = 227) -> Network:
     if not path.is_file():
         raise CheckpointError(
             f"ImageNet AlexNet weights {path} not found; vidrep never downloads weights. Put torchvision's "
-            "alexnet-owt-7be5be79.pth there (torchvision.models.AlexNet_Weights.IMAGENET1K_V1) and pass ckpt=imagenet:<file>"
+            "alexnet-owt-7be5be79.pth there (torchvision.models.AlexNet_Weights.IMAGENET1K_V1) and pass "
+            "ckpt=imagenet:<file>"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "features.0.weight" not in state or "classifier.4.weight" not in state:
         raise CheckpointError(f"{path} is not a torchvision AlexNet state_dict (no features.0 / classifier.4 weights)")
     trunk = TorchvisionAlexNet(input_size, 4096, 4096)
-    mapping = {f"convs.{i}.": f"features.{j}." for i, j in enumerate((0, 3, 6, 8, 10))} | {"fc6.": "classifier.1.", "fc7.": "classifier.4."}
+    mapping = {f"convs.{i}.": f"features.{j}." for i, j in enumerate((0, 3, 6, 8, 10))} | {
+        "fc6.": "classifier.1.",
+        "fc7.": "classifier.4.",
+    }
     trunk.load_state_dict({ours + p: state[theirs + p] for ours, theirs in mapping.items() for p in ("weight", "bias")})
     return Network(f"imagenet:{path}", trunk.eval(), input_size, _imagenet_normalise, _file_key(path))
 
 
 def load_network(spec: str, *, input_size: int = 227, seed: int = 0, trunk_config: dict | None = None) -> Network:
-    """`spec`: a checkpoint path, "random" (the trunk `trunk_config` names, CaffeNet without one) or "imagenet:<file>"."""
+    """`spec`: a checkpoint path, "random" (the trunk `trunk_config` names, CaffeNet without one)
+    or "imagenet:<file>"."""
     if spec == "random":
         return random_network(input_size=input_size, seed=seed, trunk_config=trunk_config)
     if spec.startswith("imagenet:"):
-        return imagenet_network(spec[len("imagenet:"):], input_size)
+        return imagenet_network(spec[len("imagenet:") :], input_size)
     return load_checkpoint_trunk(spec)
 
 
@@ -188,8 +199,15 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def extract_features(net: Network, images: Sequence[Path], layers: Sequence[str], batch_size: int = 64,
-                     device: str = "cpu", pooling: str = "adaptive", desc: str | None = None) -> dict[str, np.ndarray]:
+def extract_features(
+    net: Network,
+    images: Sequence[Path],
+    layers: Sequence[str],
+    batch_size: int = 64,
+    device: str = "cpu",
+    pooling: str = "adaptive",
+    desc: str | None = None,
+) -> dict[str, np.ndarray]:
     """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with the
     trunk's `fixed_pooling` (pooling="goyal") or adaptively to ~9K values (pooling="adaptive"). With
     `desc`, a progress bar of that name counts the images."""

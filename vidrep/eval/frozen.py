@@ -23,15 +23,31 @@ def _key(*parts) -> str:
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
-def cached_features(net: Network, images: Sequence[VOCImage], layers: Sequence[str], cache_dir: Path,
-                    split_key: str, batch_size: int, device: str, pooling: str = "adaptive", split: str = "") -> dict[str, np.ndarray]:
+def cached_features(
+    net: Network,
+    images: Sequence[VOCImage],
+    layers: Sequence[str],
+    cache_dir: Path,
+    split_key: str,
+    batch_size: int,
+    device: str,
+    pooling: str = "adaptive",
+    split: str = "",
+) -> dict[str, np.ndarray]:
     """Features per layer, stored as .npy per (network, split, pooling, layer) and reused by later runs."""
     folder = cache_dir / "features" / net.key / split_key / pooling
     missing = [name for name in layers if not (folder / f"{name}.npy").exists()]
     if missing:
         log.info("extracting %s features of the %d %s images for %s", ",".join(missing), len(images), split, net.name)
-        feats = extract_features(net, [im.path for im in images], missing, batch_size, device, pooling,
-                                 desc=f"{split} features" if split else "features")
+        feats = extract_features(
+            net,
+            [im.path for im in images],
+            missing,
+            batch_size,
+            device,
+            pooling,
+            desc=f"{split} features" if split else "features",
+        )
         for name, f in feats.items():
             write_array(folder / f"{name}.npy", f)
     return {name: np.load(folder / f"{name}.npy") for name in layers}
@@ -45,8 +61,11 @@ class SvmProtocol:
 
     # None: the trunk's benchmark_layers
     layers: list[str] | None = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
-    costs: list[float] = field(default_factory=lambda: [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0]
-                               + [0.5 ** k for k in range(4, 20)])
+    costs: list[float] = field(
+        default_factory=lambda: (
+            [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0] + [0.5**k for k in range(4, 20)]
+        )
+    )
     folds: int = 3
     seed: int = 0
     use_07_metric: bool = False
@@ -58,24 +77,59 @@ class SvmProtocol:
     def settings(self) -> dict:
         return {"name": "svm", **asdict(self)}
 
-    def run(self, networks: Sequence[Network], train: Sequence[VOCImage], test: Sequence[VOCImage],
-            classes: Sequence[str], cache_dir: Path, data_key: str, device: str = "cpu") -> dict:
+    def run(
+        self,
+        networks: Sequence[Network],
+        train: Sequence[VOCImage],
+        test: Sequence[VOCImage],
+        classes: Sequence[str],
+        cache_dir: Path,
+        data_key: str,
+        device: str = "cpu",
+    ) -> dict:
         """{"layers": {layer: {"ap": [...], "map": float, "classes": [per-class dicts]}}, "best_layer"}."""
         if self.layers is None:  # resolved here, so that settings() (caches, results.json) name the layers evaluated
             self.layers = benchmark_layers(networks)
-        feats = {split: [cached_features(net, images, self.layers, cache_dir, f"{data_key}-{split}", self.batch_size, device,
-                                         self.pooling, split)
-                         for net in networks]
-                 for split, images in (("train", train), ("test", test))}
-        labels = {split: np.stack([im.class_labels(len(classes)) for im in images])
-                  for split, images in (("train", train), ("test", test))}
+        feats = {
+            split: [
+                cached_features(
+                    net,
+                    images,
+                    self.layers,
+                    cache_dir,
+                    f"{data_key}-{split}",
+                    self.batch_size,
+                    device,
+                    self.pooling,
+                    split,
+                )
+                for net in networks
+            ]
+            for split, images in (("train", train), ("test", test))
+        }
+        labels = {
+            split: np.stack([im.class_labels(len(classes)) for im in images])
+            for split, images in (("train", train), ("test", test))
+        }
         out = {}
         for layer in self.layers:
             x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
             stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
-            per_class = svm_class_results(x["train"], labels["train"], x["test"], labels["test"], classes, self.costs,
-                                          self.folds, self.seed, self.use_07_metric, stage, self.cv_scoring, self.max_iter,
-                                          desc=f"{layer} SVMs")
+            per_class = svm_class_results(
+                x["train"],
+                labels["train"],
+                x["test"],
+                labels["test"],
+                classes,
+                self.costs,
+                self.folds,
+                self.seed,
+                self.use_07_metric,
+                stage,
+                self.cv_scoring,
+                self.max_iter,
+                desc=f"{layer} SVMs",
+            )
             ap = [r["ap"] for r in per_class]
             valid = [a for a in ap if not np.isnan(a)]
             out[layer] = {"ap": ap, "map": float(np.mean(valid)) if valid else float("nan"), "classes": per_class}
@@ -86,10 +140,13 @@ class SvmProtocol:
 
 def benchmark_layers(networks: Sequence[Network]) -> list[str]:
     """The benchmark layers (`Trunk.benchmark_layers`) of the first network that every network has."""
-    layers = [name for name in networks[0].trunk.benchmark_layers
-              if all(name in n.trunk.feature_layers for n in networks)]
+    layers = [
+        name for name in networks[0].trunk.benchmark_layers if all(name in n.trunk.feature_layers for n in networks)
+    ]
     if not layers:
-        raise ValueError(f"the networks {[n.name for n in networks]} share no benchmark layer; name them: protocol.layers=[...]")
+        raise ValueError(
+            f"the networks {[n.name for n in networks]} share no benchmark layer; name them: protocol.layers=[...]"
+        )
     return layers
 
 

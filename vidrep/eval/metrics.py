@@ -3,8 +3,9 @@
 Detection (VOCevaldet / voc_eval.py): detections of a class over all images, highest score first;
 each matches the ground truth of its image and class with the highest IoU (inclusive pixel
 coordinates: width = x2 - x1 + 1); IoU >= threshold (VOCevaldet.m: `ovmax >= VOCopts.minoverlap`,
-so an IoU equal to the threshold matches) makes it a true positive if that object is not yet taken, a false positive if it is (a duplicate); a match to a difficult object counts as
-neither. Recall is over the non-difficult objects. AP is the area under the interpolated
+so an IoU equal to the threshold matches) makes it a true positive if that object is not yet
+taken, a false positive if it is (a duplicate); a match to a difficult object counts as neither.
+Recall is over the non-difficult objects. AP is the area under the interpolated
 precision envelope (all points), or VOC2007's 11-point average.
 
 Classification (VOCevalcls): one score per image and class; images whose only objects of the class
@@ -39,7 +40,11 @@ def _iou_inclusive(box: np.ndarray, gts: np.ndarray) -> np.ndarray:
     iw = np.maximum(np.minimum(gts[:, 2], box[2]) - np.maximum(gts[:, 0], box[0]) + 1.0, 0.0)
     ih = np.maximum(np.minimum(gts[:, 3], box[3]) - np.maximum(gts[:, 1], box[1]) + 1.0, 0.0)
     inter = iw * ih
-    union = (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0) + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0) - inter
+    union = (
+        (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0)
+        + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0)
+        - inter
+    )
     return inter / union
 
 
@@ -54,7 +59,9 @@ def _class_pr(preds, targets, c: int, iou_threshold: float) -> tuple[np.ndarray,
         labels = _np(t["labels"]).reshape(-1)
         keep = labels == c
         boxes = _np(t["boxes"]).reshape(-1, 4)[keep].astype(np.float64)
-        difficult = _np(t["difficult"]).reshape(-1)[keep].astype(bool) if "difficult" in t else np.zeros(keep.sum(), bool)
+        difficult = (
+            _np(t["difficult"]).reshape(-1)[keep].astype(bool) if "difficult" in t else np.zeros(keep.sum(), bool)
+        )
         gts.append((boxes, difficult))
         taken.append(np.zeros(len(boxes), bool))
         npos += int((~difficult).sum())
@@ -101,12 +108,16 @@ def _ap_of(curve: tuple[np.ndarray, np.ndarray] | None, use_07_metric: bool) -> 
     return average_precision(recall, precision, use_07_metric) if len(recall) else 0.0
 
 
-def voc_detection_pr(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
-                     num_classes: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+def voc_detection_pr(
+    preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5, num_classes: int
+) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """Per class, the (recall, precision) curve behind `voc_detection_ap` (None for a class without
     a non-difficult object)."""
     if len(preds) != len(targets):
-        raise ValueError(f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no detection")
+        raise ValueError(
+            f"{len(preds)} prediction dicts for {len(targets)} images; give one per image, empty when it has no "
+            "detection"
+        )
     return [_class_pr(preds, targets, c, iou_threshold) for c in range(num_classes)]
 
 
@@ -117,12 +128,20 @@ def ap_of_curves(curves: Sequence[tuple[np.ndarray, np.ndarray] | None], use_07_
     return {"map": float(np.mean(valid)) if valid else float("nan"), "ap": ap}
 
 
-def voc_detection_ap(preds: Sequence[dict], targets: Sequence[dict], *, iou_threshold: float = 0.5,
-                     use_07_metric: bool = False, num_classes: int) -> dict:
+def voc_detection_ap(
+    preds: Sequence[dict],
+    targets: Sequence[dict],
+    *,
+    iou_threshold: float = 0.5,
+    use_07_metric: bool = False,
+    num_classes: int,
+) -> dict:
     """{"map": mean AP over classes with a non-difficult object, "ap": [AP per class]} (NaN for a
     class without any non-difficult object). preds/targets: one dict per image, boxes x1, y1, x2, y2
     in inclusive pixel coordinates, labels in [0, num_classes)."""
-    return ap_of_curves(voc_detection_pr(preds, targets, iou_threshold=iou_threshold, num_classes=num_classes), use_07_metric)
+    return ap_of_curves(
+        voc_detection_pr(preds, targets, iou_threshold=iou_threshold, num_classes=num_classes), use_07_metric
+    )
 
 
 def classification_pr(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -40,7 +40,9 @@ def _seed_libc_rand(seed: int) -> None:
         pass
 
 
-def selective_search(image: np.ndarray, max_side: int = 500, mode: str = "fast", max_proposals: int = 2000, min_size: int = 8) -> np.ndarray:
+def selective_search(
+    image: np.ndarray, max_side: int = 500, mode: str = "fast", max_proposals: int = 2000, min_size: int = 8
+) -> np.ndarray:
     """[P, 4] float32 boxes x1, y1, x2, y2 (0-based, in `image`'s pixels), in the order OpenCV ranks them."""
     cv2.setNumThreads(1)
     _seed_libc_rand(0)
@@ -70,19 +72,27 @@ def read_rcnn_mat(path: str | Path) -> dict[str, np.ndarray]:
 
     m = loadmat(str(path))
     if "boxes" not in m or "images" not in m:
-        raise ValueError(f"{path} has no 'boxes' and 'images' variables: expected R-CNN's selective-search layout "
-                         "(a cell of [P, 4] y1 x1 y2 x2 1-based boxes per image and a cell of image ids)")
+        raise ValueError(
+            f"{path} has no 'boxes' and 'images' variables: expected R-CNN's selective-search layout "
+            "(a cell of [P, 4] y1 x1 y2 x2 1-based boxes per image and a cell of image ids)"
+        )
     ids = [str(np.asarray(i).ravel()[0]) for i in m["images"].ravel()]
     boxes = m["boxes"].ravel()
     if len(ids) != len(boxes):
         raise ValueError(f"{path}: {len(boxes)} box sets for {len(ids)} image ids")
-    return {i: (np.asarray(b, np.float64).reshape(-1, 4)[:, [1, 0, 3, 2]] - 1.0).astype(np.float32) for i, b in zip(ids, boxes)}
+    return {
+        i: (np.asarray(b, np.float64).reshape(-1, 4)[:, [1, 0, 3, 2]] - 1.0).astype(np.float32)
+        for i, b in zip(ids, boxes)
+    }
 
 
 def _mat_ids(path: Path) -> set[str]:
     from scipy.io import loadmat
 
-    return {str(np.asarray(i).ravel()[0]) for i in loadmat(str(path), variable_names=["images"]).get("images", np.zeros(0)).ravel()}
+    return {
+        str(np.asarray(i).ravel()[0])
+        for i in loadmat(str(path), variable_names=["images"]).get("images", np.zeros(0)).ravel()
+    }
 
 
 class ProposalStore:
@@ -128,8 +138,10 @@ class ProposalStore:
         folder = Path(self.source).expanduser()
         files = sorted(folder.glob("*.mat"))
         if not files:
-            raise FileNotFoundError(f"protocol.proposals.dir={folder} holds no .mat file; put R-CNN's selective-search files there "
-                                    "(voc_2012_train.mat, voc_2012_val.mat, ...)")
+            raise FileNotFoundError(
+                f"protocol.proposals.dir={folder} holds no .mat file; put R-CNN's selective-search files there "
+                "(voc_2012_train.mat, voc_2012_val.mat, ...)"
+            )
         wanted = {im.id for im in missing}
         for f in files:
             if not wanted & _mat_ids(f):
@@ -139,5 +151,7 @@ class ProposalStore:
                     write_array(self.folder / f"{image_id}.npy", b)
                     wanted.discard(image_id)
         if wanted:
-            raise FileNotFoundError(f"{len(wanted)} images have no proposals in {folder}/*.mat (e.g. {sorted(wanted)[:3]}): "
-                                    "give the files of both splits")
+            raise FileNotFoundError(
+                f"{len(wanted)} images have no proposals in {folder}/*.mat (e.g. {sorted(wanted)[:3]}): "
+                "give the files of both splits"
+            )

@@ -30,15 +30,32 @@ import numpy as np
 from vidrep.common.io import write_json, write_npz
 
 
-def fit_rcnn_svm(x_pos: np.ndarray, x_neg: np.ndarray, C: float = 0.001, bias_mult: float = 10.0, pos_loss_weight: float = 2.0,
-                 tol: float = 0.1, max_iter: int = 1000, seed: int = 0) -> tuple[np.ndarray, float]:
+def fit_rcnn_svm(
+    x_pos: np.ndarray,
+    x_neg: np.ndarray,
+    C: float = 0.001,
+    bias_mult: float = 10.0,
+    pos_loss_weight: float = 2.0,
+    tol: float = 0.1,
+    max_iter: int = 1000,
+    seed: int = 0,
+) -> tuple[np.ndarray, float]:
     """(w, b) of rcnn_train.m's update_model: liblinear's L2-regularised L1-hinge dual solver."""
     from sklearn.svm import LinearSVC
 
     x = np.concatenate([x_pos, x_neg])
     y = np.concatenate([np.ones(len(x_pos)), -np.ones(len(x_neg))])
-    svm = LinearSVC(C=C, loss="hinge", penalty="l2", dual=True, class_weight={1: pos_loss_weight, -1: 1.0},
-                    intercept_scaling=bias_mult, tol=tol, max_iter=max_iter, random_state=seed)
+    svm = LinearSVC(
+        C=C,
+        loss="hinge",
+        penalty="l2",
+        dual=True,
+        class_weight={1: pos_loss_weight, -1: 1.0},
+        intercept_scaling=bias_mult,
+        tol=tol,
+        max_iter=max_iter,
+        random_state=seed,
+    )
     svm.fit(x, y)
     return svm.coef_.reshape(-1).astype(np.float32), float(svm.intercept_[0])
 
@@ -47,7 +64,9 @@ def feature_scale(norms: np.ndarray, target_norm: float = 20.0) -> float:
     """The one factor that brings the mean feature norm to `target_norm` (rcnn_scale_features.m)."""
     mean = float(np.mean(norms)) if len(norms) else 0.0
     if mean <= 0:
-        raise ValueError("region features are all zero: the network gives no signal to train SVMs on (check the checkpoint)")
+        raise ValueError(
+            "region features are all zero: the network gives no signal to train SVMs on (check the checkpoint)"
+        )
     return target_norm / mean
 
 
@@ -58,15 +77,40 @@ class HardNegativeMiner:
     `epochs` passes (`position` says where a restored miner continues); then `weights()`.
     """
 
-    def __init__(self, positives: Sequence[np.ndarray], *, epochs: int = 1, num_images: int, C: float = 0.001,
-                 bias_mult: float = 10.0, pos_loss_weight: float = 2.0, tol: float = 0.1, max_iter: int = 1000,
-                 neg_iou: float = 0.3, hard_thresh: float = -1.0001, evict_thresh: float = -1.2,
-                 retrain_limit: int = 2000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        positives: Sequence[np.ndarray],
+        *,
+        epochs: int = 1,
+        num_images: int,
+        C: float = 0.001,
+        bias_mult: float = 10.0,
+        pos_loss_weight: float = 2.0,
+        tol: float = 0.1,
+        max_iter: int = 1000,
+        neg_iou: float = 0.3,
+        hard_thresh: float = -1.0001,
+        evict_thresh: float = -1.2,
+        retrain_limit: int = 2000,
+        seed: int = 0,
+    ) -> None:
         self.positives = [np.asarray(p, np.float32) for p in positives]
         self.dim = next((p.shape[1] for p in self.positives if p.ndim == 2 and len(p)), 0)
         self.epochs, self.num_images = int(epochs), int(num_images)
-        self.solver = {"C": C, "bias_mult": bias_mult, "pos_loss_weight": pos_loss_weight, "tol": tol, "max_iter": max_iter, "seed": seed}
-        self.neg_iou, self.hard_thresh, self.evict_thresh, self.retrain_limit = neg_iou, hard_thresh, evict_thresh, retrain_limit
+        self.solver = {
+            "C": C,
+            "bias_mult": bias_mult,
+            "pos_loss_weight": pos_loss_weight,
+            "tol": tol,
+            "max_iter": max_iter,
+            "seed": seed,
+        }
+        self.neg_iou, self.hard_thresh, self.evict_thresh, self.retrain_limit = (
+            neg_iou,
+            hard_thresh,
+            evict_thresh,
+            retrain_limit,
+        )
         c = len(self.positives)
         self.W = np.zeros((self.dim, c), np.float32)
         self.B = np.zeros(c, np.float32)
@@ -125,8 +169,14 @@ class HardNegativeMiner:
     # ------------------------------------------------------------ resuming
 
     def save(self, path: Path) -> None:
-        arrays = {"W": self.W, "B": self.B, "num_added": self.num_added, "updates": self.updates,
-                  "last_update": self.last_update, "position": np.array(self.position)}
+        arrays = {
+            "W": self.W,
+            "B": self.B,
+            "num_added": self.num_added,
+            "updates": self.updates,
+            "last_update": self.last_update,
+            "position": np.array(self.position),
+        }
         for c in range(len(self.positives)):
             arrays[f"x_neg{c}"], arrays[f"keys_neg{c}"] = self.x_neg[c], self.keys_neg[c]
         write_npz(path, arrays)

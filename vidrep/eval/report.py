@@ -13,8 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # The paper's row order (Wang & Gupta 2015, Table 1); a result's `row` is one of these.
-ROW_ORDER = ("scratch", "unsup + ft", "unsup + iterative ft", "unsup + ft, ensemble", "imagenet + ft",
-             "unsup, no ft", "unsup, no ft, ensemble", "imagenet, no ft")
+ROW_ORDER = (
+    "scratch",
+    "unsup + ft",
+    "unsup + iterative ft",
+    "unsup + ft, ensemble",
+    "imagenet + ft",
+    "unsup, no ft",
+    "unsup, no ft, ensemble",
+    "imagenet, no ft",
+)
 
 
 # The paper's VOC2012 detection mAP per row (method.md section 5; only 52.0 and 54.4 are confirmed
@@ -74,7 +82,7 @@ def write_results(run_dir: Path, result: dict) -> None:
 
 
 def data_name(result: dict) -> str:
-    """"VOC2007", or what results.json names its data (a synthetic set is never called VOC)."""
+    """ "VOC2007", or what results.json names its data (a synthetic set is never called VOC)."""
     return result["data"].get("name") or f"VOC{result['data']['year']}"
 
 
@@ -90,8 +98,21 @@ def comparison_rows(results: Sequence[dict], paths: Sequence[Path]) -> tuple[lis
     for r, p in zip(results, paths):
         order = ROW_ORDER.index(r["row"]) if r["row"] in ROW_ORDER else len(ROW_ORDER)
         data = f"{data_name(r)} {r['data']['test_split']}"
-        rows.append((order, [r["row"], r["label"], r["protocol"]["name"], data, r.get("best_layer") or "", _fmt(r["map"]),
-                             _paper_figure(r), str(p)]))
+        rows.append(
+            (
+                order,
+                [
+                    r["row"],
+                    r["label"],
+                    r["protocol"]["name"],
+                    data,
+                    r.get("best_layer") or "",
+                    _fmt(r["map"]),
+                    _paper_figure(r),
+                    str(p),
+                ],
+            )
+        )
     rows.sort(key=lambda x: x[0])
     header = ["setting", "label", "protocol", "test data", "layer", "mAP", "paper (VOC2012 det.)", "results"]
     return header, [row for _, row in rows]

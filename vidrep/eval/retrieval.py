@@ -43,7 +43,10 @@ Featurizer = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 # ---------------------------------------------------------------- ranks and metrics (pure)
 
-def retrieval_ranks(query: np.ndarray, tracked: np.ndarray, video: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS) -> np.ndarray:
+
+def retrieval_ranks(
+    query: np.ndarray, tracked: np.ndarray, video: np.ndarray, chunk_elements: int = CHUNK_ELEMENTS
+) -> np.ndarray:
     """int64 [N]: the rank of each pair's tracked patch among its candidates (see the module doc).
 
     `query`, `tracked`: [N, D] features (cosine = dot product when L2-normalised); `video`: [N] ids.
@@ -83,6 +86,7 @@ def retrieval_metrics(ranks: np.ndarray, video: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------- features
+
 
 def decode_patch(jpeg: bytes) -> np.ndarray:
     """uint8 RGB [H, W, 3], never flipped, whatever decoder training used."""
@@ -129,11 +133,17 @@ def network_featurizer(networks: Sequence[Network], layers: Sequence[str], devic
         per_net = []
         for net, trunk in zip(networks, trunks):
             size = net.input_size
-            x = np.stack([p if p.shape[:2] == (size, size) else cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA)
-                          for p in patches])
+            x = np.stack(
+                [
+                    p if p.shape[:2] == (size, size) else cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA)
+                    for p in patches
+                ]
+            )
             x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
             feats = trunk.forward_features(net.preprocess(x), list(layers))
-            per_net.append({k: F.normalize(pool_to_dims(f) if f.dim() == 4 else f, dim=1).cpu().numpy() for k, f in feats.items()})
+            per_net.append(
+                {k: F.normalize(pool_to_dims(f) if f.dim() == 4 else f, dim=1).cpu().numpy() for k, f in feats.items()}
+            )
         if len(per_net) == 1:
             return {k: per_net[0][k] for k in layers}
         return {k: l2_normalise(np.concatenate([f[k] for f in per_net], axis=1)) for k in layers}
@@ -141,12 +151,15 @@ def network_featurizer(networks: Sequence[Network], layers: Sequence[str], devic
     return featurize
 
 
-def pair_features(index: PairIndex, rows: np.ndarray, featurizers: Sequence[Featurizer], batch_size: int = 64
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def pair_features(
+    index: PairIndex, rows: np.ndarray, featurizers: Sequence[Featurizer], batch_size: int = 64
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """({name: query features [N, D]}, {name: tracked features [N, D]}) of manifest rows `rows`;
     each batch of patches is decoded once for all featurizers."""
     out: tuple[dict[str, list], dict[str, list]] = ({}, {})
-    for start in tqdm(range(0, len(rows), batch_size), desc="retrieval: features", unit="batch", disable=len(rows) <= batch_size):
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc="retrieval: features", unit="batch", disable=len(rows) <= batch_size
+    ):
         pairs = [index.read_pair(int(r)) for r in rows[start : start + batch_size]]
         for side, feats in enumerate(out):
             patches = np.stack([decode_patch(p[side]) for p in pairs])
@@ -156,18 +169,23 @@ def pair_features(index: PairIndex, rows: np.ndarray, featurizers: Sequence[Feat
     return tuple({k: np.concatenate(v) for k, v in feats.items()} for feats in out)  # type: ignore[return-value]
 
 
-def retrieval_results(index: PairIndex, rows: np.ndarray, featurizers: Sequence[Featurizer], batch_size: int = 64) -> dict[str, dict]:
+def retrieval_results(
+    index: PairIndex, rows: np.ndarray, featurizers: Sequence[Featurizer], batch_size: int = 64
+) -> dict[str, dict]:
     """{feature name: metrics} for the pairs `rows` of a corpus."""
     rows = np.asarray(rows, np.int64)
     video = index.video_id[rows]
     if len(np.unique(video)) < 2:
-        raise CorpusError(f"retrieval needs pairs of at least 2 videos (candidates come from other videos); "
-                          f"got {len(rows)} pairs of {len(np.unique(video))} video(s) from {index.root}")
+        raise CorpusError(
+            f"retrieval needs pairs of at least 2 videos (candidates come from other videos); "
+            f"got {len(rows)} pairs of {len(np.unique(video))} video(s) from {index.root}"
+        )
     query, tracked = pair_features(index, rows, featurizers, batch_size)
     return {name: retrieval_metrics(retrieval_ranks(query[name], tracked[name], video), video) for name in query}
 
 
 # ---------------------------------------------------------------- which pairs
+
 
 def select_videos(root: str | Path, videos_file: str | Path | None) -> tuple[PairIndex, np.ndarray, list[str]]:
     """The corpus, the rows of the pairs to use and the names of their videos: all videos, or
@@ -184,36 +202,50 @@ def select_videos(root: str | Path, videos_file: str | Path | None) -> tuple[Pai
         wanted = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         unknown = sorted(set(wanted) - set(names))
         if unknown:
-            raise CorpusError(f"{len(unknown)} video(s) of {path} are not in corpus {root}, e.g. {unknown[:3]}; "
-                              "list them as the manifest's `video` column names them")
+            raise CorpusError(
+                f"{len(unknown)} video(s) of {path} are not in corpus {root}, e.g. {unknown[:3]}; "
+                "list them as the manifest's `video` column names them"
+            )
         rows = np.flatnonzero(np.isin(names, wanted))
     used = sorted(set(names[rows]))
     if len(used) < 2:
-        raise CorpusError(f"retrieval needs at least 2 videos (candidates come from other videos); "
-                          f"{videos_file or root} gives {len(used)}")
+        raise CorpusError(
+            f"retrieval needs at least 2 videos (candidates come from other videos); "
+            f"{videos_file or root} gives {len(used)}"
+        )
     return index, rows, used
 
 
 # ---------------------------------------------------------------- evaluate.py protocol=retrieval
 
-def featurizers_for(specs: Sequence[str], layers: Sequence[str], load: Callable[[str], Network], device: str
-                    ) -> tuple[list[Featurizer], list[str]]:
+
+def featurizers_for(
+    specs: Sequence[str], layers: Sequence[str], load: Callable[[str], Network], device: str
+) -> tuple[list[Featurizer], list[str]]:
     """The featurizer of `ckpt=`: a baseline name alone, or one network or an ensemble; and the
     names of what was evaluated."""
     baselines = [s for s in specs if s in BASELINES]
     if baselines:
         if len(specs) > 1:
-            raise ValueError(f"ckpt={list(specs)}: {baselines[0]} is a baseline without a network; give it alone (ckpt={baselines[0]})")
+            raise ValueError(
+                f"ckpt={list(specs)}: {baselines[0]} is a baseline without a network; give it alone "
+                f"(ckpt={baselines[0]})"
+            )
         return [baseline_featurizer(baselines[0])], list(specs)
     networks = [load(s) for s in specs]
     return [network_featurizer(networks, layers, device)], [n.name for n in networks]
 
 
 def retrieval_table(results: dict[str, dict]) -> str:
-    lines = ["| features | R@1 (%) | R@5 (%) | median rank | pairs | videos | candidates (mean) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| features | R@1 (%) | R@5 (%) | median rank | pairs | videos | candidates (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | {r['median_rank']:g} | "
-                     f"{r['num_pairs']} | {r['num_videos']} | {r['num_candidates_mean']:.1f} |")
+        lines.append(
+            f"| {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | {r['median_rank']:g} | "
+            f"{r['num_pairs']} | {r['num_videos']} | {r['num_candidates_mean']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -233,8 +265,13 @@ def evaluate_retrieval(cfg, load: Callable[[str], Network], checkpoints: Sequenc
         "label": cfg.label or f"retrieval ({', '.join(Path(c).parent.parent.name or c for c in checkpoints)})",
         "protocol": {"name": "retrieval", "layers": layers},
         "checkpoints": names,
-        "data": {"corpus": str(Path(r.corpus).expanduser().resolve()), "videos_file": r.get("videos"),
-                 "videos": videos, "num_pairs": int(len(rows)), "num_videos": len(videos)},
+        "data": {
+            "corpus": str(Path(r.corpus).expanduser().resolve()),
+            "videos_file": r.get("videos"),
+            "videos": videos,
+            "num_pairs": int(len(rows)),
+            "num_videos": len(videos),
+        },
         "seed": cfg.seed,
         "input_size": cfg.input_size,
         "seconds": time.perf_counter() - start,
@@ -244,11 +281,16 @@ def evaluate_retrieval(cfg, load: Callable[[str], Network], checkpoints: Sequenc
 
 def gathered_retrieval_table(results: Sequence[dict], paths: Sequence[Path]) -> str:
     """Several protocol=retrieval results, one row per evaluated feature (the gathered report)."""
-    lines = ["| label | features | R@1 (%) | R@5 (%) | median rank | pairs | videos | corpus | results |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| label | features | R@1 (%) | R@5 (%) | median rank | pairs | videos | corpus | results |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for result, path in zip(results, paths):
         for name, r in result["retrieval"].items():
-            lines.append(f"| {result['label']} | {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | "
-                         f"{r['median_rank']:g} | {r['num_pairs']} | {r['num_videos']} | {result['data']['corpus']} | {path} |")
+            lines.append(
+                f"| {result['label']} | {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | "
+                f"{r['median_rank']:g} | {r['num_pairs']} | {r['num_videos']} | {result['data']['corpus']} | {path} |"
+            )
     return "\n".join(lines)
 
 
@@ -260,13 +302,21 @@ def _log_wandb(cfg, run_dir: Path, result: dict) -> None:
 
     from vidrep.common.loggers import resolve_wandb_mode
 
-    run = wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.get("mode")),
-                     job_type="eval", name=result["label"], config=OmegaConf.to_container(cfg, resolve=True))
+    run = wandb.init(
+        project=cfg.wandb.project,
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(cfg.wandb.get("mode")),
+        job_type="eval",
+        name=result["label"],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     try:
         table = wandb.Table(columns=["features", *METRIC_KEYS])
         for name, r in result["retrieval"].items():
             table.add_data(name, *(r[k] for k in METRIC_KEYS))
-            run.summary.update({f"eval/retrieval/{name}/{k}": r[k] for k in ("recall_at_1", "recall_at_5", "median_rank")})
+            run.summary.update(
+                {f"eval/retrieval/{name}/{k}": r[k] for k in ("recall_at_1", "recall_at_5", "median_rank")}
+            )
         run.log({"eval/retrieval": table})
     finally:
         run.finish()
@@ -280,7 +330,9 @@ def run_retrieval(cfg, checkpoints: Sequence[str], device: str, load: Callable[[
     run_dir = Path(cfg.run_dir)
     write_results(run_dir, result)
     print(retrieval_table(result["retrieval"]))
-    print(f"{result['data']['num_pairs']} pairs of {result['data']['num_videos']} videos of {result['data']['corpus']}; "
-          f"results: {run_dir / 'results.json'}")
+    print(
+        f"{result['data']['num_pairs']} pairs of {result['data']['num_videos']} videos of {result['data']['corpus']}; "
+        f"results: {run_dir / 'results.json'}"
+    )
     _log_wandb(cfg, run_dir, result)
     return result

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 def _checkpoints(ckpt) -> list[str]:
     ckpts = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, list | tuple) else [ckpt]
     if not ckpts or any(c in (None, "", "???") for c in ckpts):
-        raise ValueError("set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble "
-                         "(protocol=retrieval also takes ckpt=colour_histogram or ckpt=pixels)")
+        raise ValueError(
+            "set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble "
+            "(protocol=retrieval also takes ckpt=colour_histogram or ckpt=pixels)"
+        )
     return [str(c) for c in ckpts]
 
 
@@ -35,8 +37,14 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict, pictures: list[Path
 
     from vidrep.common.loggers import resolve_wandb_mode
 
-    run = wandb.init(project=cfg.wandb.project, dir=str(run_dir), mode=resolve_wandb_mode(cfg.wandb.get("mode")),
-                     job_type="eval", name=result["label"], config=OmegaConf.to_container(cfg, resolve=True))
+    run = wandb.init(
+        project=cfg.wandb.project,
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(cfg.wandb.get("mode")),
+        job_type="eval",
+        name=result["label"],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     try:
         table = wandb.Table(columns=["layer", "mAP", *result["data"]["classes"]])
         for layer, r in result["layers"].items():
@@ -57,7 +65,16 @@ def _data_key(root, year, classes) -> str:
 
 
 # Overrides that say where a run's files are, not what it trained.
-_NOT_A_NAME = ("data.root", "hydra.", "paths.", "ckpt_path", "logger.", "trainer.devices", "trainer.num_nodes", "data.num_workers")
+_NOT_A_NAME = (
+    "data.root",
+    "hydra.",
+    "paths.",
+    "ckpt_path",
+    "logger.",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "data.num_workers",
+)
 
 
 def checkpoint_name(ckpt: str) -> str:
@@ -109,14 +126,22 @@ def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = 
     check_disjoint([im.id for im in train], [im.id for im in test], train_split, test_split, cfg.voc.year)
     networks = [load(c) for c in checkpoints]
     # use_07_metric: null follows the year, as the devkit does
-    ap_variant = {"use_07_metric": use_07_metric_for(cfg.voc.year, None)} if cfg.protocol.get("use_07_metric", False) is None else {}
+    ap_variant = (
+        {"use_07_metric": use_07_metric_for(cfg.voc.year, None)}
+        if cfg.protocol.get("use_07_metric", False) is None
+        else {}
+    )
     protocol = hydra.utils.instantiate(cfg.protocol, **ap_variant)
     start = time.perf_counter()
     # the split names too: the protocols cache per role (train, test), and the roles' images change with them
     data_key = f"{_data_key(cfg.voc.root, cfg.voc.year, classes)}-{train_split}-{test_split}"
-    # the detection protocol's training runs: the re-adaptation's TripletModule (`model`) and their W&B curves (`logger`)
-    trainers = {"model": cfg.get("model"), "logger": cfg.get("logger") if cfg.wandb.enabled else None} \
-        if protocol.settings()["name"] == "detection" else {}
+    # the detection protocol's training runs: the re-adaptation's TripletModule (`model`) and
+    # their W&B curves (`logger`)
+    trainers = (
+        {"model": cfg.get("model"), "logger": cfg.get("logger") if cfg.wandb.enabled else None}
+        if protocol.settings()["name"] == "detection"
+        else {}
+    )
     outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device, **trainers)
     run_dir = Path(cfg.run_dir)
     row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
@@ -125,10 +150,20 @@ def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = 
         "label": cfg.label or f"{protocol.settings()['name']}:{'+'.join(checkpoint_name(c) for c in checkpoints)}",
         "protocol": protocol.settings(),
         "checkpoints": [n.name for n in networks],
-        "data": {"root": str(Path(cfg.voc.root).expanduser().resolve()), "year": cfg.voc.year, **_data_name(cfg.voc),
-                 "train_split": train_split, "test_split": test_split, "classes": list(classes),
-                 "num_train_images": len(train), "num_test_images": len(test)},
-        "splits": {"train": {"name": train_split, "images": len(train)}, "test": {"name": test_split, "images": len(test)}},
+        "data": {
+            "root": str(Path(cfg.voc.root).expanduser().resolve()),
+            "year": cfg.voc.year,
+            **_data_name(cfg.voc),
+            "train_split": train_split,
+            "test_split": test_split,
+            "classes": list(classes),
+            "num_train_images": len(train),
+            "num_test_images": len(test),
+        },
+        "splits": {
+            "train": {"name": train_split, "images": len(train)},
+            "test": {"name": test_split, "images": len(test)},
+        },
         "seed": cfg.seed,
         "input_size": cfg.input_size,
         "seconds": time.perf_counter() - start,

@@ -24,16 +24,21 @@ def resolve_splits(year: int | str, train_split: str | None, test_split: str | N
     return (train_split or default[0], test_split or default[1])
 
 
-def check_disjoint(train_ids: Sequence[str], test_ids: Sequence[str], train_split: str, test_split: str, year: int | str) -> None:
+def check_disjoint(
+    train_ids: Sequence[str], test_ids: Sequence[str], train_split: str, test_split: str, year: int | str
+) -> None:
     """Refuse an evaluation whose training images include test images (e.g. VOC2012 trainval vs val)."""
     overlap = sorted(set(train_ids) & set(test_ids))
     if overlap:
         shown = ", ".join(overlap[:10]) + (f", ... ({len(overlap)} in all)" if len(overlap) > 10 else "")
         default = resolve_splits(year, None, None)
         raise SplitOverlapError(
-            f"VOC{year} {train_split} and {test_split} share {len(overlap)} of {len(set(test_ids))} test images ({shown}): "
-            f"the test images would be trained on. Use disjoint splits, e.g. voc.train_split={default[0]} voc.test_split={default[1]} "
-            f"(R-CNN's VOC{year} recipe)")
+            f"VOC{year} {train_split} and {test_split} share {len(overlap)} of {len(set(test_ids))} test images "
+            f"({shown}): "
+            f"the test images would be trained on. Use disjoint splits, e.g. voc.train_split={default[0]} "
+            f"voc.test_split={default[1]} "
+            f"(R-CNN's VOC{year} recipe)"
+        )
 
 
 def use_07_metric_for(year: int | str, use_07_metric: bool | None) -> bool:

@@ -33,8 +33,16 @@ def fit_svm(x: np.ndarray, y: np.ndarray, cost: float, seed: int = 0, max_iter: 
     """(w, b) of a linear SVM on labels y in {1, -1}."""
     from sklearn.svm import LinearSVC
 
-    svm = LinearSVC(C=cost, loss="squared_hinge", penalty="l2", class_weight={1: 2.0, -1: 1.0},
-                    dual=True, max_iter=max_iter, tol=1e-4, random_state=seed)
+    svm = LinearSVC(
+        C=cost,
+        loss="squared_hinge",
+        penalty="l2",
+        class_weight={1: 2.0, -1: 1.0},
+        dual=True,
+        max_iter=max_iter,
+        tol=1e-4,
+        random_state=seed,
+    )
     svm.fit(x, y)
     return svm.coef_.reshape(-1).astype(np.float32), float(svm.intercept_[0])
 
@@ -53,8 +61,16 @@ def cv_folds(y: np.ndarray, folds: int, seed: int, scoring: str) -> list[np.ndar
     return folds_of(len(y), folds, seed)
 
 
-def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: int, seed: int, use_07_metric: bool,
-                       scoring: str = "goyal", max_iter: int = 2000) -> float:
+def cross_validated_ap(
+    x: np.ndarray,
+    labels: np.ndarray,
+    cost: float,
+    folds: int,
+    seed: int,
+    use_07_metric: bool,
+    scoring: str = "goyal",
+    max_iter: int = 2000,
+) -> float:
     from sklearn.metrics import average_precision_score
 
     aps = []
@@ -73,28 +89,71 @@ def cross_validated_ap(x: np.ndarray, labels: np.ndarray, cost: float, folds: in
     return float(np.mean(aps)) if aps else float("nan")
 
 
-def svm_class_results(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
-                      classes: Sequence[str], costs: Sequence[float], folds: int, seed: int, use_07_metric: bool,
-                      cache_dir: Path, cv_scoring: str = "goyal", max_iter: int = 2000, desc: str = "SVMs") -> list[dict]:
+def svm_class_results(
+    train_x: np.ndarray,
+    train_labels: np.ndarray,
+    test_x: np.ndarray,
+    test_labels: np.ndarray,
+    classes: Sequence[str],
+    costs: Sequence[float],
+    folds: int,
+    seed: int,
+    use_07_metric: bool,
+    cache_dir: Path,
+    cv_scoring: str = "goyal",
+    max_iter: int = 2000,
+    desc: str = "SVMs",
+) -> list[dict]:
     """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
     labels are [N, C] in {1, 0, -1}. A progress bar named `desc` counts the classes; liblinear's
     ConvergenceWarnings (one per fit that stops at max_iter) are summed into one line."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        results = _class_results(train_x, train_labels, test_x, test_labels, classes, costs, folds, seed, use_07_metric,
-                                 cache_dir, cv_scoring, max_iter, desc)
+        results = _class_results(
+            train_x,
+            train_labels,
+            test_x,
+            test_labels,
+            classes,
+            costs,
+            folds,
+            seed,
+            use_07_metric,
+            cache_dir,
+            cv_scoring,
+            max_iter,
+            desc,
+        )
     unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     if unconverged:
-        log.warning("%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
-                    "them finish; the benchmark's own setting is 2000)", desc, unconverged, max_iter)
+        log.warning(
+            "%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
+            "them finish; the benchmark's own setting is 2000)",
+            desc,
+            unconverged,
+            max_iter,
+        )
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return results
 
 
-def _class_results(train_x, train_labels, test_x, test_labels, classes, costs, folds, seed, use_07_metric, cache_dir,
-                   cv_scoring, max_iter, desc) -> list[dict]:
+def _class_results(
+    train_x,
+    train_labels,
+    test_x,
+    test_labels,
+    classes,
+    costs,
+    folds,
+    seed,
+    use_07_metric,
+    cache_dir,
+    cv_scoring,
+    max_iter,
+    desc,
+) -> list[dict]:
     results = []
     for c, name in enumerate(tqdm(classes, desc=desc, unit="class")):
         final = cache_dir / f"{name}.json"
@@ -110,15 +169,21 @@ def _class_results(train_x, train_labels, test_x, test_labels, classes, costs, f
                 if step.exists():
                     cv[f"{cost:g}"] = json.loads(step.read_text())["cv_ap"]
                     continue
-                ap = cross_validated_ap(train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring, max_iter)
+                ap = cross_validated_ap(
+                    train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring, max_iter
+                )
                 write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
                 cv[f"{cost:g}"] = ap
             best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
             w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed, max_iter)
             scores = test_x @ w + b
-            result = {"class": name, "cost": best, "cv_ap": cv,
-                      "ap": voc_classification_ap(scores, test_labels[:, c], use_07_metric),
-                      "pr": thin_curve(classification_pr(scores, test_labels[:, c]))}
+            result = {
+                "class": name,
+                "cost": best,
+                "cv_ap": cv,
+                "ap": voc_classification_ap(scores, test_labels[:, c], use_07_metric),
+                "pr": thin_curve(classification_pr(scores, test_labels[:, c])),
+            }
         write_json(final, result)
         results.append(result)
     return results

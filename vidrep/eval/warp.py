@@ -25,7 +25,9 @@ def matlab_round(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
-def crop_geometry(boxes: np.ndarray, height: int, width: int, crop_size: int = 227, padding: int = 16) -> dict[str, np.ndarray]:
+def crop_geometry(
+    boxes: np.ndarray, height: int, width: int, crop_size: int = 227, padding: int = 16
+) -> dict[str, np.ndarray]:
     """Per box (x1, y1, x2, y2, 0-based inclusive pixels): the image window read (0-based inclusive,
     clipped: "x1", "y1", "x2", "y2") and where its resized copy lands in the crop ("pad_x", "pad_y",
     "crop_w", "crop_h"), exactly as rcnn_im_crop.m computes them (in its 1-based pixels)."""
@@ -33,8 +35,16 @@ def crop_geometry(boxes: np.ndarray, height: int, width: int, crop_size: int = 2
     n = len(b)
     if padding <= 0:
         window = b.copy()
-        return {"x1": window[:, 0] - 1, "y1": window[:, 1] - 1, "x2": window[:, 2] - 1, "y2": window[:, 3] - 1,
-                "pad_x": np.zeros(n), "pad_y": np.zeros(n), "crop_w": np.full(n, crop_size, float), "crop_h": np.full(n, crop_size, float)}
+        return {
+            "x1": window[:, 0] - 1,
+            "y1": window[:, 1] - 1,
+            "x2": window[:, 2] - 1,
+            "y2": window[:, 3] - 1,
+            "pad_x": np.zeros(n),
+            "pad_y": np.zeros(n),
+            "crop_w": np.full(n, crop_size, float),
+            "crop_h": np.full(n, crop_size, float),
+        }
     scale = crop_size / (crop_size - padding * 2)
     half_h = (b[:, 3] - b[:, 1] + 1) / 2
     half_w = (b[:, 2] - b[:, 0] + 1) / 2
@@ -51,8 +61,16 @@ def crop_geometry(boxes: np.ndarray, height: int, width: int, crop_size: int = 2
     pad_x, pad_y = matlab_round(pad_x * scale_x), matlab_round(pad_y * scale_y)
     crop_h = np.minimum(crop_h, crop_size - pad_y)
     crop_w = np.minimum(crop_w, crop_size - pad_x)
-    return {"x1": x1 - 1, "y1": y1 - 1, "x2": x2 - 1, "y2": y2 - 1, "pad_x": pad_x, "pad_y": pad_y,
-            "crop_w": np.maximum(crop_w, 1), "crop_h": np.maximum(crop_h, 1)}
+    return {
+        "x1": x1 - 1,
+        "y1": y1 - 1,
+        "x2": x2 - 1,
+        "y2": y2 - 1,
+        "pad_x": pad_x,
+        "pad_y": pad_y,
+        "crop_w": np.maximum(crop_w, 1),
+        "crop_h": np.maximum(crop_h, 1),
+    }
 
 
 def _axis_coords(lo: Tensor, hi: Tensor, pad: Tensor, size: Tensor, crop_size: int) -> tuple[Tensor, Tensor]:
@@ -71,7 +89,10 @@ def warp_regions(image: Tensor, boxes: np.ndarray, crop_size: int = 227, padding
     tensor on the device) at `boxes`; pixels where mask is False are R-CNN's zero padding: set them
     to zero after the network's mean subtraction."""
     c, h, w = image.shape
-    g = {k: torch.as_tensor(v, dtype=torch.float64, device=image.device) for k, v in crop_geometry(boxes, h, w, crop_size, padding).items()}
+    g = {
+        k: torch.as_tensor(v, dtype=torch.float64, device=image.device)
+        for k, v in crop_geometry(boxes, h, w, crop_size, padding).items()
+    }
     xs, in_x = _axis_coords(g["x1"], g["x2"], g["pad_x"], g["crop_w"], crop_size)
     ys, in_y = _axis_coords(g["y1"], g["y2"], g["pad_y"], g["crop_h"], crop_size)
     r = len(xs)

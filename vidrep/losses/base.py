@@ -36,20 +36,24 @@ class Candidates:
 
     def __post_init__(self) -> None:
         if self.patches.ndim != 2 or self.video_ids.shape != (self.patches.shape[0],):
-            raise ValueError(f"candidates must be patches [M, D] with video ids [M]; got {tuple(self.patches.shape)} "
-                             f"and {tuple(self.video_ids.shape)}")
+            raise ValueError(
+                f"candidates must be patches [M, D] with video ids [M]; got {tuple(self.patches.shape)} "
+                f"and {tuple(self.video_ids.shape)}"
+            )
 
 
 def check_pairs(anchor: Tensor, positive: Tensor, video_ids: Tensor) -> None:
     if anchor.ndim != 2 or anchor.shape != positive.shape:
-        raise ValueError(f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and "
-                         f"{tuple(positive.shape)}")
+        raise ValueError(
+            f"anchor and positive must both be [N, D]; got {tuple(anchor.shape)} and {tuple(positive.shape)}"
+        )
     if video_ids.shape != (anchor.shape[0],):
         raise ValueError(f"video_ids must be [N] = [{anchor.shape[0]}]; got {tuple(video_ids.shape)}")
 
 
-def batch_candidates(anchor: Tensor, positive: Tensor, video_ids: Tensor,
-                     candidates: Candidates | None = None) -> Candidates:
+def batch_candidates(
+    anchor: Tensor, positive: Tensor, video_ids: Tensor, candidates: Candidates | None = None
+) -> Candidates:
     """`candidates`, or by default the batch's own 2N patches: every anchor, then every positive
     (the pairs' shapes checked first)."""
     check_pairs(anchor, positive, video_ids)
@@ -68,11 +72,25 @@ class PairLoss(Protocol):
     @property
     def schedule(self) -> NegativeSchedule | None: ...  # the negative schedule, None for a loss without one
 
-    def __call__(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                 candidates: Candidates | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def __call__(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
-    def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                  candidates: Candidates | None = None) -> Tensor: ...  # bool [N, M]: each pair's scored negatives
+    def negatives(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> Tensor: ...  # bool [N, M]: each pair's scored negatives
 
     def config(self) -> dict: ...  # `_target_` and settings, plain types: rebuilds the loss (loss_from_config)
 
@@ -89,8 +107,10 @@ def resolve_target(target: str) -> type:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"model.loss._target_={target!r} does not name an importable class ({e}); "
-                         "use e.g. vidrep.losses.RankingLoss or vidrep.losses.InfoNCELoss") from None
+        raise ValueError(
+            f"model.loss._target_={target!r} does not name an importable class ({e}); "
+            "use e.g. vidrep.losses.RankingLoss or vidrep.losses.InfoNCELoss"
+        ) from None
 
 
 def loss_from_config(config: Mapping) -> PairLoss:

@@ -56,17 +56,32 @@ class InfoNCELoss:
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"model.loss.temperature={self.temperature!r}: must be > 0; "
-                             "use model.loss.temperature=0.1")
+            raise ValueError(
+                f"model.loss.temperature={self.temperature!r}: must be > 0; use model.loss.temperature=0.1"
+            )
 
-    def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                  candidates: Candidates | None = None) -> Tensor:
+    def negatives(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> Tensor:
         """Boolean [N, M]: every candidate of another video (`hard_ratio` is ignored)."""
         c = batch_candidates(anchor, positive, video_ids, candidates)
         return video_ids[:, None] != c.video_ids[None, :]
 
-    def __call__(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                 candidates: Candidates | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         c = batch_candidates(anchor, positive, video_ids, candidates)
         negatives = self.negatives(anchor, positive, video_ids, candidates=c)
         s_pos = (anchor * positive).sum(dim=1)

@@ -26,7 +26,9 @@ def _check_inputs(anchor: Tensor, positive: Tensor, video_ids: Tensor, num_negat
         raise ValueError(f"hard_ratio must lie in [0, 1]; got {hard_ratio}")
 
 
-def _anchor_hinges(anchor: Tensor, positive: Tensor, margin: float, patches: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _anchor_hinges(
+    anchor: Tensor, positive: Tensor, margin: float, patches: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The candidate patches [M, D] (default: the batch's 2N), s(a_i, p_i) [N, 1], s(a_i, j) [N, M]
     and its hinges [N, M]."""
     patches = torch.cat([anchor, positive], dim=0) if patches is None else patches
@@ -91,7 +93,13 @@ def select_negatives(
 
 
 def ranking_loss_from_mask(
-    anchor: Tensor, positive: Tensor, mask: Tensor, *, margin: float, num_negatives: int, symmetric: bool,
+    anchor: Tensor,
+    positive: Tensor,
+    mask: Tensor,
+    *,
+    margin: float,
+    num_negatives: int,
+    symmetric: bool,
     patches: Tensor | None = None,
 ) -> Tensor:
     """The hinge sum over the selected negatives, over the fixed denominator N * K * (2 if symmetric).
@@ -128,8 +136,13 @@ def ranking_loss(
     >>> loss.ndim
     0
     """
-    loss = RankingLoss(margin=margin, num_negatives=num_negatives, hard_ratio=hard_ratio, symmetric=symmetric,
-                       violators_only=violators_only)
+    loss = RankingLoss(
+        margin=margin,
+        num_negatives=num_negatives,
+        hard_ratio=hard_ratio,
+        symmetric=symmetric,
+        violators_only=violators_only,
+    )
     return loss(anchor, positive, video_ids, hard_ratio=hard_ratio)[0]
 
 
@@ -191,24 +204,58 @@ class RankingLoss:
 
     @property
     def schedule(self) -> NegativeSchedule:
-        return NegativeSchedule(self.initial_hard_ratio, self.hard_ratio, self.hard_after_epochs, self.hard_after_pairs,
-                                self.hard_after_steps)
+        return NegativeSchedule(
+            self.initial_hard_ratio,
+            self.hard_ratio,
+            self.hard_after_epochs,
+            self.hard_after_pairs,
+            self.hard_after_steps,
+        )
 
-    def negatives(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                  candidates: Candidates | None = None) -> Tensor:
+    def negatives(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> Tensor:
         """Boolean [N, M]: the negatives of each pair among the M candidates (`select_negatives`;
         `hard_ratio` None: the schedule's final ratio)."""
         c = batch_candidates(anchor, positive, video_ids, candidates)
-        return select_negatives(anchor, positive, video_ids, margin=self.margin, num_negatives=self.num_negatives,
-                                hard_ratio=self.hard_ratio if hard_ratio is None else hard_ratio,
-                                violators_only=self.violators_only, patches=c.patches, patch_ids=c.video_ids)
+        return select_negatives(
+            anchor,
+            positive,
+            video_ids,
+            margin=self.margin,
+            num_negatives=self.num_negatives,
+            hard_ratio=self.hard_ratio if hard_ratio is None else hard_ratio,
+            violators_only=self.violators_only,
+            patches=c.patches,
+            patch_ids=c.video_ids,
+        )
 
-    def __call__(self, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, hard_ratio: float | None = None,
-                 candidates: Candidates | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self,
+        anchor: Tensor,
+        positive: Tensor,
+        video_ids: Tensor,
+        *,
+        hard_ratio: float | None = None,
+        candidates: Candidates | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         c = batch_candidates(anchor, positive, video_ids, candidates)
         mask = self.negatives(anchor, positive, video_ids, hard_ratio=hard_ratio, candidates=c)
-        loss = ranking_loss_from_mask(anchor, positive, mask, margin=self.margin, num_negatives=self.num_negatives,
-                                      symmetric=self.symmetric, patches=c.patches)
+        loss = ranking_loss_from_mask(
+            anchor,
+            positive,
+            mask,
+            margin=self.margin,
+            num_negatives=self.num_negatives,
+            symmetric=self.symmetric,
+            patches=c.patches,
+        )
         stats = triplet_stats(anchor, positive, mask, c.patches.detach())
         return loss, {name: getattr(stats, name) for name in self.stat_names}
 

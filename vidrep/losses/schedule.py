@@ -16,8 +16,9 @@ import math
 from dataclasses import dataclass
 
 
-def switch_step(hard_after_epochs: float | None, hard_after_pairs: int | None, steps_per_epoch: int,
-                global_batch: int) -> int | None:
+def switch_step(
+    hard_after_epochs: float | None, hard_after_pairs: int | None, steps_per_epoch: int, global_batch: int
+) -> int | None:
     """The first step with hard negatives: the earlier of the two bounds (None: neither is set)."""
     bounds = []
     if hard_after_epochs is not None:
@@ -36,7 +37,7 @@ class NegativeSchedule:
     hard_after_steps: int | None = None
 
     def phase(self, epoch: int, step: int) -> str:
-        """"random" before the switch, "hard" from it on."""
+        """ "random" before the switch, "hard" from it on."""
         if self.hard_after_steps is not None:
             return "hard" if step >= self.hard_after_steps else "random"
         return "hard" if self.hard_after_epochs is not None and epoch >= self.hard_after_epochs else "random"

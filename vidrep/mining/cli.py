@@ -40,15 +40,19 @@ def verify(cfg: DictConfig) -> int:
 
     mode = cfg.verify
     if mode not in (True, "true", "repair"):
-        raise ValueError(f"verify={mode!r}: use verify=true (report) or verify=repair (report and remove the damaged videos' files)")
+        raise ValueError(
+            f"verify={mode!r}: use verify=true (report) or verify=repair (report and remove the damaged videos' files)"
+        )
     if OmegaConf.is_missing(cfg, "out"):
         raise ValueError("verify needs the corpus: `python mine.py out=/data/corpus verify=true`")
     damaged = verify_corpus(cfg.out, workers=resolve_workers(cfg.workers))
     print(damage_table(cfg.out, damaged))
     if mode == "repair" and damaged:
         removed = repair_corpus(cfg.out, damaged)
-        print(f"repaired: removed {len(removed)} files of {len(damaged)} videos and rewrote summary.json; now run "
-              f"`python mine.py videos=<the same videos> out={cfg.out}` to mine exactly those videos again")
+        print(
+            f"repaired: removed {len(removed)} files of {len(damaged)} videos and rewrote summary.json; now run "
+            f"`python mine.py videos=<the same videos> out={cfg.out}` to mine exactly those videos again"
+        )
         return 0
     return 1 if damaged else 0
 
@@ -63,13 +67,21 @@ def mine(cfg: DictConfig, draw: Callable[[DictConfig], None] | None = None) -> R
         return RunSummary()
     missing = OmegaConf.missing_keys(cfg)
     if missing:
-        raise ValueError(f"set {' and '.join(sorted(missing))} on the command line, e.g. "
-                         "`python mine.py videos=/data/videos out=/data/corpus`")
+        raise ValueError(
+            f"set {' and '.join(sorted(missing))} on the command line, e.g. "
+            "`python mine.py videos=/data/videos out=/data/corpus`"
+        )
     miner = hydra.utils.instantiate(cfg.miner)
     summary = mine_corpus(
-        cfg.videos, cfg.out, miner, shard=cfg.shard, num_shards=cfg.num_shards,
-        workers=resolve_workers(cfg.workers), retry_failures=cfg.retry_failures,
-        extensions=tuple(cfg.extensions), progress=cfg.progress,
+        cfg.videos,
+        cfg.out,
+        miner,
+        shard=cfg.shard,
+        num_shards=cfg.num_shards,
+        workers=resolve_workers(cfg.workers),
+        retry_failures=cfg.retry_failures,
+        extensions=tuple(cfg.extensions),
+        progress=cfg.progress,
     )
     print(summary.table())
     print(f"corpus: {Path(cfg.out).resolve()} (summary.json, failures/ for skipped videos)")

@@ -65,8 +65,23 @@ class Picture:
 
 
 # Pixel formats whose first plane is 8-bit luma at the picture's full size.
-_LUMA_FIRST = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p",
-                         "yuv411p", "yuv410p", "nv12", "nv21", "gray"})
+_LUMA_FIRST = frozenset(
+    {
+        "yuv420p",
+        "yuvj420p",
+        "yuv422p",
+        "yuvj422p",
+        "yuv444p",
+        "yuvj444p",
+        "yuv440p",
+        "yuvj440p",
+        "yuv411p",
+        "yuv410p",
+        "nv12",
+        "nv21",
+        "gray",
+    }
+)
 
 
 def _luma_plane(frame) -> np.ndarray:
@@ -97,10 +112,12 @@ def _pyav_pictures(path: Path, height: int, width: int) -> Iterator[Picture]:
         def converter(frame) -> Callable[[], np.ndarray]:
             def convert() -> np.ndarray:
                 try:
-                    return scaler.reformat(frame, width=width, height=height, format="bgr24", interpolation="AREA",
-                                           threads=1).to_ndarray()
+                    return scaler.reformat(
+                        frame, width=width, height=height, format="bgr24", interpolation="AREA", threads=1
+                    ).to_ndarray()
                 except av.error.FFmpegError as e:
                     raise VideoError("damaged", f"{path}: converting a frame failed with {e}") from None
+
             return convert
 
         try:

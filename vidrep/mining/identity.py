@@ -33,8 +33,17 @@ def not_a_file(path: Path) -> str | None:
         return f"{path} cannot be inspected ({e.strerror})"
     if stat.S_ISREG(st.st_mode):
         return None
-    kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-            else "a socket" if stat.S_ISSOCK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    kind = (
+        "a FIFO"
+        if stat.S_ISFIFO(st.st_mode)
+        else "a device"
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        else "a socket"
+        if stat.S_ISSOCK(st.st_mode)
+        else "a folder"
+        if stat.S_ISDIR(st.st_mode)
+        else "not a regular file"
+    )
     return f"{path} is {kind}, not a video file; it was not opened (reading a FIFO would block)"
 
 

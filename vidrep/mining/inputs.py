@@ -11,7 +11,21 @@ from pathlib import Path
 from vidrep.data.corpus import video_id_for
 from vidrep.mining.identity import find_duplicates, not_a_file
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp", ".ts", ".ogv")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".avi",
+    ".mkv",
+    ".webm",
+    ".mov",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ts",
+    ".ogv",
+)
 
 
 class InputError(ValueError):
@@ -45,22 +59,31 @@ def list_videos(source: str | Path, extensions: Sequence[str] = VIDEO_EXTENSIONS
     recorded as a failure, not silently dropped."""
     source = Path(source).expanduser()
     if not source.exists():
-        raise InputError(f"videos={source} does not exist; pass a folder of videos or a text file listing one video path per line")
+        raise InputError(
+            f"videos={source} does not exist; pass a folder of videos or a text file listing one video path per line"
+        )
     if not source.is_dir() and not stat.S_ISREG(os.stat(source).st_mode):
-        raise InputError(f"videos={source} is not a folder or a regular file (a FIFO or a device?); it was not read. "
-                         "Pass a folder of videos or a text file listing one video path per line")
+        raise InputError(
+            f"videos={source} is not a folder or a regular file (a FIFO or a device?); it was not read. "
+            "Pass a folder of videos or a text file listing one video path per line"
+        )
     if source.is_dir():
         exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
         videos = [
             VideoInput(p.relative_to(source).as_posix(), p)
             for p in source.rglob("*")
-            if p.suffix.lower() in exts and not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+            if p.suffix.lower() in exts
+            and not p.is_dir()
+            and not any(part.startswith(".") for part in p.relative_to(source).parts)
         ]
         what = f"folder {source} holds no file ending in {', '.join(sorted(exts))}"
     else:
         lines = source.read_text(errors="replace").splitlines()
         names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
-        videos = [VideoInput(n, Path(n).expanduser() if Path(n).expanduser().is_absolute() else source.parent / n) for n in names]
+        videos = [
+            VideoInput(n, Path(n).expanduser() if Path(n).expanduser().is_absolute() else source.parent / n)
+            for n in names
+        ]
         what = f"list file {source} names no video (one path per line)"
     if not videos:
         raise InputError(f"videos={source}: {what}")
@@ -78,7 +101,13 @@ def flag_problems(videos: Sequence[VideoInput]) -> list[VideoInput]:
     ok = [i for i, v in enumerate(out) if v.problem is None]
     for a, b in find_duplicates([out[i].path for i in ok]).items():
         i, original = ok[a], out[ok[b]]
-        out[i] = replace(out[i], problem=("duplicate", f"{out[i].path} has the content of {original.name} ({original.path}), mined under that name"))
+        out[i] = replace(
+            out[i],
+            problem=(
+                "duplicate",
+                f"{out[i].path} has the content of {original.name} ({original.path}), mined under that name",
+            ),
+        )
     return out
 
 

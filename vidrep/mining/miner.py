@@ -31,9 +31,18 @@ from vidrep.mining.window import best_window
 
 # Every counter a video's mining reports, in the order the summary prints them.
 STAT_KEYS = (
-    "frames", "candidates", "rejected_cut", "rejected_few_points", "rejected_no_camera_model",
-    "rejected_static", "rejected_camera_motion", "tracks", "tracks_lost", "tracks_cut",
-    "tracks_unfinished", "pairs",
+    "frames",
+    "candidates",
+    "rejected_cut",
+    "rejected_few_points",
+    "rejected_no_camera_model",
+    "rejected_static",
+    "rejected_camera_motion",
+    "tracks",
+    "tracks_lost",
+    "tracks_cut",
+    "tracks_unfinished",
+    "pairs",
 )
 
 
@@ -89,9 +98,13 @@ class MinerConfig:
         if self.tracker not in TRACKERS:
             raise ValueError(f"unknown tracker {self.tracker!r}; choose miner.tracker from {tuple(TRACKERS)}")
         if self.homography_method not in HOMOGRAPHY_METHODS:
-            raise ValueError(f"unknown homography_method {self.homography_method!r}; choose from {tuple(HOMOGRAPHY_METHODS)}")
+            raise ValueError(
+                f"unknown homography_method {self.homography_method!r}; choose from {tuple(HOMOGRAPHY_METHODS)}"
+            )
         if self.video_timeout is not None and self.video_timeout <= 0:
-            raise ValueError(f"miner.video_timeout must be > 0 seconds (or null: from the video's length); got {self.video_timeout}")
+            raise ValueError(
+                f"miner.video_timeout must be > 0 seconds (or null: from the video's length); got {self.video_timeout}"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -177,8 +190,11 @@ class VideoMiner:
     def __init__(self, config: MinerConfig) -> None:
         self.config = config
         self.detect = make_detector(config.detector, config.max_points)
-        self.screen = MotionScreen(config.motion_sample, config.moving_px, config.min_moving, config.max_moving) \
-            if config.motion_sample > 0 else None
+        self.screen = (
+            MotionScreen(config.motion_sample, config.moving_px, config.min_moving, config.max_moving)
+            if config.motion_sample > 0
+            else None
+        )
 
     def frame_motion(self, prev_gray: np.ndarray, gray: np.ndarray, clock: StageClock | None = None) -> PointMotion:
         """Interest points of a candidate frame and their camera-compensated motion since the
@@ -190,8 +206,17 @@ class VideoMiner:
             points, weak = self.detect(gray), None
         if clock is not None:
             clock.lap("detect")
-        motion = point_motion(prev_gray, gray, points, grid=c.grid, per_cell=c.per_cell, ransac_px=c.ransac_px, weak_corners=weak,
-                              homography_method=c.homography_method, screen=self.screen)
+        motion = point_motion(
+            prev_gray,
+            gray,
+            points,
+            grid=c.grid,
+            per_cell=c.per_cell,
+            ransac_px=c.ransac_px,
+            weak_corners=weak,
+            homography_method=c.homography_method,
+            screen=self.screen,
+        )
         if clock is not None:
             clock.lap("motion")
         return motion
@@ -212,8 +237,14 @@ class VideoMiner:
         clock.lap("track")
         query_jpeg = _jpeg(_crop(frame, x, y, c.window), c.jpeg_quality)
         clock.lap("encode")
-        return _Track(tracker=tracker, start=t, window=(x, y), query_jpeg=query_jpeg,
-                      num_points=len(motion.points), num_moving=count)
+        return _Track(
+            tracker=tracker,
+            start=t,
+            window=(x, y),
+            query_jpeg=query_jpeg,
+            num_points=len(motion.points),
+            num_moving=count,
+        )
 
     def mine(self, path: str | Path, name: str | None = None) -> VideoResult:
         """Pairs of one video. `name` is the video's identity in the corpus (default: the path).
@@ -254,12 +285,19 @@ class VideoMiner:
                         stats["tracks_lost"] += 1
                         track = None
                     elif t == track.start + c.track_length:
-                        result.records.append(PairRecord(
-                            video=name, query_frame=track.start, tracked_frame=t,
-                            query_box=(*track.window, c.window, c.window), tracked_box=(*pos, c.window, c.window),
-                            num_points=track.num_points, num_moving=track.num_moving,
-                            query_jpeg=track.query_jpeg, tracked_jpeg=_jpeg(_crop(frame, *pos, c.window), c.jpeg_quality),
-                        ))
+                        result.records.append(
+                            PairRecord(
+                                video=name,
+                                query_frame=track.start,
+                                tracked_frame=t,
+                                query_box=(*track.window, c.window, c.window),
+                                tracked_box=(*pos, c.window, c.window),
+                                num_points=track.num_points,
+                                num_moving=track.num_moving,
+                                query_jpeg=track.query_jpeg,
+                                tracked_jpeg=_jpeg(_crop(frame, *pos, c.window), c.jpeg_quality),
+                            )
+                        )
                         clock.lap("encode")
                         stats["pairs"] += 1
                         track = None

@@ -58,10 +58,10 @@ def _follow(prev_gray: np.ndarray, gray: np.ndarray, query: np.ndarray) -> tuple
 class MotionScreen:
     """Settles a frame's verdict on a sample of its points when the sample leaves no doubt: the
     sample's moving share is more than `sigmas` binomial standard deviations (of a sample of a
-    frame whose share is at the band's edge) outside [min_moving, max_moving]. The rest of the points are then not followed: the
-    frame is rejected as static or camera motion either way (most candidate frames are: 85 % of
-    them on Big Buck Bunny), and a whole-set share on the other side of the band would need a
-    `sigmas`-sigma sampling accident."""
+    frame whose share is at the band's edge) outside [min_moving, max_moving]. The rest of the
+    points are then not followed: the frame is rejected as static or camera motion either way
+    (most candidate frames are: 85 % of them on Big Buck Bunny), and a whole-set share on the
+    other side of the band would need a `sigmas`-sigma sampling accident."""
 
     sample: int
     moving_px: float
@@ -141,7 +141,9 @@ def point_motion(
     support, s_matched, s_ok = joint[support_at], matched[support_at], ok[support_at]
     homography = None
     if s_ok.sum() >= 8:
-        homography, _ = cv2.findHomography(support[s_ok], s_matched[s_ok], HOMOGRAPHY_METHODS[homography_method], ransac_px)
+        homography, _ = cv2.findHomography(
+            support[s_ok], s_matched[s_ok], HOMOGRAPHY_METHODS[homography_method], ransac_px
+        )
     if sampled is not None:
         if homography is not None:
             first, first_ok = points[sampled], ok[sampled]

@@ -34,7 +34,9 @@ def _from_keypoints(keypoints, max_points: int) -> np.ndarray:
 GFTT_QUALITY, GFTT_MIN_DISTANCE = 0.01, 5
 
 
-def gftt_with_weak_corners(gray: np.ndarray, max_points: int, weak_quality: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
+def gftt_with_weak_corners(
+    gray: np.ndarray, max_points: int, weak_quality: float = 0.001
+) -> tuple[np.ndarray, np.ndarray]:
     """The gftt detector's points and, from the same single pass, every corner down to
     `weak_quality` (strongest first): the camera model's balanced support set is drawn from
     these, which saves a second corner search (~4 ms per candidate frame at 600x448)."""
@@ -51,9 +53,13 @@ def gftt_with_weak_corners(gray: np.ndarray, max_points: int, weak_quality: floa
 
 def make_detector(name: str, max_points: int = 1000) -> Detector:
     if name == "gftt":
+
         def detect(gray: np.ndarray) -> np.ndarray:
-            pts = cv2.goodFeaturesToTrack(gray, maxCorners=max_points, qualityLevel=GFTT_QUALITY, minDistance=GFTT_MIN_DISTANCE)
+            pts = cv2.goodFeaturesToTrack(
+                gray, maxCorners=max_points, qualityLevel=GFTT_QUALITY, minDistance=GFTT_MIN_DISTANCE
+            )
             return np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2)
+
         return detect
     if name == "fast":
         fast = cv2.FastFeatureDetector_create(threshold=20)

@@ -15,15 +15,23 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from itertools import chain
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from vidrep import usable_cores
 from vidrep.data.corpus import (
-    DamagedCorpusError, check_settings, damage_advice, init_corpus, read_records, write_failure, write_json, write_shard, write_video_record,
+    DamagedCorpusError,
+    check_settings,
+    damage_advice,
+    init_corpus,
+    read_records,
+    write_failure,
+    write_json,
+    write_shard,
+    write_video_record,
 )
 from vidrep.mining.decode import VideoError
 from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
@@ -61,10 +69,14 @@ def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
             write_shard(root, video.key, result.records)
         seconds = time.perf_counter() - start
         stats = {k: int(result.stats.get(k, 0)) for k in STAT_KEYS}
-        write_video_record(root, video.key, {"video": video.name, "video_id": video.video_id, **stats, "seconds": seconds})
+        write_video_record(
+            root, video.key, {"video": video.name, "video_id": video.video_id, **stats, "seconds": seconds}
+        )
         return VideoOutcome(video.key, video.name, True, stats, seconds=seconds)
     seconds = time.perf_counter() - start
-    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail})
+    write_failure(
+        root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail}
+    )
     return VideoOutcome(video.key, video.name, False, stats, reason, detail, seconds)
 
 
@@ -99,32 +111,48 @@ def _pool(workers: int, config: MinerConfig, root: Path, factory: MinerFactory, 
         # use that start method and cannot resolve the name. This process only mines; reset it.
         mp.set_start_method("spawn", force=True)
     # spawn, not fork: OpenCV and OpenBLAS hold threads and locks a forked child must not inherit.
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=(config, root, factory, str(watch.folder)))
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(config, root, factory, str(watch.folder)),
+    )
 
 
 def _refused(root: Path, video: VideoInput) -> VideoOutcome:
     """An input flagged before mining (not a regular file, a duplicate): recorded, never opened."""
     reason, detail = video.problem
-    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail})
+    write_failure(
+        root, video.key, {"video": video.name, "video_id": video.video_id, "reason": reason, "detail": detail}
+    )
     return VideoOutcome(video.key, video.name, False, {}, reason, detail)
 
 
 def _crashed(root: Path, video: VideoInput) -> VideoOutcome:
-    detail = f"{video.path}: the mining process died (a crash in a native decoder or OpenCV); rerun with retry_failures=true to try again"
-    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "worker_crashed", "detail": detail})
+    detail = (
+        f"{video.path}: the mining process died (a crash in a native decoder or OpenCV); "
+        "rerun with retry_failures=true to try again"
+    )
+    write_failure(
+        root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "worker_crashed", "detail": detail}
+    )
     return VideoOutcome(video.key, video.name, False, {}, "worker_crashed", detail)
 
 
 def _timed_out(root: Path, video: VideoInput, limit: float) -> VideoOutcome:
-    detail = (f"{video.path}: still not mined after {limit:.0f} s (a hanging decoder?); its worker was stopped. "
-              "Set miner.video_timeout (seconds) higher and rerun with retry_failures=true if the video is just long")
-    write_failure(root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "timeout", "detail": detail})
+    detail = (
+        f"{video.path}: still not mined after {limit:.0f} s (a hanging decoder?); its worker was stopped. "
+        "Set miner.video_timeout (seconds) higher and rerun with retry_failures=true if the video is just long"
+    )
+    write_failure(
+        root, video.key, {"video": video.name, "video_id": video.video_id, "reason": "timeout", "detail": detail}
+    )
     return VideoOutcome(video.key, video.name, False, {}, "timeout", detail, limit)
 
 
-def _outcomes(videos: list[VideoInput], config: MinerConfig, root: Path, workers: int,
-              factory: MinerFactory = VideoMiner) -> Iterator[VideoOutcome]:
+def _outcomes(
+    videos: list[VideoInput], config: MinerConfig, root: Path, workers: int, factory: MinerFactory = VideoMiner
+) -> Iterator[VideoOutcome]:
     """Outcomes in completion order. Videos run in worker processes (workers=0: in this process,
     for debugging), at most 2 per worker queued, so that when a native crash kills a worker only
     the videos in flight are suspects: each is then retried alone in a fresh process, and the one
@@ -188,7 +216,9 @@ def _alone(video: VideoInput, config: MinerConfig, root: Path, factory: MinerFac
                 watch.kill_overdue({video.key})
             outcome = future.result()
         except BrokenProcessPool:
-            outcome = _timed_out(root, video, watch.killed[video.key]) if video.key in watch.killed else _crashed(root, video)
+            outcome = (
+                _timed_out(root, video, watch.killed[video.key]) if video.key in watch.killed else _crashed(root, video)
+            )
     watch.forget_workers()
     return outcome
 
@@ -207,15 +237,22 @@ class RunSummary:
         lines = [f"{'':{width}}  {'this run':>12}  {'corpus':>12}"]
         for k in keys:
             corpus = self.corpus.get(k, "")
-            lines.append(f"{k:{width}}  {self.run.get(k, 0):>12,}  {corpus if corpus == '' else format(corpus, ','):>12}")
+            lines.append(
+                f"{k:{width}}  {self.run.get(k, 0):>12,}  {corpus if corpus == '' else format(corpus, ','):>12}"
+            )
         if self.failures:
-            lines.append("failures by reason (this run): " + ", ".join(f"{r} {n}" for r, n in self.failures.most_common()))
+            lines.append(
+                "failures by reason (this run): " + ", ".join(f"{r} {n}" for r, n in self.failures.most_common())
+            )
         return "\n".join(lines)
 
 
 def corpus_totals(root: Path) -> dict:
     done, failed = read_records(root, "videos"), read_records(root, "failures")
-    totals = {"videos_mined": 0 if done is None else done.num_rows, "videos_failed": 0 if failed is None else failed.num_rows}
+    totals = {
+        "videos_mined": 0 if done is None else done.num_rows,
+        "videos_failed": 0 if failed is None else failed.num_rows,
+    }
     for k in STAT_KEYS:
         totals[k] = 0 if done is None else int(sum(done.column(k).to_pylist()))
     if failed is not None:
@@ -224,13 +261,17 @@ def corpus_totals(root: Path) -> dict:
 
 
 def _done_keys(root: Path, retry_failures: bool) -> set[str]:
-    marks = {d: [p for p in (root / d).glob("*.parquet") if not p.name.startswith(".")] if (root / d).is_dir() else []
-             for d in ("videos", "failures")}
+    marks = {
+        d: [p for p in (root / d).glob("*.parquet") if not p.name.startswith(".")] if (root / d).is_dir() else []
+        for d in ("videos", "failures")
+    }
     # A 0-byte mark (a crash of the file system, not of mine.py: marks are renamed into place whole)
     # would skip its video now and break the totals later: stop before mining, naming it.
     empty = [str(p) for ps in marks.values() for p in ps if p.stat().st_size == 0]
     if empty:
-        raise DamagedCorpusError(f"corpus {root}: {len(empty)} mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}")
+        raise DamagedCorpusError(
+            f"corpus {root}: {len(empty)} mark(s) of 0 bytes, e.g. {empty[0]}; {damage_advice(root)}"
+        )
     done = {p.stem for p in marks["videos"]}
     if not retry_failures:
         done |= {p.stem for p in marks["failures"]}
@@ -263,14 +304,18 @@ def mine_corpus(
     summary.run.update(videos_listed=len(listed), videos_skipped_done=len(listed) - len(todo))
     workers = usable_cores() if workers is None else workers
     workers = min(workers, len(todo) or 1)
-    log.info("mining %d videos (%d already done) into %s with %d workers", len(todo), len(listed) - len(todo), root, workers)
+    log.info(
+        "mining %d videos (%d already done) into %s with %d workers", len(todo), len(listed) - len(todo), root, workers
+    )
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="video", desc="mining", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     with bar:
         refused = (_refused(root, v) for v in todo if v.problem is not None)
-        for outcome in chain(refused, _outcomes([v for v in todo if v.problem is None], miner, root, workers, miner_factory)):
+        for outcome in chain(
+            refused, _outcomes([v for v in todo if v.problem is None], miner, root, workers, miner_factory)
+        ):
             summary.run["videos_mined" if outcome.ok else "videos_failed"] += 1
             summary.run.update(outcome.stats)
             if not outcome.ok:
@@ -278,8 +323,15 @@ def mine_corpus(
                 log.warning("skipped %s: %s", outcome.video, outcome.detail)
             bar.update(1)
             elapsed = time.perf_counter() - start
-            bar.set_postfix(pairs=summary.run["pairs"], failed=summary.run["videos_failed"],
-                            pairs_per_s=f"{summary.run['pairs'] / max(elapsed, 1e-9):.1f}", refresh=False)
+            bar.set_postfix(
+                pairs=summary.run["pairs"],
+                failed=summary.run["videos_failed"],
+                pairs_per_s=f"{summary.run['pairs'] / max(elapsed, 1e-9):.1f}",
+                refresh=False,
+            )
     summary.corpus = corpus_totals(root)
-    write_json(root / "summary.json", {**summary.corpus, "last_run": dict(summary.run), "last_run_seconds": time.perf_counter() - start})
+    write_json(
+        root / "summary.json",
+        {**summary.corpus, "last_run": dict(summary.run), "last_run_seconds": time.perf_counter() - start},
+    )
     return summary

@@ -18,7 +18,9 @@ import numpy as np
 def thumbnail_histogram(gray: np.ndarray) -> np.ndarray:
     height, width = gray.shape
     f = max(1, width // 64)
-    thumb = cv2.resize(gray[: height - height % f, : width - width % f], (width // f, height // f), interpolation=cv2.INTER_AREA)
+    thumb = cv2.resize(
+        gray[: height - height % f, : width - width % f], (width // f, height // f), interpolation=cv2.INTER_AREA
+    )
     return cv2.calcHist([thumb], [0], None, [32], [0, 256])
 
 

@@ -32,9 +32,12 @@ def _legacy(name: str) -> Callable[[int], cv2.Tracker]:
     def create(patch: int) -> cv2.Tracker:
         legacy = getattr(cv2, "legacy", None)
         if legacy is None or not hasattr(legacy, f"Tracker{name}_create"):
-            raise ValueError(f"tracker {name.lower()!r} needs OpenCV's contrib modules (cv2.legacy); install "
-                             "opencv-contrib-python-headless, or use miner.tracker=kcf")
+            raise ValueError(
+                f"tracker {name.lower()!r} needs OpenCV's contrib modules (cv2.legacy); install "
+                "opencv-contrib-python-headless, or use miner.tracker=kcf"
+            )
         return getattr(legacy, f"Tracker{name}_create")()
+
     return create
 
 
@@ -60,8 +63,16 @@ def make_tracker(name: str, patch: int = 48) -> cv2.Tracker:
 class WindowTracker:
     """Tracks a size x size window, (x, y) top-left, from `frame` on."""
 
-    def __init__(self, frame: np.ndarray, x: int, y: int, size: int = 227, track_size: int = 112, patch: int = 80,
-                 tracker: str = "kcf") -> None:
+    def __init__(
+        self,
+        frame: np.ndarray,
+        x: int,
+        y: int,
+        size: int = 227,
+        track_size: int = 112,
+        patch: int = 80,
+        tracker: str = "kcf",
+    ) -> None:
         height, width = frame.shape[:2]
         self.scale = track_size / size
         self.small_size = (max(track_size, round(width * self.scale)), max(track_size, round(height * self.scale)))

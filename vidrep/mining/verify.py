@@ -87,7 +87,11 @@ def _check_shard(root: Path, table, damage: VideoDamage, decode: bool) -> int:
                 if (crc is not None and zlib.crc32(data) != crc) or (decode and not _decodes(data)):
                     bad += 1
                     if bad <= 3:
-                        damage.add(f"pair {r['pair_id']}: {kind} JPEG {'fails its CRC32' if crc is not None and zlib.crc32(data) != crc else 'does not decode'}", path)
+                        damage.add(
+                            f"pair {r['pair_id']}: {kind} JPEG "
+                            + ("fails its CRC32" if crc is not None and zlib.crc32(data) != crc else "does not decode"),
+                            path,
+                        )
         if bad > 3:
             damage.problems.append(f"... {bad} damaged JPEGs in all")
     finally:
@@ -162,8 +166,10 @@ def damage_table(root: str | Path, damaged: list[VideoDamage]) -> str:
     for d in damaged:
         lines.append(f"{d.key:16}  {d.video[:30]:30}  {'; '.join(d.problems)}")
         lines.extend(f"{'':16}  {'':30}  {f}" for f in d.files)
-    lines.append(f"repair: `{verify_command(root, 'repair')}` removes these videos' files; then rerun "
-                 f"`python mine.py videos=<the same videos> out={root}` to mine exactly them again")
+    lines.append(
+        f"repair: `{verify_command(root, 'repair')}` removes these videos' files; then rerun "
+        f"`python mine.py videos=<the same videos> out={root}` to mine exactly them again"
+    )
     return "\n".join(lines)
 
 

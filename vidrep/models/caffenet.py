@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from vidrep.models.ops import GroupedConv2d, LRN, PaddedInputConv2d
+from vidrep.models.ops import LRN, GroupedConv2d, PaddedInputConv2d
 from vidrep.models.trunk import Trunk
 
 FEATURE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7")

@@ -44,7 +44,8 @@ def load_torchvision_resnet18(body: nn.Module, path: str | Path) -> None:
         raise WeightsFileError(
             f"ResNet-18 weights {path} not found; vidrep never downloads weights. Put torchvision's "
             "resnet18-f37072fd.pth (torchvision.models.ResNet18_Weights.IMAGENET1K_V1) there, or set "
-            "model.net.trunk.weights=null for a random init")
+            "model.net.trunk.weights=null for a random init"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a state_dict

@@ -81,8 +81,9 @@ class Trunk(nn.Module):
         layers = list(layers)
         unknown = [name for name in layers if name not in self.feature_layers]
         if unknown:
-            raise ValueError(f"unknown feature layers {unknown} for {type(self).__name__}; "
-                             f"choose from {self.feature_layers}")
+            raise ValueError(
+                f"unknown feature layers {unknown} for {type(self).__name__}; choose from {self.feature_layers}"
+            )
         return layers
 
     def body_state(self) -> dict[str, Tensor]:
@@ -90,8 +91,9 @@ class Trunk(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.head_prefixes)}
 
     @torch.no_grad()
-    def feature_shapes(self, input_size: int | None = None,
-                       layers: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
+    def feature_shapes(
+        self, input_size: int | None = None, layers: Iterable[str] | None = None
+    ) -> dict[str, tuple[int, ...]]:
         """{layer: shape of one image's feature} of `layers` (default: all) at `input_size` (default:
         the trunk's), measured; layers past a flattening need the trunk's own input size."""
         size = input_size or self.input_size
@@ -141,8 +143,9 @@ def trunk_class(target: str) -> type[Trunk]:
     try:
         cls = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"trunk class {target!r} cannot be imported ({e}); "
-                         "is the package that defines it installed?") from None
+        raise ValueError(
+            f"trunk class {target!r} cannot be imported ({e}); is the package that defines it installed?"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Trunk)):
         raise ValueError(f"{target!r} is not a vidrep.models.Trunk subclass")
     return cls

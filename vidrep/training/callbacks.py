@@ -25,7 +25,9 @@ class StopOnNonFiniteLoss(L.Callback):
         self._first_bad: torch.Tensor | None = None  # the first step with a non-finite loss, -1 = none yet
         self.stopped_at: int | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
@@ -38,8 +40,13 @@ class StopOnNonFiniteLoss(L.Callback):
             return
         first = int(self._first_bad)
         if first >= 0:
-            log.error("training loss is not finite (%s now) since step %d; stopping at step %d (lower model.optimizer.lr or "
-                      "check the data)", loss.item(), first, trainer.global_step)
+            log.error(
+                "training loss is not finite (%s now) since step %d; stopping at step %d (lower model.optimizer.lr or "
+                "check the data)",
+                loss.item(),
+                first,
+                trainer.global_step,
+            )
             trainer.should_stop = True
             self.stopped_at = first
 
@@ -50,8 +57,15 @@ class CountDamagedPairs(L.Callback):
 
     def _count(self, pl_module: L.LightningModule, batch) -> None:
         if isinstance(batch, dict) and "damaged" in batch:
-            pl_module.log("data/damaged_skipped", batch["damaged"].sum().float(), on_step=False, on_epoch=True,
-                          reduce_fx="sum", sync_dist=True, batch_size=1)
+            pl_module.log(
+                "data/damaged_skipped",
+                batch["damaged"].sum().float(),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=1,
+            )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._count(pl_module, batch)

@@ -77,8 +77,11 @@ def hash_mismatches(checkpoint: dict) -> list[str] | None:
 def damaged_message(path: Path, what: str, alternative: str = "") -> str:
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     hint = f" (others there: {', '.join(others[:6])})" if others else ""
-    return (f"checkpoint {path} is damaged{' ' + alternative if alternative else ''} ({what}); it cannot be used. Resume from another checkpoint of "
-            f"{path.parent}{hint} with ckpt_path=<that file>, or start afresh without ckpt_path")
+    return (
+        f"checkpoint {path} is damaged{' ' + alternative if alternative else ''} ({what}); it cannot be used. Resume "
+        "from another checkpoint of "
+        f"{path.parent}{hint} with ckpt_path=<that file>, or start afresh without ckpt_path"
+    )
 
 
 def load_verified(path: str | Path, map_location=None, weights_only: bool | None = None) -> dict:
@@ -97,15 +100,20 @@ def load_verified(path: str | Path, map_location=None, weights_only: bool | None
         raise DamagedCheckpointError(damaged_message(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict"))
     bad = hash_mismatches(ckpt)
     if bad:
-        raise DamagedCheckpointError(damaged_message(path, f"{len(bad)} tensors differ from their hashes at save, e.g. {', '.join(bad[:3])}"))
+        raise DamagedCheckpointError(
+            damaged_message(path, f"{len(bad)} tensors differ from their hashes at save, e.g. {', '.join(bad[:3])}")
+        )
     return ckpt
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(obj, f), advice="the previous file there is intact. Free space on that "
-                  "disk and resume from the last checkpoint")
+    atomic_write(
+        path,
+        lambda f: torch.save(obj, f),
+        advice="the previous file there is intact. Free space on that disk and resume from the last checkpoint",
+    )
 
 
 class HashedCheckpointIO(TorchCheckpointIO):
@@ -140,10 +148,16 @@ class LastCheckpoint(Checkpoint):
         return self.dirpath / LAST
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False) or trainer.global_step in (0, self._saved_step):
+        if (
+            trainer.sanity_checking
+            or getattr(trainer, "fast_dev_run", False)
+            or trainer.global_step in (0, self._saved_step)
+        ):
             return
         if not _all_finite(pl_module):
-            log.error("weights are not finite at step %d: %s keeps the last finite state", trainer.global_step, self.path)
+            log.error(
+                "weights are not finite at step %d: %s keeps the last finite state", trainer.global_step, self.path
+            )
             return
         for lg in trainer.loggers:  # the history up to this checkpoint on disk before the checkpoint
             lg.save()
@@ -226,8 +240,14 @@ def prepare_run_dir(output_dir: str | Path, ckpt_path: str | Path | None) -> Pat
         os.replace(tmp, metrics)
         if not keep:
             metrics.unlink()
-    log.warning("run directory %s: %d checkpoints and %d metrics rows after step %d moved to %s",
-                out, len(future), len(drop), step, aside)
+    log.warning(
+        "run directory %s: %d checkpoints and %d metrics rows after step %d moved to %s",
+        out,
+        len(future),
+        len(drop),
+        step,
+        aside,
+    )
     return aside
 
 

@@ -14,20 +14,31 @@ from vidrep.training.validate import settings_errors
 
 def check_train(cfg: DictConfig, swept: set[str]) -> None:
     if is_missing(cfg, "data.root"):
-        raise PreflightError(f"data.num_patches={cfg.data.get('num_patches')} needs a mined corpus: add data.root=<corpus> "
-                             "(made by `python mine.py videos=<videos> out=<corpus>`)")
+        raise PreflightError(
+            f"data.num_patches={cfg.data.get('num_patches')} needs a mined corpus: add data.root=<corpus> "
+            "(made by `python mine.py videos=<videos> out=<corpus>`)"
+        )
     if cfg.data.get("demo") is None:  # the demo builds its corpus on first use
-        require_path(cfg, "data.root", "point it at a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept)
+        require_path(
+            cfg, "data.root", "point it at a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept
+        )
     errors = settings_errors(cfg)
     if errors:
         raise PreflightError("settings that cannot train:\n  " + "\n  ".join(errors))
     require_path(cfg, "resume", "give the run directory of an earlier train.py run (outputs/train/<run>)", swept)
     if cfg.data.get("demo") is None and "data.root" not in swept:
         _check_corpus_size(cfg)
-    require_path(cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept)
+    require_path(
+        cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept
+    )
     if OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
-        require_path(cfg, "model.net.trunk.weights", "give a local torchvision weights file for the trunk (nothing is "
-                     "downloaded), or model.net.trunk.weights=null for a random init", swept)
+        require_path(
+            cfg,
+            "model.net.trunk.weights",
+            "give a local torchvision weights file for the trunk (nothing is "
+            "downloaded), or model.net.trunk.weights=null for a random init",
+            swept,
+        )
     _note_cpu_ddp(cfg)
 
 
@@ -47,9 +58,11 @@ def _check_corpus_size(cfg: DictConfig) -> None:
             return  # a damaged summary is the data module's to report (with the verify command)
     batch, val = cfg.data.get("batch_size"), float(cfg.data.get("val_fraction") or 0.0)
     if isinstance(batch, int) and sum(counts) * (1 - val) < batch:
-        raise PreflightError(f"data.root holds {sum(counts)} pairs, about {int(sum(counts) * (1 - val))} of them for training "
-                             f"(data.val_fraction={val:g}), fewer than one batch of data.batch_size={batch}: lower "
-                             "data.batch_size (at least 2), or add corpora (data.root='[a,b]')")
+        raise PreflightError(
+            f"data.root holds {sum(counts)} pairs, about {int(sum(counts) * (1 - val))} of them for training "
+            f"(data.val_fraction={val:g}), fewer than one batch of data.batch_size={batch}: lower "
+            "data.batch_size (at least 2), or add corpora (data.root='[a,b]')"
+        )
 
 
 def _note_cpu_ddp(cfg: DictConfig) -> None:
@@ -59,5 +72,8 @@ def _note_cpu_ddp(cfg: DictConfig) -> None:
     devices = OmegaConf.select(cfg, "trainer.devices")
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
     if isinstance(devices, int) and devices > 1 and accelerator in ("auto", "cpu") and not torch.cuda.is_available():
-        print(f"note: trainer.devices={devices} and no GPU: this runs {devices} DDP processes on the CPU (gloo), slower "
-              "than one and meant for testing DDP; trainer.devices=1 trains on the CPU in one process", file=sys.stderr)
+        print(
+            f"note: trainer.devices={devices} and no GPU: this runs {devices} DDP processes on the CPU (gloo), slower "
+            "than one and meant for testing DDP; trainer.devices=1 trains on the CPU in one process",
+            file=sys.stderr,
+        )

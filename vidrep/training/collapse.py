@@ -19,8 +19,9 @@ ADVICE = (
 )
 
 
-def collapse_reason(embed_std: float, sim_pos: float, sim_neg: float, dim: int | None,
-                    std_ratio: float = 0.05, min_gap: float = 1e-3) -> str | None:
+def collapse_reason(
+    embed_std: float, sim_pos: float, sim_neg: float, dim: int | None, std_ratio: float = 0.05, min_gap: float = 1e-3
+) -> str | None:
     """Why a batch's statistics say the embedding has collapsed, or None when they do not.
 
     Two signs, either suffices: the mean per-dimension spread is `std_ratio` or less of what
@@ -28,7 +29,10 @@ def collapse_reason(embed_std: float, sim_pos: float, sim_neg: float, dim: int |
     their negatives as to their positives (gap under `min_gap`) with both near 1.
     """
     if dim and embed_std < std_ratio / math.sqrt(dim):
-        return f"embed_std {embed_std:.1e}, under {std_ratio:g} x the {1 / math.sqrt(dim):.3f} of an even spread over {dim} dimensions"
+        even = 1 / math.sqrt(dim)
+        return (
+            f"embed_std {embed_std:.1e}, under {std_ratio:g} x the {even:.3f} of an even spread over {dim} dimensions"
+        )
     if sim_neg > 0.99 and sim_pos - sim_neg < min_gap:
         return f"s(anchor, positive) {sim_pos:.4f} and s(anchor, negative) {sim_neg:.4f}: no gap"
     return None
@@ -40,8 +44,14 @@ class CollapseWarning(L.Callback):
     leave it early); after `patience` collapsed checks in a row it warns once (log line, W&B summary
     and alert), and again at the end of training if the run ends collapsed."""
 
-    def __init__(self, every_n_steps: int = 50, warmup_steps: int = 1000, patience: int = 3,
-                 std_ratio: float = 0.05, min_gap: float = 1e-3) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        warmup_steps: int = 1000,
+        patience: int = 3,
+        std_ratio: float = 0.05,
+        min_gap: float = 1e-3,
+    ) -> None:
         self.every_n_steps, self.warmup_steps, self.patience = every_n_steps, warmup_steps, patience
         self.std_ratio, self.min_gap = std_ratio, min_gap
         self.in_a_row = 0
@@ -53,8 +63,9 @@ class CollapseWarning(L.Callback):
         if not all(k in m for k in keys):
             return None
         std, pos, neg = (float(m[k]) for k in keys)  # a host sync, only every N steps
-        return collapse_reason(std, pos, neg, getattr(getattr(pl_module, "net", None), "out_dim", None),
-                               self.std_ratio, self.min_gap)
+        return collapse_reason(
+            std, pos, neg, getattr(getattr(pl_module, "net", None), "out_dim", None), self.std_ratio, self.min_gap
+        )
 
     def _warn(self, trainer: L.Trainer, reason: str, when: str) -> None:
         text = f"the embedding has collapsed {when} (step {trainer.global_step}): {reason}. {ADVICE}"
@@ -70,7 +81,9 @@ class CollapseWarning(L.Callback):
             except Exception as e:  # noqa: BLE001 - an alert that cannot be sent (offline) must not stop training
                 log.debug("W&B alert not sent: %r", e)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step < self.warmup_steps or step % self.every_n_steps:
             return

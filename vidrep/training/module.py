@@ -40,9 +40,16 @@ class TripletModule(L.LightningModule):
         # Plain types only, so checkpoints load with torch.load(weights_only=True); the full
         # config is in the run directory (.hydra/config.yaml) and in the loggers. "net" is the
         # network's own config (`model.net` with its _target_s), from which evaluate.py rebuilds it.
-        self.save_hyperparameters({"loss": self.loss.config(), "bias_lr_mult": bias_lr_mult,
-                                   "bias_weight_decay": bias_weight_decay, "input_size": input_size,
-                                   "pixel_mean": [float(v) for v in pixel_mean], "net": net.config()})
+        self.save_hyperparameters(
+            {
+                "loss": self.loss.config(),
+                "bias_lr_mult": bias_lr_mult,
+                "bias_weight_decay": bias_weight_decay,
+                "input_size": input_size,
+                "pixel_mean": [float(v) for v in pixel_mean],
+                "net": net.config(),
+            }
+        )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.bias_lr_mult, self.bias_weight_decay = bias_lr_mult, bias_weight_decay
         self.input_size = input_size
@@ -54,11 +61,13 @@ class TripletModule(L.LightningModule):
         # BatchShards' rank-independent batches they do not change with the number of devices.
         self.val_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", *self.loss.stat_names)})
         self.progress_bar_names = ("loss", self.loss.stat_names[0])
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     @property
     def negative_phase(self) -> str | None:
-        """"random" or "hard" (vidrep.losses.NegativeSchedule); None for a loss without a schedule."""
+        """ "random" or "hard" (vidrep.losses.NegativeSchedule); None for a loss without a schedule."""
         return self.negatives_at(self.current_epoch, self.global_step)[1]
 
     def negatives_at(self, epoch: int, step: int) -> tuple[float, str | None]:
@@ -79,17 +88,26 @@ class TripletModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Tensor], hard_ratio: float, stage: str) -> Tensor:
         n = batch["anchor"].shape[0]
         if batch["anchor"].shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set data.input_size to match")
+            raise ValueError(
+                f"patches are {tuple(batch['anchor'].shape[-2:])} but model.input_size is {self.input_size}; set "
+                "data.input_size to match"
+            )
         embeddings = self(torch.cat([batch["anchor"], batch["positive"]], dim=0)).float()
         anchor, positive = embeddings[:n], embeddings[n:]
-        loss, stats = loss_across_ranks(self.loss, anchor, positive, batch["video_id"], hard_ratio=hard_ratio,
-                                        gather=stage == "train")
+        loss, stats = loss_across_ranks(
+            self.loss, anchor, positive, batch["video_id"], hard_ratio=hard_ratio, gather=stage == "train"
+        )
         values = {"loss": loss, **stats}
         if stage == "val":
             for name, value in values.items():
                 self.val_means[name].update(value.detach(), weight=n)
-                self.log(f"val/{name}", self.val_means[name], on_step=False, on_epoch=True,
-                         prog_bar=name in self.progress_bar_names)
+                self.log(
+                    f"val/{name}",
+                    self.val_means[name],
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=name in self.progress_bar_names,
+                )
             return loss
         log = dict(on_step=True, on_epoch=True, batch_size=n, sync_dist=False)
         for name, value in values.items():

@@ -17,7 +17,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vidrep.losses import NegativeSchedule
 from vidrep.losses.base import resolve_target
-from vidrep.training.schedule import Schedule, Settings, compute_schedule, format_table, global_batch, scaled_steps, warmup_steps
+from vidrep.training.schedule import (
+    Schedule,
+    Settings,
+    compute_schedule,
+    format_table,
+    global_batch,
+    scaled_steps,
+    warmup_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +68,11 @@ def drop_unused_schedule_keys(cfg: DictConfig) -> DictConfig:
     unused = [k for k in SCHEDULE_KEYS if k in loss and k not in takes]
     if not unused:
         return cfg
-    log.warning("%s has no negative schedule: ignoring %s", loss._target_,
-                ", ".join(f"model.loss.{k}={loss.get(k)}" for k in unused))
+    log.warning(
+        "%s has no negative schedule: ignoring %s",
+        loss._target_,
+        ", ".join(f"model.loss.{k}={loss.get(k)}" for k in unused),
+    )
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         for k in unused:
@@ -77,11 +88,13 @@ def has_negative_schedule(loss: DictConfig) -> bool:
 def settings_of(cfg: DictConfig) -> Settings:
     sched = cfg.model.get("scheduler")
     return Settings(
-        batch_size=int(cfg.data.batch_size), lr=float(cfg.model.optimizer.lr),
+        batch_size=int(cfg.data.batch_size),
+        lr=float(cfg.model.optimizer.lr),
         max_steps=int(cfg.trainer.get("max_steps") if cfg.trainer.get("max_steps") is not None else -1),
         max_epochs=cfg.trainer.get("max_epochs"),
         lr_step_size=None if sched is None else int(sched.step_size),
-        hard_after_epochs=cfg.model.loss.get("hard_after_epochs"), hard_after_pairs=cfg.model.loss.get("hard_after_pairs"),
+        hard_after_epochs=cfg.model.loss.get("hard_after_epochs"),
+        hard_after_pairs=cfg.model.loss.get("hard_after_pairs"),
         gather_across_ranks=bool(cfg.model.loss.get("gather_across_ranks", True)),
         warmup_pairs=int(cfg.get("warmup_pairs") or 0),
     )
@@ -90,8 +103,10 @@ def settings_of(cfg: DictConfig) -> Settings:
 def _check_scheduler(cfg: DictConfig) -> None:
     sched = cfg.model.get("scheduler")
     if sched is not None and sched.get("_target_") != STEP_LR:
-        raise ValueError(f"model.scheduler is {sched.get('_target_')}; the schedule (and scaling) knows StepLR only: "
-                         "use model.scheduler._target_=" + STEP_LR + " or model.scheduler=null")
+        raise ValueError(
+            f"model.scheduler is {sched.get('_target_')}; the schedule (and scaling) knows StepLR only: "
+            "use model.scheduler._target_=" + STEP_LR + " or model.scheduler=null"
+        )
 
 
 def apply_schedule(cfg: DictConfig, schedule: Schedule, warmup: int) -> DictConfig:
@@ -106,9 +121,12 @@ def apply_schedule(cfg: DictConfig, schedule: Schedule, warmup: int) -> DictConf
         sched = cfg.model.get("scheduler")
         if warmup:
             cfg.model.scheduler = {
-                "_target_": "vidrep.training.schedule.warmup_step_lr", "_partial_": True,
+                "_target_": "vidrep.training.schedule.warmup_step_lr",
+                "_partial_": True,
                 "step_size": None if sched is None else scaled_steps(int(sched.step_size), world, scaling),
-                "gamma": 1.0 if sched is None else float(sched.gamma), "warmup": warmup, "start_factor": 1.0 / world,
+                "gamma": 1.0 if sched is None else float(sched.gamma),
+                "warmup": warmup,
+                "start_factor": 1.0 / world,
             }
         elif sched is not None:
             cfg.model.scheduler.step_size = scaled_steps(int(sched.step_size), world, scaling)
@@ -140,9 +158,17 @@ def prepare(cfg: DictConfig, dry_run: bool = False):
 
 def report(schedule: Schedule, warmup: int, out_dir: str | Path) -> Path:
     """Print the schedule's table and write <out_dir>/schedule.json (atomically)."""
-    print("\nEffective schedule (" + {"paper": "scaling=paper: one GPU's optimisation, dealt across the ranks",
-                                       "linear": "scaling=linear: Goyal et al. 2017's linear scaling rule"}[schedule.scaling]
-          + ")\n" + format_table(schedule, warmup) + "\n", flush=True)
+    print(
+        "\nEffective schedule ("
+        + {
+            "paper": "scaling=paper: one GPU's optimisation, dealt across the ranks",
+            "linear": "scaling=linear: Goyal et al. 2017's linear scaling rule",
+        }[schedule.scaling]
+        + ")\n"
+        + format_table(schedule, warmup)
+        + "\n",
+        flush=True,
+    )
     out = Path(out_dir) / "schedule.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(".schedule.json.tmp")
@@ -154,5 +180,7 @@ def report(schedule: Schedule, warmup: int, out_dir: str | Path) -> Path:
 
 def check_world_size(trainer, schedule: Schedule) -> None:
     if trainer.world_size != schedule.world_size:
-        raise ValueError(f"the trainer runs {trainer.world_size} processes but the schedule was worked out for "
-                         f"{schedule.world_size} (trainer.devices x trainer.num_nodes); set trainer.devices to an integer")
+        raise ValueError(
+            f"the trainer runs {trainer.world_size} processes but the schedule was worked out for "
+            f"{schedule.world_size} (trainer.devices x trainer.num_nodes); set trainer.devices to an integer"
+        )

@@ -57,8 +57,15 @@ def gather_candidates(anchor: Tensor, positive: Tensor, video_ids: Tensor) -> tu
     return Candidates(patches, torch.cat([all_ids, all_ids])), sum(sizes)
 
 
-def loss_across_ranks(loss_fn: PairLoss, anchor: Tensor, positive: Tensor, video_ids: Tensor, *, gather: bool = True,
-                      hard_ratio: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def loss_across_ranks(
+    loss_fn: PairLoss,
+    anchor: Tensor,
+    positive: Tensor,
+    video_ids: Tensor,
+    *,
+    gather: bool = True,
+    hard_ratio: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """`loss_fn` on this rank's pairs; under DDP (`gather=True`) against the global batch's
     patches when the loss gathers across ranks, else against this rank's own, with the gradient
     weighed by share either way. `gather=False` keeps negatives local and skips every collective

@@ -10,14 +10,14 @@ import lightning as L
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vidrep.common.loggers import finish_wandb
+from vidrep.common.workarounds import ddp_children_run_this_job_only, end_distributed
 from vidrep.training import plan
 from vidrep.training.checkpoints import (
     HashedCheckpointIO,
     LastCheckpoint,
     prepare_run_dir,
 )
-from vidrep.common.loggers import finish_wandb
-from vidrep.common.workarounds import ddp_children_run_this_job_only, end_distributed
 from vidrep.training.validate import validate_settings
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         loggers = _instantiate_list(cfg.get("logger"))
         callbacks = _instantiate_list(cfg.get("callbacks"))
         ddp_children_run_this_job_only()
-        trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                                     plugins=[HashedCheckpointIO()])
+        trainer: L.Trainer = hydra.utils.instantiate(
+            cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[HashedCheckpointIO()]
+        )
         plan.check_world_size(trainer, schedule)
         if trainer.is_global_zero:
             plan.report(schedule, warmup, cfg.paths.output_dir)
@@ -70,7 +71,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 lg.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "schedule": schedule.to_dict()})
         if cfg.get("validate_only"):
             if not cfg.get("ckpt_path"):
-                raise ValueError("validate_only=true measures a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt")
+                raise ValueError(
+                    "validate_only=true measures a checkpoint: add ckpt_path=<run dir>/checkpoints/last.ckpt"
+                )
             trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         else:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -85,14 +88,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 log_dir = getattr(lg, "log_dir", None) or getattr(lg, "save_dir", None)
                 if log_dir:
                     log.info("%s logs: %s", type(lg).__name__, log_dir)
-            summary = ", ".join(f"{k}={metrics[k]:.4f}" for k in ("train/loss_epoch", "train/triplet_acc_epoch", "val/loss", "val/triplet_acc") if k in metrics)
+            summary = ", ".join(
+                f"{k}={metrics[k]:.4f}"
+                for k in ("train/loss_epoch", "train/triplet_acc_epoch", "val/loss", "val/triplet_acc")
+                if k in metrics
+            )
             log.info("final metrics: %s", summary)
             for cb in callbacks:  # a callback's closing figures (the demo's check), for sweepers
                 metrics.update(getattr(cb, "final_metrics", {}))
         stopped = [cb.stopped_at for cb in callbacks if getattr(cb, "stopped_at", None) is not None]
         if stopped:
-            raise RuntimeError(f"training stopped at step {stopped[0]}: the loss is not finite (see the log above); "
-                               "last.ckpt keeps the last finite weights")
+            raise RuntimeError(
+                f"training stopped at step {stopped[0]}: the loss is not finite (see the log above); "
+                "last.ckpt keeps the last finite weights"
+            )
         return metrics
     finally:
         finish_wandb()

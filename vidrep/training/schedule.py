@@ -103,8 +103,10 @@ def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, va
     batch = global_batch(s.batch_size, world, scaling)
     shares = rank_shares(batch, world)
     if train_pairs < batch:
-        raise ValueError(f"{train_pairs:,} training pairs are fewer than one global batch of {batch:,}; "
-                         "lower data.batch_size or use a larger corpus")
+        raise ValueError(
+            f"{train_pairs:,} training pairs are fewer than one global batch of {batch:,}; "
+            "lower data.batch_size or use a larger corpus"
+        )
     steps_per_epoch = train_pairs // batch
     if s.max_steps is not None and s.max_steps > 0:
         max_steps = scaled_steps(s.max_steps, world, scaling)
@@ -120,9 +122,16 @@ def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, va
         drops = list(range(step, max_steps, step))
     pool_pairs = batch if (world == 1 or s.gather_across_ranks) else min(shares)
     return Schedule(
-        world_size=world, scaling=scaling, global_batch_pairs=batch, per_rank_pairs=shares,
-        lr=s.lr * (world if scaling == "linear" else 1), max_steps=max_steps, lr_drops_at_steps=drops,
-        train_pairs=train_pairs, val_pairs=val_pairs, steps_per_epoch=steps_per_epoch,
+        world_size=world,
+        scaling=scaling,
+        global_batch_pairs=batch,
+        per_rank_pairs=shares,
+        lr=s.lr * (world if scaling == "linear" else 1),
+        max_steps=max_steps,
+        lr_drops_at_steps=drops,
+        train_pairs=train_pairs,
+        val_pairs=val_pairs,
+        steps_per_epoch=steps_per_epoch,
         epochs=max_steps * batch / train_pairs,
         hard_negatives_from_step=switch_step(s.hard_after_epochs, s.hard_after_pairs, steps_per_epoch, batch),
         negative_pool=candidate_pool(pool_pairs),
@@ -133,7 +142,10 @@ def format_table(schedule: Schedule, warmup: int = 0) -> str:
     """The schedule as the table every run prints at its start (and the dry run prints alone)."""
     rows = schedule.to_dict()
     if warmup:
-        rows["lr"] = f"{schedule.lr:g} (linear warm-up from {schedule.lr / schedule.world_size:g} over the first {warmup:,} steps)"
+        rows["lr"] = (
+            f"{schedule.lr:g} (linear warm-up from {schedule.lr / schedule.world_size:g} over the first {warmup:,} "
+            "steps)"
+        )
     width = max(map(len, rows))
 
     def show(value) -> str:

@@ -44,8 +44,10 @@ def settings_errors(cfg: Mapping) -> list[str]:
     errors: list[str] = []
     batch = _get(cfg, "data.batch_size")
     if not _is_int(batch) or batch < 2:
-        errors.append(f"data.batch_size={batch!r}: a batch needs at least 2 pairs (negatives come from the other pairs' videos); "
-                      "use data.batch_size=50 (the released code's batch)")
+        errors.append(
+            f"data.batch_size={batch!r}: a batch needs at least 2 pairs (negatives come from the other pairs' videos); "
+            "use data.batch_size=50 (the released code's batch)"
+        )
     loss = _loss_class(cfg, errors)
     if loss is not None and issubclass(loss, RankingLoss):
         errors += _ranking_errors(cfg, batch)
@@ -53,7 +55,11 @@ def settings_errors(cfg: Mapping) -> list[str]:
         t = _get(cfg, "model.loss.temperature")
         if t is not None and (not _is_number(t) or t <= 0):
             errors.append(f"model.loss.temperature={t!r}: must be > 0; use model.loss.temperature=0.1 (SimCLR's)")
-    for key, example in (("model.input_size", 227), ("model.net.trunk.fc6_dim", 4096), ("model.net.trunk.fc7_dim", 1024)):
+    for key, example in (
+        ("model.input_size", 227),
+        ("model.net.trunk.fc6_dim", 4096),
+        ("model.net.trunk.fc7_dim", 1024),
+    ):
         v = _get(cfg, key)
         if v is not None and (not _is_int(v) or v < 1):
             errors.append(f"{key}={v!r}: must be a positive integer; use {key}={example}")
@@ -62,11 +68,15 @@ def settings_errors(cfg: Mapping) -> list[str]:
         errors.append(f"model.optimizer.lr={lr!r}: must be > 0; use model.optimizer.lr=0.001")
     workers = _get(cfg, "data.num_workers")
     if workers is not None and (not _is_int(workers) or workers < 0):
-        errors.append(f"data.num_workers={workers!r}: must be >= 0; use data.num_workers=4 (0 loads in the training process)")
+        errors.append(
+            f"data.num_workers={workers!r}: must be >= 0; use data.num_workers=4 (0 loads in the training process)"
+        )
     patches = _get(cfg, "data.num_patches")
     if patches is not None and (not _is_int(patches) or patches < 2 * (batch if _is_int(batch) and batch > 0 else 1)):
-        errors.append(f"data.num_patches={patches!r}: needs at least one batch (2 x data.batch_size patches); "
-                      "use data.num_patches=null (the whole corpus) or e.g. data.num_patches=1500000")
+        errors.append(
+            f"data.num_patches={patches!r}: needs at least one batch (2 x data.batch_size patches); "
+            "use data.num_patches=null (the whole corpus) or e.g. data.num_patches=1500000"
+        )
     val = _get(cfg, "data.val_fraction")
     if val is not None and (not _is_number(val) or not 0.0 <= val < 1.0):
         errors.append(f"data.val_fraction={val!r}: a share in [0, 1); use data.val_fraction=0.05")
@@ -98,8 +108,10 @@ def _ranking_errors(cfg: Mapping, batch) -> list[str]:
     errors: list[str] = []
     margin = _get(cfg, "model.loss.margin")
     if not _is_number(margin) or margin <= 0:
-        errors.append(f"model.loss.margin={margin!r}: must be > 0 (with margin <= 0 the loss is 0 from the first step); "
-                      "use model.loss.margin=0.5 (the paper) or 1.0 (the released code)")
+        errors.append(
+            f"model.loss.margin={margin!r}: must be > 0 (with margin <= 0 the loss is 0 from the first step); "
+            "use model.loss.margin=0.5 (the paper) or 1.0 (the released code)"
+        )
     k = _get(cfg, "model.loss.num_negatives")
     if not _is_int(k) or k < 1:
         errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
@@ -112,8 +124,10 @@ def _ranking_errors(cfg: Mapping, batch) -> list[str]:
         world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
         pool = candidate_pool(batch if gather else max(1, batch // world))
         if k > pool:
-            errors.append(f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
-                          f"(2 x (pairs - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size")
+            errors.append(
+                f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
+                f"(2 x (pairs - 1)); use model.loss.num_negatives=4 or at most {pool}, or raise data.batch_size"
+            )
     for key, low in (("model.loss.hard_ratio", 0.0), ("model.loss.initial_hard_ratio", 0.0)):
         v = _get(cfg, key)
         if v is not None and (not _is_number(v) or not low <= v <= 1.0):

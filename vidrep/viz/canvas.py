@@ -106,8 +106,14 @@ def wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
 
 
-def patch_grid(rows: Sequence[Sequence], texts: Sequence[Sequence[str]], column_titles: Sequence[str],
-                title: str, text_colours: Sequence[Sequence[str]] | None = None, row_labels: Sequence[str] = ()) -> np.ndarray:
+def patch_grid(
+    rows: Sequence[Sequence],
+    texts: Sequence[Sequence[str]],
+    column_titles: Sequence[str],
+    title: str,
+    text_colours: Sequence[Sequence[str]] | None = None,
+    row_labels: Sequence[str] = (),
+) -> np.ndarray:
     """Patches in a grid (None leaves a cell empty), a caption under each, titled columns."""
     plt = pyplot()
     nr, nc = len(rows), max(len(r) for r in rows)

@@ -41,10 +41,19 @@ def ap_bar_chart(results: Sequence[dict], title: str = "") -> np.ndarray:
     ax.set_ylabel("AP (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.25 if len(classes) > 6 else -0.12), ncol=1, frameon=False)
+    ax.legend(
+        fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.25 if len(classes) > 6 else -0.12), ncol=1, frameon=False
+    )
     metric = "11-point" if results[0]["protocol"].get("use_07_metric") else "all-point"
-    ax.set_title(wrap(title or f"per-class AP ({results[0]['protocol']['name']} protocol, {data_name(results[0])} "
-                      f"{results[0]['data']['test_split']}, {metric} AP)", 110), fontsize=10)
+    ax.set_title(
+        wrap(
+            title
+            or f"per-class AP ({results[0]['protocol']['name']} protocol, {data_name(results[0])} "
+            f"{results[0]['data']['test_split']}, {metric} AP)",
+            110,
+        ),
+        fontsize=10,
+    )
     fig.tight_layout()
     return figure_to_array(fig)
 
@@ -76,8 +85,14 @@ def pr_curves_figure(result: dict, columns: int = 5) -> np.ndarray:
             ax.set_xlabel("recall", fontsize=8)
     for c in range(len(classes), rows * columns):
         axes[c // columns][c % columns].axis("off")
-    fig.suptitle(wrap(f"precision-recall on {data_name(result)} {result['data']['test_split']}: {_name(result)}, "
-                      f"mAP {100 * result['map']:.1f}", int(13 * fig.get_figwidth())), fontsize=10)
+    fig.suptitle(
+        wrap(
+            f"precision-recall on {data_name(result)} {result['data']['test_split']}: {_name(result)}, "
+            f"mAP {100 * result['map']:.1f}",
+            int(13 * fig.get_figwidth()),
+        ),
+        fontsize=10,
+    )
     fig.tight_layout()
     return figure_to_array(fig)
 
@@ -85,11 +100,20 @@ def pr_curves_figure(result: dict, columns: int = 5) -> np.ndarray:
 def table_image(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> np.ndarray:
     """A table as a picture (for W&B and slides); the same rows as the Markdown table."""
     plt = pyplot()
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)] if rows else [len(h) for h in header]
+    widths = (
+        [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+        if rows
+        else [len(h) for h in header]
+    )
     fig, ax = plt.subplots(figsize=(min(22, 0.09 * sum(widths) + 1.5), 0.32 * (len(rows) + 1) + 0.9))
     ax.axis("off")
-    table = ax.table(cellText=[list(map(str, r)) for r in rows] or [["-"] * len(header)], colLabels=list(header),
-                     loc="center", cellLoc="left", colWidths=[w / sum(widths) for w in widths])
+    table = ax.table(
+        cellText=[list(map(str, r)) for r in rows] or [["-"] * len(header)],
+        colLabels=list(header),
+        loc="center",
+        cellLoc="left",
+        colWidths=[w / sum(widths) for w in widths],
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.3)
@@ -121,7 +145,15 @@ def comparison_pictures(results: Sequence[dict], paths: Sequence[Path], sink: Pi
     from vidrep.eval.report import comparison_rows
 
     header, rows = comparison_rows(results, paths)
-    sink.add("pictures/paper_table", table_image(header, rows, "evaluations in the paper's row order, beside the paper's "
-                                                 "VOC2012 detection mAP (Wang & Gupta 2015, Table 1)"), "paper table")
+    sink.add(
+        "pictures/paper_table",
+        table_image(
+            header,
+            rows,
+            "evaluations in the paper's row order, beside the paper's "
+            "VOC2012 detection mAP (Wang & Gupta 2015, Table 1)",
+        ),
+        "paper table",
+    )
     if len({tuple(r["data"]["classes"]) for r in results}) == 1:
         sink.add("pictures/per_class_ap", ap_bar_chart(results), "per-class AP of the compared evaluations")

@@ -41,12 +41,22 @@ def _box(ax, box, colour: str, style: str = "-", label: str | None = None) -> No
     from matplotlib.patches import Rectangle
 
     x, y, w, h = box
-    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=colour, linewidth=2, linestyle=style, label=label))
+    ax.add_patch(
+        Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=colour, linewidth=2, linestyle=style, label=label)
+    )
 
 
-def mining_frame_figure(query: np.ndarray, tracked: np.ndarray, points: np.ndarray, moving: np.ndarray,
-                        query_box: Sequence[int], tracked_box: Sequence[int], title: str,
-                        query_frame: int, tracked_frame: int) -> np.ndarray:
+def mining_frame_figure(
+    query: np.ndarray,
+    tracked: np.ndarray,
+    points: np.ndarray,
+    moving: np.ndarray,
+    query_box: Sequence[int],
+    tracked_box: Sequence[int],
+    title: str,
+    query_frame: int,
+    tracked_frame: int,
+) -> np.ndarray:
     """Query frame (points, moving in red, the window) beside the tracked frame (the tracked box and,
     dashed, where the window was). Frames are BGR as decoded."""
     plt = pyplot()
@@ -55,10 +65,24 @@ def mining_frame_figure(query: np.ndarray, tracked: np.ndarray, points: np.ndarr
     ax = axes[0]
     ax.imshow(cv2.cvtColor(query, cv2.COLOR_BGR2RGB))
     static = ~moving
-    ax.scatter(points[static, 0], points[static, 1], s=9, c="#00e5ff", edgecolors="black", linewidths=0.3,
-               label=f"static after camera compensation ({int(static.sum())})")
-    ax.scatter(points[moving, 0], points[moving, 1], s=12, c="red", edgecolors="black", linewidths=0.3,
-               label=f"moving ({int(moving.sum())})")
+    ax.scatter(
+        points[static, 0],
+        points[static, 1],
+        s=9,
+        c="#00e5ff",
+        edgecolors="black",
+        linewidths=0.3,
+        label=f"static after camera compensation ({int(static.sum())})",
+    )
+    ax.scatter(
+        points[moving, 0],
+        points[moving, 1],
+        s=12,
+        c="red",
+        edgecolors="black",
+        linewidths=0.3,
+        label=f"moving ({int(moving.sum())})",
+    )
     _box(ax, query_box, "yellow", label=f"{query_box[2]}x{query_box[3]} query window")
     ax.set_title(f"frame {query_frame}: {len(points)} interest points, {100 * moving.mean():.0f} % moving", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
@@ -66,7 +90,9 @@ def mining_frame_figure(query: np.ndarray, tracked: np.ndarray, points: np.ndarr
     ax.imshow(cv2.cvtColor(tracked, cv2.COLOR_BGR2RGB))
     _box(ax, query_box, "yellow", "--", label="query window (frame %d)" % query_frame)
     _box(ax, tracked_box, "lime", label="tracked box")
-    ax.set_title(f"frame {tracked_frame}: the window tracked by KCF ({tracked_frame - query_frame} frames later)", fontsize=10)
+    ax.set_title(
+        f"frame {tracked_frame}: the window tracked by KCF ({tracked_frame - query_frame} frames later)", fontsize=10
+    )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3, fontsize=8, frameon=False)
     for ax in axes:
         ax.set_xticks([])
@@ -76,14 +102,22 @@ def mining_frame_figure(query: np.ndarray, tracked: np.ndarray, points: np.ndarr
     return figure_to_array(fig)
 
 
-def contact_sheet(queries: Sequence[np.ndarray], tracked: Sequence[np.ndarray], frames: Sequence[tuple[int, int]],
-                  title: str, pairs_per_row: int = 4) -> np.ndarray:
+def contact_sheet(
+    queries: Sequence[np.ndarray],
+    tracked: Sequence[np.ndarray],
+    frames: Sequence[tuple[int, int]],
+    title: str,
+    pairs_per_row: int = 4,
+) -> np.ndarray:
     """The pairs of one video, `pairs_per_row` (query, tracked) pairs per row, frame numbers below."""
     rows, texts = [], []
     for start in range(0, len(queries), pairs_per_row):
         row, text = [], []
-        for q, t, (fq, ft) in zip(queries[start : start + pairs_per_row], tracked[start : start + pairs_per_row],
-                                  frames[start : start + pairs_per_row]):
+        for q, t, (fq, ft) in zip(
+            queries[start : start + pairs_per_row],
+            tracked[start : start + pairs_per_row],
+            frames[start : start + pairs_per_row],
+        ):
             row += [q, t]
             text += [f"query, frame {fq}", f"tracked, frame {ft}"]
         rows.append(row + [None] * (2 * pairs_per_row - len(row)))
@@ -102,9 +136,15 @@ def picture_folder(name: str, key: str) -> str:
     return f"{stem}-{key}"
 
 
-def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, max_videos: int = 8,
-                           max_pairs: int = 24, video_paths: dict[str, Path] | None = None,
-                           names: Sequence[str] | None = None) -> list[Path]:
+def render_corpus_pictures(
+    root: str | Path,
+    out: str | Path | None = None,
+    *,
+    max_videos: int = 8,
+    max_pairs: int = 24,
+    video_paths: dict[str, Path] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[Path]:
     """Per video with pairs (the first `max_videos` by corpus key, or those `names`): a contact sheet
     of up to `max_pairs` pairs (<out>/<name>-<key>/pairs.png) and, where `video_paths` maps the video's
     corpus name to its file, the frame picture of its first pair (<out>/<name>-<key>/frame.png).
@@ -135,24 +175,34 @@ def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, m
     for video_id, name in chosen:
         rows = np.nonzero(index.video_id == video_id)[0]
         rows = rows[np.argsort(index.query_frame[rows], kind="stable")]
-        pairs_of_video = manifest.take(rows).select(["query_frame", "tracked_frame", "query_box", "tracked_box"]).to_pylist()
+        pairs_of_video = (
+            manifest.take(rows).select(["query_frame", "tracked_frame", "query_box", "tracked_box"]).to_pylist()
+        )
         key = f"{video_id:016x}"
         folder = picture_folder(name, key)
         shown = rows[:max_pairs]
         pairs = [index.read_pair(int(i)) for i in shown]
         what = f"{len(shown)} of {len(rows)}" if len(rows) > len(shown) else f"all {len(rows)}"
-        sheet = contact_sheet([_rgb(q) for q, _ in pairs], [_rgb(t) for _, t in pairs],
-                              [(p["query_frame"], p["tracked_frame"]) for p in pairs_of_video[: len(shown)]],
-                              f"{name} (video {key}): {what} mined pairs, query and tracked patch")
+        sheet = contact_sheet(
+            [_rgb(q) for q, _ in pairs],
+            [_rgb(t) for _, t in pairs],
+            [(p["query_frame"], p["tracked_frame"]) for p in pairs_of_video[: len(shown)]],
+            f"{name} (video {key}): {what} mined pairs, query and tracked patch",
+        )
         written.append(save_png(out / folder / "pairs.png", sheet))
         path = (video_paths or {}).get(name)
         if miner is None or path is None:
             continue
         p = pairs_of_video[0]
         try:
-            written.append(save_png(out / folder / "frame.png", video_frame_picture(miner, path, name, p["query_frame"],
-                                                                                 p["tracked_frame"], p["query_box"],
-                                                                                 p["tracked_box"])))
+            written.append(
+                save_png(
+                    out / folder / "frame.png",
+                    video_frame_picture(
+                        miner, path, name, p["query_frame"], p["tracked_frame"], p["query_box"], p["tracked_box"]
+                    ),
+                )
+            )
         except Exception as e:  # noqa: BLE001 - a picture must not end a run; say which video and why
             log.warning("no frame picture for %s: %s: %s", name, type(e).__name__, e)
     if not chosen:
@@ -160,20 +210,38 @@ def render_corpus_pictures(root: str | Path, out: str | Path | None = None, *, m
     return written
 
 
-def video_frame_picture(miner: VideoMiner, path: str | Path, name: str, query_frame: int, tracked_frame: int,
-                        query_box: Sequence[int], tracked_box: Sequence[int]) -> np.ndarray:
+def video_frame_picture(
+    miner: VideoMiner,
+    path: str | Path,
+    name: str,
+    query_frame: int,
+    tracked_frame: int,
+    query_box: Sequence[int],
+    tracked_box: Sequence[int],
+) -> np.ndarray:
     """The frame picture of one pair, re-measuring the points and motion the miner saw."""
     c = miner.config
     frames = frames_at(path, c, [query_frame - 1, query_frame, tracked_frame])
     if len(frames) < 3:
-        raise ValueError(f"{path} has fewer than {tracked_frame + 1} frames; is it the video this corpus was mined from?")
+        raise ValueError(
+            f"{path} has fewer than {tracked_frame + 1} frames; is it the video this corpus was mined from?"
+        )
     gray = lambda t: cv2.cvtColor(frames[t], cv2.COLOR_BGR2GRAY)  # noqa: E731
     motion = miner.frame_motion(gray(query_frame - 1), gray(query_frame))
     moving = motion.residual > c.moving_px
-    return mining_frame_figure(frames[query_frame], frames[tracked_frame], motion.points, moving, query_box, tracked_box,
-                               f"{name}: a mined pair (detector {c.detector}; a point moves when its camera-compensated "
-                               f"motion exceeds {c.moving_px:g} px; frames kept with {100 * c.min_moving:.0f}-"
-                               f"{100 * c.max_moving:.0f} % moving)", query_frame, tracked_frame)
+    return mining_frame_figure(
+        frames[query_frame],
+        frames[tracked_frame],
+        motion.points,
+        moving,
+        query_box,
+        tracked_box,
+        f"{name}: a mined pair (detector {c.detector}; a point moves when its camera-compensated "
+        f"motion exceeds {c.moving_px:g} px; frames kept with {100 * c.min_moving:.0f}-"
+        f"{100 * c.max_moving:.0f} % moving)",
+        query_frame,
+        tracked_frame,
+    )
 
 
 def draw_run_pictures(cfg) -> None:
@@ -181,6 +249,7 @@ def draw_run_pictures(cfg) -> None:
     from vidrep.mining.inputs import list_videos, select_shard
 
     videos = select_shard(list_videos(cfg.videos, tuple(cfg.extensions)), cfg.shard, cfg.num_shards)
-    written = render_corpus_pictures(cfg.out, max_videos=cfg.viz_videos, names=[v.name for v in videos],
-                                     video_paths={v.name: v.path for v in videos})
+    written = render_corpus_pictures(
+        cfg.out, max_videos=cfg.viz_videos, names=[v.name for v in videos], video_paths={v.name: v.path for v in videos}
+    )
     print(f"pictures: {len(written)} files in {Path(cfg.out).resolve() / 'pictures'}")

@@ -20,8 +20,17 @@ from torch import Tensor
 
 from vidrep.viz.canvas import PictureSink, wandb_loggers_of
 from vidrep.viz.training import (
-    cross_video_neighbours, embed_2d, embedding_figure, filters_figure, first_conv_weight, hardest_chosen_negative,
-    retrieval_figure, top_response_figure, top_response_indices, triplet_figure, unit_responses,
+    cross_video_neighbours,
+    embed_2d,
+    embedding_figure,
+    filters_figure,
+    first_conv_weight,
+    hardest_chosen_negative,
+    retrieval_figure,
+    top_response_figure,
+    top_response_indices,
+    triplet_figure,
+    unit_responses,
 )
 
 log = logging.getLogger(__name__)
@@ -41,12 +50,17 @@ class HeldOut:
         """`num_pairs` pairs spread evenly over a PairDataset (validation: no flips), in a fixed
         shuffled order: consecutive held-out pairs come from one video, a training batch does not."""
         if len(dataset) == 0:
-            raise ValueError("no held-out pairs to draw pictures from (the validation split is empty); raise data.val_fraction")
+            raise ValueError(
+                "no held-out pairs to draw pictures from (the validation split is empty); raise data.val_fraction"
+            )
         picks = np.unique(np.linspace(0, len(dataset) - 1, min(num_pairs, len(dataset))).round().astype(int))
         picks = np.random.default_rng(seed).permutation(picks)
         items = [dataset[int(i)] for i in picks]
-        return cls(torch.stack([it["anchor"] for it in items]), torch.stack([it["positive"] for it in items]),
-                   torch.stack([it["video_id"] for it in items]))
+        return cls(
+            torch.stack([it["anchor"] for it in items]),
+            torch.stack([it["positive"] for it in items]),
+            torch.stack([it["video_id"] for it in items]),
+        )
 
     def __len__(self) -> int:
         return len(self.video_id)
@@ -87,8 +101,17 @@ class TrainingPictures:
         if unknown:
             raise ValueError(f"unknown pictures {sorted(unknown)}; choose from {PICTURES}")
 
-    def draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str | None, title: str, sink: PictureSink,
-             step: int | None = None, tag: str = "") -> None:
+    def draw(
+        self,
+        module,
+        heldout: HeldOut,
+        hard_ratio: float,
+        phase: str | None,
+        title: str,
+        sink: PictureSink,
+        step: int | None = None,
+        tag: str = "",
+    ) -> None:
         """Every chosen picture of `module` (a TripletModule) on `heldout`, into `sink`."""
         was_training = module.training
         module.eval()
@@ -100,8 +123,17 @@ class TrainingPictures:
         finally:
             module.train(was_training)
 
-    def _draw(self, module, heldout: HeldOut, hard_ratio: float, phase: str | None, title: str, sink: PictureSink,
-              step: int | None, tag: str) -> None:
+    def _draw(
+        self,
+        module,
+        heldout: HeldOut,
+        hard_ratio: float,
+        phase: str | None,
+        title: str,
+        sink: PictureSink,
+        step: int | None,
+        tag: str,
+    ) -> None:
         n = len(heldout)
         patches = torch.cat([heldout.anchor, heldout.positive])
         emb, pool5 = _features(module, patches)
@@ -115,37 +147,72 @@ class TrainingPictures:
             neg, s_pos, s_neg = hardest_chosen_negative(anchor[:b], positive[:b], mask)
             rows = torch.arange(min(self.num_triplets, b))
             batch_patches = torch.cat([heldout.anchor[:b], heldout.positive[:b]])
-            negatives = [batch_patches[j] if j >= 0 else torch.zeros_like(heldout.anchor[0]) for j in neg[rows].tolist()]
+            negatives = [
+                batch_patches[j] if j >= 0 else torch.zeros_like(heldout.anchor[0]) for j in neg[rows].tolist()
+            ]
             if phase is None:  # a loss without negative selection: every patch of another video is a negative
                 what = f"{title}: every other-video patch a negative, in a batch of {b} held-out pairs"
             else:
-                chosen = ("top-K hard negatives" if hard_ratio >= 1 else
-                          "random negatives" if hard_ratio == 0 else f"{hard_ratio:g} hard")
+                chosen = (
+                    "top-K hard negatives"
+                    if hard_ratio >= 1
+                    else "random negatives"
+                    if hard_ratio == 0
+                    else f"{hard_ratio:g} hard"
+                )
                 what = f"{title}: {phase} phase ({chosen}, in a batch of {b} held-out pairs)"
             # Without a margin, red marks a negative that scores above the tracked patch.
-            add("triplets", triplet_figure(heldout.anchor[rows], heldout.positive[rows], negatives, s_pos[rows].tolist(),
-                                           s_neg[rows].tolist(), getattr(loss, "margin", 0.0), what),
-                "query, tracked patch, hardest chosen negative")
+            add(
+                "triplets",
+                triplet_figure(
+                    heldout.anchor[rows],
+                    heldout.positive[rows],
+                    negatives,
+                    s_pos[rows].tolist(),
+                    s_neg[rows].tolist(),
+                    getattr(loss, "margin", 0.0),
+                    what,
+                ),
+                "query, tracked patch, hardest chosen negative",
+            )
         if "retrieval" in self.pictures:
             q = torch.linspace(0, n - 1, min(self.num_queries, n)).round().long().unique()
             idx, sims = cross_video_neighbours(anchor[q], heldout.video_id[q], emb, videos, self.num_matches)
             matches = [[patches[j] if j >= 0 else None for j in row] for row in idx.tolist()]
             match_videos = np.where(idx.numpy() >= 0, videos.numpy()[idx.clamp_min(0).numpy()], 0)
-            add("retrieval", retrieval_figure(heldout.anchor[q], matches, sims.numpy(), heldout.video_id[q].tolist(),
-                                              match_videos, title), "query and its nearest patches from other videos")
+            add(
+                "retrieval",
+                retrieval_figure(
+                    heldout.anchor[q], matches, sims.numpy(), heldout.video_id[q].tolist(), match_videos, title
+                ),
+                "query and its nearest patches from other videos",
+            )
         if "conv1" in self.pictures:
-            add("conv1", filters_figure(first_conv_weight(module.net.trunk), f"{title}: conv1 filters"), "conv1 filters")
+            add(
+                "conv1", filters_figure(first_conv_weight(module.net.trunk), f"{title}: conv1 filters"), "conv1 filters"
+            )
         if "top_responses" in self.pictures:
             responses = unit_responses(pool5, channels=self._pool5_channels(module))
             units, top = top_response_indices(responses, self.num_units, self.num_top, groups=videos)
             values = torch.where(top >= 0, responses[top.clamp_min(0), units[:, None]], float("nan"))
-            add("top_responses", top_response_figure([[patches[j] if j >= 0 else None for j in row] for row in top.tolist()],
-                                                     units.tolist(), values.numpy(), title),
-                "held-out patches with the strongest pool5 responses")
+            add(
+                "top_responses",
+                top_response_figure(
+                    [[patches[j] if j >= 0 else None for j in row] for row in top.tolist()],
+                    units.tolist(),
+                    values.numpy(),
+                    title,
+                ),
+                "held-out patches with the strongest pool5 responses",
+            )
         if "embedding" in self.pictures:
             xy = embed_2d(emb.numpy(), self.embedding, self.seed)
             pair_of = np.concatenate([np.arange(n, 2 * n), np.arange(n)])
-            add("embedding", embedding_figure(xy, videos.numpy(), pair_of, self.embedding, title), "held-out embedding by video")
+            add(
+                "embedding",
+                embedding_figure(xy, videos.numpy(), pair_of, self.embedding, title),
+                "held-out embedding by video",
+            )
 
     @staticmethod
     def _pool5_channels(module) -> int:
@@ -189,10 +256,22 @@ class PicturesCallback(L.Callback):
         epoch = trainer.current_epoch
         sink = PictureSink(self.folder, wandb_loggers_of(trainer.loggers))
         try:
-            self.pictures.draw(pl_module, self.heldout, *pl_module.negatives_at(epoch, trainer.global_step),
-                               f"epoch {epoch + 1}, step {trainer.global_step}", sink, step=trainer.global_step, tag=f"epoch{epoch + 1:03d}")
+            self.pictures.draw(
+                pl_module,
+                self.heldout,
+                *pl_module.negatives_at(epoch, trainer.global_step),
+                f"epoch {epoch + 1}, step {trainer.global_step}",
+                sink,
+                step=trainer.global_step,
+                tag=f"epoch{epoch + 1:03d}",
+            )
         except Exception:  # noqa: BLE001 - a failed picture must not end a multi-day run
             log.exception("pictures of epoch %d failed; training goes on", epoch + 1)
             return
         self.drawn_epochs.append(epoch + 1)
-        log.info("pictures of epoch %d: %s (%.1f s)", epoch + 1, self.folder / f"epoch{epoch + 1:03d}", time.perf_counter() - start)
+        log.info(
+            "pictures of epoch %d: %s (%.1f s)",
+            epoch + 1,
+            self.folder / f"epoch{epoch + 1:03d}",
+            time.perf_counter() - start,
+        )

@@ -1,8 +1,8 @@
 """Pictures of existing results, without training or mining again:
 
-    python -m vidrep.viz train --ckpt <run>/checkpoints/last.ckpt [--corpus <corpus>] [--out <dir>]
-    python -m vidrep.viz corpus <corpus> [--videos <folder or list>] [--max-videos 8] [--out <dir>]
-    python -m vidrep.viz eval <results.json> [<results.json> ...] [--out <dir>]
+python -m vidrep.viz train --ckpt <run>/checkpoints/last.ckpt [--corpus <corpus>] [--out <dir>]
+python -m vidrep.viz corpus <corpus> [--videos <folder or list>] [--max-videos 8] [--out <dir>]
+python -m vidrep.viz eval <results.json> [<results.json> ...] [--out <dir>]
 """
 
 from __future__ import annotations
@@ -46,14 +46,26 @@ def triplet_module_from_checkpoint(ckpt: str | Path):
     saved = read_checkpoint(ckpt)
     network = load_checkpoint_trunk(ckpt, saved)
     hp = saved.get("hyper_parameters", {})
-    module = TripletModule(EmbeddingNet(network.trunk), hp.get("loss", {}), optimizer=None,
-                           pixel_mean=hp.get("pixel_mean"), input_size=network.input_size)
+    module = TripletModule(
+        EmbeddingNet(network.trunk),
+        hp.get("loss", {}),
+        optimizer=None,
+        pixel_mean=hp.get("pixel_mean"),
+        input_size=network.input_size,
+    )
     return module, int(saved.get("epoch", 0)), int(saved.get("global_step", 0))
 
 
-def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str | Path | None = None, *,
-                    num_heldout: int = 256, val_fraction: float | None = None, seed: int | None = None,
-                    embedding: str = "tsne") -> list[Path]:
+def render_training(
+    ckpt: str | Path,
+    corpus: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    num_heldout: int = 256,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    embedding: str = "tsne",
+) -> list[Path]:
     """The training pictures of a checkpoint, drawn from the held-out pairs of its own run (the
     corpus, split and seed in <run>/.hydra/config.yaml; or those given). Written to
     <run>/pictures/render-stepNNNNNNN/ unless `out` is given."""
@@ -73,17 +85,29 @@ def render_training(ckpt: str | Path, corpus: str | Path | None = None, out: str
     seed = data.get("seed") or 0 if seed is None else seed
     num_patches = data.get("num_patches")
     index = open_index(root)
-    sel = select_pairs(index.video_id, index.query_frame, None if num_patches is None else num_patches // 2, val_fraction, seed)
-    heldout = HeldOut.from_dataset(PairDataset(index, sel.val, PatchTransform(module.input_size, 0.0, data.get("decoder") or "opencv")), num_heldout, seed)
+    sel = select_pairs(
+        index.video_id, index.query_frame, None if num_patches is None else num_patches // 2, val_fraction, seed
+    )
+    heldout = HeldOut.from_dataset(
+        PairDataset(index, sel.val, PatchTransform(module.input_size, 0.0, data.get("decoder") or "opencv")),
+        num_heldout,
+        seed,
+    )
     out = Path(out) if out is not None else ckpt.resolve().parent.parent / "pictures" / f"render-step{step:07d}"
     sink = PictureSink(out)
     TrainingPictures(batch_size=data.get("batch_size") or 50, embedding=embedding).draw(
-        module, heldout, *module.negatives_at(epoch, step), f"{ckpt.name} (step {step})", sink)
+        module, heldout, *module.negatives_at(epoch, step), f"{ckpt.name} (step {step})", sink
+    )
     return sink.written
 
 
-def render_corpus(root: str | Path, videos: str | Path | None = None, out: str | Path | None = None,
-                  max_videos: int = 8, max_pairs: int = 24) -> list[Path]:
+def render_corpus(
+    root: str | Path,
+    videos: str | Path | None = None,
+    out: str | Path | None = None,
+    max_videos: int = 8,
+    max_pairs: int = 24,
+) -> list[Path]:
     from vidrep.mining.inputs import list_videos
     from vidrep.viz.mining import render_corpus_pictures
 
@@ -128,8 +152,9 @@ def render_evaluations(results: Sequence[str | Path], out: str | Path | None = N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m vidrep.viz", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vidrep.viz", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="pictures of a checkpoint: triplets, retrieval, conv1, top responses, embedding")
     t.add_argument("--ckpt", required=True, type=Path, help="a train.py checkpoint")
@@ -156,8 +181,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         if args.command == "train":
-            written = render_training(args.ckpt, args.corpus, args.out, num_heldout=args.num_heldout,
-                                      val_fraction=args.val_fraction, seed=args.seed, embedding=args.embedding)
+            written = render_training(
+                args.ckpt,
+                args.corpus,
+                args.out,
+                num_heldout=args.num_heldout,
+                val_fraction=args.val_fraction,
+                seed=args.seed,
+                embedding=args.embedding,
+            )
         elif args.command == "corpus":
             written = render_corpus(args.corpus, args.videos, args.out, args.max_videos, args.max_pairs)
         else:

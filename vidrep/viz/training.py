@@ -27,8 +27,9 @@ def hardest_chosen_negative(anchor: Tensor, positive: Tensor, mask: Tensor) -> t
     return index.masked_fill(none, -1), (anchor * positive).sum(1), s_neg.masked_fill(none, float("nan"))
 
 
-def cross_video_neighbours(queries: Tensor, query_videos: Tensor, gallery: Tensor, gallery_videos: Tensor,
-                           k: int) -> tuple[Tensor, Tensor]:
+def cross_video_neighbours(
+    queries: Tensor, query_videos: Tensor, gallery: Tensor, gallery_videos: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
     """The k gallery items most similar to each query among those of other videos: (indices [Q, k],
     similarities [Q, k]), most similar first; -1 / NaN where fewer than k are eligible."""
     sim = (queries @ gallery.T).masked_fill(query_videos[:, None] == gallery_videos[None, :], float("-inf"))
@@ -48,7 +49,9 @@ def unit_responses(pool5: Tensor, channels: int = 256) -> Tensor:
     return pool5.reshape(pool5.shape[0], channels, -1).amax(dim=2)
 
 
-def top_response_indices(responses: Tensor, num_units: int, k: int, groups: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def top_response_indices(
+    responses: Tensor, num_units: int, k: int, groups: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The `num_units` units with the largest peak response, and for each the k patches that excite
     it most, at most one per group (video) when `groups` is given, so that a unit's row shows what
     it responds to across videos rather than one video's consecutive frames: (units [U], patch
@@ -107,8 +110,15 @@ def embed_2d(x: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
 # --- drawing -------------------------------------------------------------------------------------
 
 
-def triplet_figure(anchor: Tensor, positive: Tensor, negative: Tensor, sim_pos: Sequence[float], sim_neg: Sequence[float],
-                   margin: float, title: str) -> np.ndarray:
+def triplet_figure(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    sim_pos: Sequence[float],
+    sim_neg: Sequence[float],
+    margin: float,
+    title: str,
+) -> np.ndarray:
     """One row per pair: query, tracked patch, the hardest negative the loss chose; similarities
     (cosine of the embeddings) under the patches, red where the triplet violates the margin."""
     rows, texts, colours = [], [], []
@@ -117,20 +127,38 @@ def triplet_figure(anchor: Tensor, positive: Tensor, negative: Tensor, sim_pos: 
         rows.append([a, p, n])
         texts.append(["", f"s(q,t) = {sp:.3f}", "no negative" if np.isnan(sn) else f"s(q,n) = {sn:.3f}"])
         colours.append(["black", "black", "red" if bad else "green"])
-    return patch_grid(rows, texts, ["query", "tracked (positive)", "chosen negative"],
-                       f"{title}\ns: cosine similarity of the embeddings; red: s(q,t) - s(q,n) < margin {margin:g} "
-                       "(the triplet still costs loss)", colours)
+    return patch_grid(
+        rows,
+        texts,
+        ["query", "tracked (positive)", "chosen negative"],
+        f"{title}\ns: cosine similarity of the embeddings; red: s(q,t) - s(q,n) < margin {margin:g} "
+        "(the triplet still costs loss)",
+        colours,
+    )
 
 
-def retrieval_figure(queries: Tensor, matches: Sequence[Sequence], sims: np.ndarray, query_videos: Sequence[int],
-                     match_videos: np.ndarray, title: str) -> np.ndarray:
+def retrieval_figure(
+    queries: Tensor,
+    matches: Sequence[Sequence],
+    sims: np.ndarray,
+    query_videos: Sequence[int],
+    match_videos: np.ndarray,
+    title: str,
+) -> np.ndarray:
     """One row per held-out query: the query, then its nearest patches from other videos."""
     k = sims.shape[1]
     rows = [[q, *m] for q, m in zip(queries, matches)]
-    texts = [[f"video {v % 10000:04d}"] + [("" if np.isnan(s) else f"s = {s:.2f}, v {mv % 10000:04d}") for s, mv in zip(srow, vrow)]
-             for v, srow, vrow in zip(query_videos, sims, match_videos)]
-    return patch_grid(rows, texts, ["query"] + [f"match {i + 1}" for i in range(k)],
-                       f"{title}\nnearest held-out patches from other videos (s: cosine similarity; v: last 4 digits of the video id)")
+    texts = [
+        [f"video {v % 10000:04d}"]
+        + [("" if np.isnan(s) else f"s = {s:.2f}, v {mv % 10000:04d}") for s, mv in zip(srow, vrow)]
+        for v, srow, vrow in zip(query_videos, sims, match_videos)
+    ]
+    return patch_grid(
+        rows,
+        texts,
+        ["query"] + [f"match {i + 1}" for i in range(k)],
+        f"{title}\nnearest held-out patches from other videos (s: cosine similarity; v: last 4 digits of the video id)",
+    )
 
 
 def filters_figure(weight: Tensor, title: str) -> np.ndarray:
@@ -139,21 +167,35 @@ def filters_figure(weight: Tensor, title: str) -> np.ndarray:
     fig, ax = plt.subplots(figsize=(mosaic.shape[1] / 80 + 0.4, mosaic.shape[0] / 80 + 0.8))
     ax.imshow(mosaic, interpolation="nearest")
     ax.axis("off")
-    ax.set_title(wrap(f"{title}\n{weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]} (RGB); each scaled to its own "
-                       "max |w|, grey = 0", int(13 * fig.get_figwidth())), fontsize=9)
+    ax.set_title(
+        wrap(
+            f"{title}\n{weight.shape[0]} filters {weight.shape[2]}x{weight.shape[3]} (RGB); each scaled to its own "
+            "max |w|, grey = 0",
+            int(13 * fig.get_figwidth()),
+        ),
+        fontsize=9,
+    )
     fig.tight_layout()
     return figure_to_array(fig)
 
 
-def top_response_figure(patches: Sequence[Sequence], units: Sequence[int], responses: np.ndarray, title: str) -> np.ndarray:
+def top_response_figure(
+    patches: Sequence[Sequence], units: Sequence[int], responses: np.ndarray, title: str
+) -> np.ndarray:
     """One row per pool5 unit: the held-out patches with its strongest responses."""
     texts = [["" if np.isnan(r) else f"{r:.2f}" for r in row] for row in responses]
-    return patch_grid(patches, texts, [f"#{i + 1}" for i in range(len(patches[0]))],
-                       f"{title}\nheld-out patches that excite each pool5 unit most, one per video (value: the unit's peak response)",
-                       row_labels=[f"unit {u}" for u in units])
+    return patch_grid(
+        patches,
+        texts,
+        [f"#{i + 1}" for i in range(len(patches[0]))],
+        f"{title}\nheld-out patches that excite each pool5 unit most, one per video (value: the unit's peak response)",
+        row_labels=[f"unit {u}" for u in units],
+    )
 
 
-def embedding_figure(xy: np.ndarray, video_ids: np.ndarray, pair_of: np.ndarray | None, method: str, title: str) -> np.ndarray:
+def embedding_figure(
+    xy: np.ndarray, video_ids: np.ndarray, pair_of: np.ndarray | None, method: str, title: str
+) -> np.ndarray:
     """Held-out patches in 2-D, one colour per video (colours repeat beyond 20 videos); grey lines
     join the query and the tracked patch of each pair."""
     plt = pyplot()
@@ -163,14 +205,30 @@ def embedding_figure(xy: np.ndarray, video_ids: np.ndarray, pair_of: np.ndarray 
         for i, j in enumerate(pair_of):
             if j > i:
                 ax.plot(xy[[i, j], 0], xy[[i, j], 1], color="0.75", linewidth=0.5, zorder=1)
-    ax.scatter(xy[:, 0], xy[:, 1], c=colour_index % 20, cmap="tab20", vmin=0, vmax=19, s=14, zorder=2,
-               edgecolors="black", linewidths=0.2)
+    ax.scatter(
+        xy[:, 0],
+        xy[:, 1],
+        c=colour_index % 20,
+        cmap="tab20",
+        vmin=0,
+        vmax=19,
+        s=14,
+        zorder=2,
+        edgecolors="black",
+        linewidths=0.2,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(f"{method.upper()} 1")
     ax.set_ylabel(f"{method.upper()} 2")
     n_videos = int(colour_index.max()) + 1 if len(colour_index) else 0
-    ax.set_title(wrap(f"{title}\n{len(xy)} held-out patches of {n_videos} videos; colour = video"
-                       f"{' (20 colours, repeated)' if n_videos > 20 else ''}; lines join tracked pairs", 110), fontsize=9)
+    ax.set_title(
+        wrap(
+            f"{title}\n{len(xy)} held-out patches of {n_videos} videos; colour = video"
+            f"{' (20 colours, repeated)' if n_videos > 20 else ''}; lines join tracked pairs",
+            110,
+        ),
+        fontsize=9,
+    )
     fig.tight_layout()
     return figure_to_array(fig)
