@@ -55,9 +55,9 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
-def write_torch(path: str | Path, obj) -> None:
+def write_torch(path: str | Path, obj, advice: str = RERUN_ADVICE) -> None:
     """torch.save(obj), atomically, creating the folder if needed."""
     import torch
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(path), lambda f: torch.save(obj, f))
+    atomic_write(Path(path), lambda f: torch.save(obj, f), advice)

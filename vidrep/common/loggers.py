@@ -62,3 +62,11 @@ def finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
+
+
+def csv_logger(save_dir: str, name: str = "", version: str = "", **kwargs):
+    """Lightning's CSVLogger, except that it appends to an existing metrics.csv instead of deleting
+    it: train.py's `prepare_run_dir` has already cut the file to the history this run continues."""
+    from vidrep.common.workarounds import AppendingCSVLogger
+
+    return AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)

@@ -3,10 +3,14 @@ behaviour it answers, so that an upgrade that fixes one can drop it here without
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import warnings
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torch import nn
 
 # Variables Lightning sets when it starts the other DDP ranks itself.
@@ -73,3 +77,24 @@ def end_distributed(env_before: set[str]) -> None:
     for var in DDP_ENV:
         if var not in env_before:
             os.environ.pop(var, None)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV ExperimentWriter deletes an existing metrics.csv ("Previous log files will be
+    deleted"); this one reads its header and appends, so a resumed run keeps its curves."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class AppendingCSVLogger(CSVLogger):
+    """At module level so that it pickles (the detection protocol's fine-tuning spawns its DDP ranks)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None and rank_zero_only.rank == 0:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return super().experiment

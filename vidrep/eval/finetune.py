@@ -139,7 +139,7 @@ def make_loggers(folder: Path, logger: dict | None, name: str, run_id: str) -> l
     continued by a resumed one (a fixed id unless logger.wandb.id is set)."""
     import hydra
 
-    from vidrep.training.checkpoints import csv_logger
+    from vidrep.common.loggers import csv_logger
 
     loggers = [csv_logger(str(folder))]
     if logger and logger.get("wandb"):

@@ -22,12 +22,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from vidrep.common.io import atomic_write
+from vidrep.common.io import write_torch
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +104,9 @@ def load_verified(path: str | Path, map_location=None, weights_only: bool | None
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(
+    write_torch(
         path,
-        lambda f: torch.save(obj, f),
+        obj,
         advice="the previous file there is intact. Free space on that disk and resume from the last checkpoint",
     )
 
@@ -189,7 +184,6 @@ def checkpoint_step(path: Path) -> int:
 
 def _rows_before(metrics: Path, step: int) -> tuple[str, list[str], list[str]]:
     """metrics.csv split into (header, rows logged before `step`, rows at or after it)."""
-    import csv
 
     with open(metrics, newline="") as f:
         lines = f.read().splitlines()
@@ -249,27 +243,3 @@ def prepare_run_dir(output_dir: str | Path, ckpt_path: str | Path | None) -> Pat
         aside,
     )
     return aside
-
-
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-
-class _AppendingCSVLogger(CSVLogger):
-    """At module level so that it pickles (the detection protocol's fine-tuning spawns its DDP ranks)."""
-
-    @property
-    def experiment(self):
-        if self._experiment is None and rank_zero_only.rank == 0:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return super().experiment
-
-
-def csv_logger(save_dir: str, name: str = "", version: str = "", **kwargs):
-    """Lightning's CSVLogger, except that it appends to an existing metrics.csv instead of deleting
-    it: `prepare_run_dir` has already cut the file to the history this run continues."""
-    return _AppendingCSVLogger(save_dir=save_dir, name=name, version=version, **kwargs)
