@@ -303,9 +303,10 @@ class DetectionProtocol:
     def _sample_rois(
         self, gt: np.ndarray, labels: np.ndarray, props: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        """R-CNN's windows (window_data_layer: fg_threshold 0.5, bg below bg_threshold 0.5, fg_fraction
-        0.25): ground truth and proposals with IoU >= fg_iou are their object's class, those in
-        [bg_iou[0], bg_iou[1]) background."""
+        """One image's regions for regions=roi_pool (Fast R-CNN's 2 images a step; the warp path
+        draws from the whole split, vidrep.eval.windows): ground truth and proposals with IoU >=
+        fg_iou are their object's class, those in [bg_iou[0], bg_iou[1]) background, fg_fraction
+        of them foreground."""
         boxes = np.concatenate([gt, props]).astype(np.float32)
         if len(gt):
             iou = box_overlap(boxes, gt)
