@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from vidrep.models.caffenet import CaffeNet, TorchvisionAlexNet
 from vidrep.models.trunk import Trunk, build_trunk
+from vidrep.models.weights import read_weights_file
 from vidrep.training.checkpoints import DamagedCheckpointError, load_verified
 
 TARGET_DIMS = 9216  # conv maps are average-pooled to about this many values (Goyal et al.)
@@ -147,13 +148,13 @@ def random_network(
 def imagenet_network(path: str | Path, input_size: int = 227) -> Network:
     """torchvision's ImageNet-supervised AlexNet from a local weights file (alexnet-owt-*.pth)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(
-            f"ImageNet AlexNet weights {path} not found; vidrep never downloads weights. Put torchvision's "
-            "alexnet-owt-7be5be79.pth there (torchvision.models.AlexNet_Weights.IMAGENET1K_V1) and pass "
-            "ckpt=imagenet:<file>"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_weights_file(
+        path,
+        "ImageNet AlexNet",
+        "Put torchvision's alexnet-owt-7be5be79.pth there (torchvision.models.AlexNet_Weights.IMAGENET1K_V1) "
+        "and pass ckpt=imagenet:<file>",
+        CheckpointError,
+    )
     if "features.0.weight" not in state or "classifier.4.weight" not in state:
         raise CheckpointError(f"{path} is not a torchvision AlexNet state_dict (no features.0 / classifier.4 weights)")
     trunk = TorchvisionAlexNet(input_size, 4096, 4096)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vidrep.models.trunk import Trunk
+from vidrep.models.weights import read_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,19 +40,13 @@ class WeightsFileError(ValueError):
 
 def load_torchvision_resnet18(body: nn.Module, path: str | Path) -> None:
     """torchvision's ResNet-18 state_dict from the local file `path` into `body` (never downloads)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsFileError(
-            f"ResNet-18 weights {path} not found; vidrep never downloads weights. Put torchvision's "
-            "resnet18-f37072fd.pth (torchvision.models.ResNet18_Weights.IMAGENET1K_V1) there, or set "
-            "model.net.trunk.weights=null for a random init"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a state_dict
-        raise WeightsFileError(f"{path} is not a torch state_dict ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(state, dict):
-        raise WeightsFileError(f"{path} holds a {type(state).__name__}, not a torchvision ResNet-18 state_dict")
+    state = read_weights_file(
+        path,
+        "ResNet-18",
+        "Put torchvision's resnet18-f37072fd.pth (torchvision.models.ResNet18_Weights.IMAGENET1K_V1) there, or set "
+        "model.net.trunk.weights=null for a random init",
+        WeightsFileError,
+    )
     try:
         body.load_state_dict(state)
     except RuntimeError as e:
