@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 # The paper's row order (Wang & Gupta 2015, Table 1); a result's `row` is one of these.
@@ -79,6 +80,32 @@ def write_results(run_dir: Path, result: dict) -> None:
     else:
         table = per_class_table(result)
     (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{table}\n")
+
+
+@contextmanager
+def wandb_eval_run(cfg, run_dir: Path, name: str) -> Iterator:
+    """evaluate.py's W&B run (job type eval, the whole config), finished on exit; None when
+    wandb.enabled=false. The mode is settled first, so it never prompts or waits offline."""
+    if not cfg.wandb.enabled:
+        yield None
+        return
+    import wandb
+    from omegaconf import OmegaConf
+
+    from vidrep.common.loggers import resolve_wandb_mode
+
+    run = wandb.init(
+        project=cfg.wandb.project,
+        dir=str(run_dir),
+        mode=resolve_wandb_mode(cfg.wandb.get("mode")),
+        job_type="eval",
+        name=name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    try:
+        yield run
+    finally:
+        run.finish()
 
 
 def data_name(result: dict) -> str:

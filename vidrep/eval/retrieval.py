@@ -295,22 +295,13 @@ def gathered_retrieval_table(results: Sequence[dict], paths: Sequence[Path]) -> 
 
 
 def _log_wandb(cfg, run_dir: Path, result: dict) -> None:
-    if not cfg.wandb.enabled:
-        return
-    import wandb
-    from omegaconf import OmegaConf
+    from vidrep.eval.report import wandb_eval_run
 
-    from vidrep.common.loggers import resolve_wandb_mode
+    with wandb_eval_run(cfg, run_dir, result["label"]) as run:
+        if run is None:
+            return
+        import wandb
 
-    run = wandb.init(
-        project=cfg.wandb.project,
-        dir=str(run_dir),
-        mode=resolve_wandb_mode(cfg.wandb.get("mode")),
-        job_type="eval",
-        name=result["label"],
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    try:
         table = wandb.Table(columns=["features", *METRIC_KEYS])
         for name, r in result["retrieval"].items():
             table.add_data(name, *(r[k] for k in METRIC_KEYS))
@@ -318,8 +309,6 @@ def _log_wandb(cfg, run_dir: Path, result: dict) -> None:
                 {f"eval/retrieval/{name}/{k}": r[k] for k in ("recall_at_1", "recall_at_5", "median_rank")}
             )
         run.log({"eval/retrieval": table})
-    finally:
-        run.finish()
 
 
 def run_retrieval(cfg, checkpoints: Sequence[str], device: str, load: Callable[[str], Network]) -> dict:

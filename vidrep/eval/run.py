@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from vidrep.data.synthetic_voc import is_synthetic
 from vidrep.data.voc import read_voc
 from vidrep.eval.features import load_network
-from vidrep.eval.report import default_row, per_class_table, write_results
+from vidrep.eval.report import default_row, per_class_table, wandb_eval_run, write_results
 from vidrep.eval.splits import check_disjoint, resolve_splits, use_07_metric_for
 
 log = logging.getLogger(__name__)
@@ -31,29 +31,17 @@ def _checkpoints(ckpt) -> list[str]:
 
 
 def _log_wandb(cfg: DictConfig, run_dir: Path, result: dict, pictures: list[Path]) -> None:
-    if not cfg.wandb.enabled:
-        return
-    import wandb
+    with wandb_eval_run(cfg, run_dir, result["label"]) as run:
+        if run is None:
+            return
+        import wandb
 
-    from vidrep.common.loggers import resolve_wandb_mode
-
-    run = wandb.init(
-        project=cfg.wandb.project,
-        dir=str(run_dir),
-        mode=resolve_wandb_mode(cfg.wandb.get("mode")),
-        job_type="eval",
-        name=result["label"],
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    try:
         table = wandb.Table(columns=["layer", "mAP", *result["data"]["classes"]])
         for layer, r in result["layers"].items():
             table.add_data(layer, r["map"], *r["ap"])
             run.summary[f"eval/map/{layer}"] = r["map"]
         run.summary["eval/map"] = result["map"]
         run.log({"eval/per_class_ap": table, **{f"pictures/{p.stem}": wandb.Image(str(p)) for p in pictures}})
-    finally:
-        run.finish()
 
 
 def _data_key(root, year, classes) -> str:
