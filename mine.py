@@ -1,25 +1,8 @@
-"""Mine tracked patch pairs from videos: python mine.py videos=<folder or list> out=<corpus>."""
+"""Mine tracked patch pairs from videos: python mine.py videos=<folder or list> out=<corpus>.
 
-import os
+The same as `python -m vidrep.mine` and the console script `vidrep-mine` (vidrep/mine.py)."""
 
-# Before numpy/OpenCV load: their BLAS would otherwise spin extra threads in every mining process.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from vidrep.common.preflight import preflight  # noqa: E402
-from vidrep.mining.checks import check_mine  # noqa: E402
-from vidrep.mining.cli import mine  # noqa: E402
-from vidrep.viz.mining import draw_run_pictures  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="mine")
-def main(cfg: DictConfig) -> None:
-    mine(cfg, draw=draw_run_pictures)
-
+from vidrep.mine import cli
 
 if __name__ == "__main__":
-    preflight("mine", check_mine)
-    main()
+    cli()

@@ -1,22 +1,8 @@
-"""Train the siamese-triplet network: python train.py [data=8M data.root=...] [trainer.devices=4]."""
+"""Train the siamese-triplet network: python train.py [data=8M data.root=...] [trainer.devices=4].
 
-import sys
+The same as `python -m vidrep.train` and the console script `vidrep-train` (vidrep/train.py)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from vidrep.common.preflight import preflight
-from vidrep.training.checks import check_train
-from vidrep.training.resume import with_run_overrides
-from vidrep.training.run import train
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
-
+from vidrep.train import cli
 
 if __name__ == "__main__":
-    sys.argv[1:] = with_run_overrides(sys.argv[1:])
-    preflight("train", check_train)
-    main()
+    cli()

@@ -7,7 +7,7 @@
 For each batch size (pairs; 50 pairs = 100 patches, the paper's batch; 256 pairs = 512 patches),
 all rates timed over the steps after `--warmup` as training runs them (no synchronisation between
 steps; see `Timer`):
-(a) compute: `lightning.Trainer.fit` of the paper's model (conf/model/caffenet.yaml, 227 input,
+(a) compute: `lightning.Trainer.fit` of the paper's model (vidrep/conf/model/caffenet.yaml, 227 input,
     `--precision`, default bf16-mixed; `--channels-last`, `--compile` as in the model config) on a
     batch already in memory: patches/s of the whole optimisation step;
 (b) the loader alone: `PairDataModule` over `--corpus` (default: `--synthetic-pairs` pairs of
@@ -37,7 +37,7 @@ from loader import loader_rate
 from synthetic_corpus import PAIRS_PER_VIDEO, make_pairs, write_corpus
 from torch.utils.data import DataLoader, Dataset
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "vidrep" / "conf"
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,19 +1,23 @@
 """Does training learn something on real footage? Held-out retrieval and a Fashion-MNIST probe.
 
     python bench/learning_check.py --fetch              # fetch the footage once (apt-get download, pip download)
-    python bench/learning_check.py                      # the CPU configuration (~20 min on 2 cores)
+    python bench/learning_check.py --prepare            # only prepare the videos and mine them
+    python bench/learning_check.py                      # the CPU configuration (45 min on 2 shared cores, 2026-12-05)
     python bench/learning_check.py --config gpu         # the paper's 227 network on a GPU
-    python bench/learning_check.py --max-steps 20 --probe-images 2000   # a smoke run
+    python bench/learning_check.py --max-steps 20 --probe-images 2000   # a smoke run (at most 20 epochs in any run)
 
 Real footage that installs from package registries (SOURCES; `--fetch` runs the commands printed
 for each, missing sources are skipped) is mined (every frame a candidate query: see DENSE), split
 by video into training and held-out videos (at least a fifth held out), trained on, and measured:
 
-- retrieval on the held-out videos (vidrep.eval.retrieval: each pair's tracked patch among the
-  tracked patches of the other held-out videos) for the trained network, its initialisation,
-  colour_histogram and pixels;
-- a frozen linear probe on Fashion-MNIST (Debian `dataset-fashion-mnist`, 60K train / 10K test
-  product photos) for the trained network and its initialisation.
+- hard retrieval on the held-out videos (vidrep.eval.retrieval, candidates=hard: distractors cut
+  from the held-out videos first) for the trained network, its initialisation (the run's and 2 more
+  seeds), colour_histogram and pixels, each compared pair by pair with the initialisation;
+- a frozen linear probe on Fashion-MNIST (Debian `dataset-fashion-mnist`, 10K test images, 10
+  classes) from pool5, fc6 and fc7 for the same networks and for the 28x28 pixels.
+
+Training is bounded to MAX_EPOCHS (20) epochs. bench/fashion_check.py prints the same tables for
+videos made of Fashion-MNIST items.
 
 Long films are cut into 1-minute segments that count as separate videos; image sequences become
 MJPEG videos. Everything is written under --work (footage, videos, corpus) and --out (the tables in
@@ -121,32 +125,33 @@ FASHION = "dataset-fashion-mnist/usr/share/datasets/fashion-mnist"
 # pass at 99 input is ~0.14 GMAC, so 60K + 10K images x 2 networks would take longer than training).
 PROBE_IMAGES = {"cpu": 10000, "gpu": None}
 
-# Mining settings that differ from the paper's (conf/mine.yaml): real footage is scarce (the
+# Mining settings that differ from the paper's (vidrep/conf/mine.yaml): real footage is scarce (the
 # 10-minute film gives ~60 pairs at candidate_every=5), so every frame is a candidate query. The
 # miner tracks one window at a time, so tracks still never overlap.
 DENSE = {"candidate_every": 1}
 
+# At most 20 epochs: with ~100 training pairs, more only memorises them (an earlier 1,800-step
+# run, ~900 epochs, drove the training loss to 0.00 and lost to its initialisation).
+MAX_EPOCHS = 20
 # The CPU configuration: experiment=cpu (the demo's reduced network: 99 input, 1024/256 head,
-# Kaiming init, bias 0, lr 0.002, batches of 32 pairs), trained for a number of steps rather than
-# epochs, hard negatives after a third of them.
+# Kaiming init, bias 0, lr 0.002, batches of 32 pairs), hard negatives after a third of the epochs.
 CONFIGS = {
     "cpu": [
         "experiment=cpu",
         "data.num_workers=2",
         "trainer=cpu",
-        "trainer.max_steps=1800",
-        "trainer.max_epochs=null",
-        "model.loss.hard_after_epochs=null",
-        "+model.loss.hard_after_steps=600",
+        "trainer.max_steps=-1",
+        f"trainer.max_epochs={MAX_EPOCHS}",
+        "model.loss.hard_after_epochs=7",
     ],
-    # The paper's network and solver (conf/model/caffenet.yaml) at 227 input.
+    # The paper's network and solver (vidrep/conf/model/caffenet.yaml) at 227 input.
     "gpu": [
         "data.batch_size=50",
         "data.num_workers=8",
         "trainer=gpu",
-        "trainer.max_steps=20000",
-        "model.loss.hard_after_epochs=null",
-        "+model.loss.hard_after_steps=6000",
+        "trainer.max_steps=-1",
+        f"trainer.max_epochs={MAX_EPOCHS}",
+        "model.loss.hard_after_epochs=7",
     ],
 }
 
@@ -299,24 +304,32 @@ def compose_config(config: str, corpus: Path, out: Path, seed: int, extra: list[
         *CONFIGS[config],
         *extra,
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides), overrides
 
 
-def train(cfg):
-    """(datamodule, trained trunk, initial trunk, seconds): train.py's fit, keeping the initialisation."""
+def train(cfg, max_epochs: int = -1):
+    """(datamodule, trained trunk, initial trunk, seconds): train.py's fit, keeping the initialisation
+    (`max_epochs` -1: as many as cfg.trainer.max_steps take)."""
     import hydra
     import lightning as L
 
+    from vidrep.training import plan
+
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = plan.data_module(cfg.data)  # its planning-only keys (data.train_pairs) left out
     model = hydra.utils.instantiate(cfg.model)
     initial = copy.deepcopy(model.net.trunk)
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(save_dir=cfg.paths.output_dir, name="", version="")  # <out>/metrics.csv: follow the steps there
     trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=logger, callbacks=[], enable_checkpointing=False, enable_progress_bar=False, max_epochs=-1
+        cfg.trainer,
+        logger=logger,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        max_epochs=max_epochs,
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
@@ -358,48 +371,147 @@ def fashion_features(
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """Test accuracy of a multinomial logistic regression (fixed C=1, standardised features: no
-    choice made on the test set)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(C=1.0, max_iter=300).fit(scaler.transform(train_x), train_y)
-    return float((clf.predict(scaler.transform(test_x)) == test_y).mean())
+PROBE_LAYERS = ("pool5", "fc6", "fc7")
 
 
-def fashion_probe(trunks: dict, footage: Path, input_size: int, pixel_mean, limit: int | None) -> str | None:
-    folder = footage / FASHION
-    if not (folder / "train-images-idx3-ubyte.gz").is_file():
-        print(
-            "  Fashion-MNIST missing; fetch with: apt-get download dataset-fashion-mnist && dpkg-deb -x "
-            f"dataset-fashion-mnist_*.deb {footage}/dataset-fashion-mnist"
-        )
-        return None
-    data = {
-        split: (read_idx(folder / f"{split}-images-idx3-ubyte.gz"), read_idx(folder / f"{split}-labels-idx1-ubyte.gz"))
-        for split in ("train", "t10k")
+def held_out_tables(
+    corpus: Path,
+    videos: Path,
+    datamodule,
+    trained,
+    initial,
+    input_size: int,
+    pixel_mean,
+    fashion: Path,
+    probe_train: int,
+) -> tuple[dict, str]:
+    """The check's tables, as json and markdown: hard retrieval on the held-out videos (their
+    distractors cut from `videos` first) and the Fashion-MNIST probe, for the trained trunk, its
+    initialisation and 2 more seeds (mean +- sd) and the baselines."""
+    from vidrep.data.corpus import read_manifest
+    from vidrep.demo.check import (
+        compare_retrieval,
+        format_weight_change,
+        initial_trunks,
+        retrieval_rows,
+        seed_mean,
+        trunk_featurizers,
+        weight_change,
+    )
+    from vidrep.eval.distractors import write_distractors
+    from vidrep.eval.retrieval import BASELINES, RetrievalSettings
+
+    val = datamodule.val_set
+    names = np.asarray(read_manifest(corpus).column("video").to_numpy(zero_copy_only=False), dtype=object)
+    settings = RetrievalSettings()
+    write_distractors(
+        corpus, videos, settings.distractors, settings.max_distractor_iou, only=sorted(set(names[val.rows]))
+    )
+    inits = initial_trunks(initial, (1, 2))
+    trunks = {"trained": trained, **{f"initialisation {i}": t for i, t in enumerate(inits)}}
+    featurizers = trunk_featurizers(trunks, input_size, pixel_mean, "fc7")
+    metrics, _ = compare_retrieval(val.index, val.rows, featurizers, settings)
+    seeds = [metrics[f"initialisation {i}"] for i in range(len(inits))]
+    retrieval = {"trained": metrics["trained"], "initialisation": seed_mean(seeds)} | {b: metrics[b] for b in BASELINES}
+    title = f"Retrieval (hard candidates, fc7) on the {len(np.unique(val.video_ids()))} held-out videos:"
+    probe, probe_text = probe_table(trunks, fashion, input_size, pixel_mean, probe_train)
+    text = "\n".join(
+        [
+            *retrieval_rows(retrieval, seeds, title),
+            "",
+            format_weight_change(weight_change(trained, initial)),
+            "",
+            probe_text,
+        ]
+    )
+    return {"retrieval": retrieval, "initialisation_seeds": seeds, "probe": probe}, text
+
+
+PROBE_CACHE = CACHE / "probe-cache"
+
+
+def trunk_digest(trunk) -> str:
+    """One digest of a trunk's weights (the checkpoint format's hash of every tensor, names, shapes and
+    dtypes included): equal digests give equal features."""
+    import hashlib
+    import json
+
+    from vidrep.common.checkpoint_files import content_hashes
+
+    return hashlib.sha256(json.dumps(content_hashes(dict(trunk.state_dict())), sort_keys=True).encode()).hexdigest()
+
+
+def cached_probe(key: str, setting: dict, compute) -> dict:
+    """compute() once per (weights, probe setting): the two checks start from the same experiment=cpu
+    initialisations (seed 0, then seeds 1, 2), so the second check reuses their probe instead of
+    repeating ~20K forward passes and 3 fits per network. The file records what it was computed on."""
+    import hashlib
+    import json
+
+    from vidrep.common.io import write_json
+
+    tag = hashlib.sha256(json.dumps([key, setting], sort_keys=True).encode()).hexdigest()[:16]
+    path = PROBE_CACHE / f"{tag}.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key and stored.get("setting") == setting:
+            print(f"  probe of {key[:12]} reused from {path}", flush=True)
+            return stored["accuracy"]
+    accuracy = compute()
+    write_json(path, {"key": key, "setting": setting, "accuracy": accuracy})
+    return accuracy
+
+
+def probe_table(trunks: dict, fashion: Path, input_size: int, pixel_mean, num_train: int) -> tuple[dict, str]:
+    """Fashion-MNIST probe accuracies {network: {layer: acc}} and their table."""
+    import inspect
+
+    from vidrep.eval.probe import probe_accuracy
+
+    def linear_probe(*data) -> float:
+        return probe_accuracy(*data)["accuracy"]
+
+    train_x = read_idx(fashion / "train-images-idx3-ubyte.gz")[:num_train]
+    train_y = read_idx(fashion / "train-labels-idx1-ubyte.gz")[:num_train]
+    test_x, test_y = read_idx(fashion / "t10k-images-idx3-ubyte.gz"), read_idx(fashion / "t10k-labels-idx1-ubyte.gz")
+    setting = {
+        "num_train": len(train_x),
+        "input_size": input_size,
+        "pixel_mean": [float(m) for m in pixel_mean],
+        "solver": str(inspect.signature(probe_accuracy)),  # its defaults: C, iterations
     }
-    if limit:
-        data = {
-            s: (x[:limit], y[:limit]) for s, (x, y) in data.items()
-        }  # the files are in mixed class order (first 10K: 942-1,027 per class)
-    lines = [
-        f"Frozen linear probe on Fashion-MNIST ({len(data['train'][0])} train / {len(data['t10k'][0])} test images, "
-        "10 classes; test accuracy %, chance 10):",
-        "",
-        "| network | pool5 | fc7 |",
-        "|---|---|---|",
-    ]
+    acc = {}
     for name, trunk in trunks.items():
-        feats = {s: fashion_features(trunk, x, input_size, pixel_mean) for s, (x, _) in data.items()}
-        acc = {
-            k: linear_probe(feats["train"][k], data["train"][1], feats["t10k"][k], data["t10k"][1])
-            for k in ("pool5", "fc7")
-        }
-        lines.append(f"| {name} | {100 * acc['pool5']:.1f} | {100 * acc['fc7']:.1f} |")
-    return "\n".join(lines)
+
+        def probe(trunk=trunk) -> dict:
+            images = np.concatenate([train_x, test_x])  # one forward pass gives all 3 layers of both splits
+            feats = fashion_features(trunk, images, input_size, pixel_mean, PROBE_LAYERS)
+            n = len(train_x)
+            return {k: linear_probe(f[:n], train_y, f[n:], test_y) for k, f in feats.items()}
+
+        acc[name] = cached_probe(trunk_digest(trunk), setting, probe)
+        print(f"  probe {name}: {acc[name]}", flush=True)
+    pixels = lambda x: x.reshape(len(x), -1).astype(np.float32)  # noqa: E731
+    acc["pixels"] = cached_probe(
+        "pixels", setting, lambda: {"pixels": linear_probe(pixels(train_x), train_y, pixels(test_x), test_y)}
+    )
+    inits = [v for k, v in acc.items() if k.startswith("initialisation")]
+    lines = [
+        f"Frozen linear probe on the Fashion-MNIST test set ({len(test_x)} images, 10 classes; logistic regression "
+        f"on the first {len(train_x)} training images; accuracy %, chance 10):",
+        "",
+        "| network | " + " | ".join(PROBE_LAYERS) + " |",
+        "|---|" + "---|" * len(PROBE_LAYERS),
+        "| trained | " + " | ".join(f"{100 * acc['trained'][k]:.1f}" for k in PROBE_LAYERS) + " |",
+        "| initialisation (mean +- sd of 3) | "
+        + " | ".join(
+            f"{100 * np.mean([a[k] for a in inits]):.1f} +- {100 * np.std([a[k] for a in inits]):.1f}"
+            for k in PROBE_LAYERS
+        )
+        + " |",
+        f"| pixels (28x28) | {100 * acc['pixels']['pixels']:.1f} (one layer: the image) | | |",
+    ]
+    return acc, "\n".join(lines)
 
 
 def parse_args() -> argparse.Namespace:
@@ -413,6 +525,7 @@ def parse_args() -> argparse.Namespace:
         "--fetch", action="store_true", help="fetch the missing footage (apt-get download, pip download) and exit"
     )
     p.add_argument("--workers", type=int, default=2, help="mining processes")
+    p.add_argument("--prepare", action="store_true", help="prepare the videos and mine them, then exit")
     p.add_argument(
         "--no-mine",
         action="store_true",
@@ -459,7 +572,7 @@ def main() -> None:
     corpus = args.work / f"corpus-{'-'.join(f'{k}{v}' for k, v in DENSE.items())}"
     print(
         f"{'' if args.no_mine else 'mining '}{args.work / 'videos'} into {corpus} with the paper's settings except "
-        f"{DENSE} (conf/mine.yaml: candidate_every=5)",
+        f"{DENSE} (vidrep/conf/mine.yaml: candidate_every=5)",
         flush=True,
     )
     if args.no_mine:
@@ -467,16 +580,17 @@ def main() -> None:
     else:
         mine(args.work / "videos", corpus, args.workers)
     clock["mining"] = time.perf_counter() - t0 - clock["videos"]
+    if args.prepare:
+        print("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()))
+        return
 
     extra = [*args.overrides, *([f"trainer.max_steps={args.max_steps}"] if args.max_steps else [])]
     cfg, overrides = compose_config(args.config, corpus, out, args.seed, extra)
-    datamodule, trained, initial, train_s = train(cfg)
+    if not 1 <= int(cfg.trainer.max_epochs) <= MAX_EPOCHS:
+        raise SystemExit(f"trainer.max_epochs must be 1 ... {MAX_EPOCHS}: more only memorises the few training pairs")
+    datamodule, trained, initial, train_s = train(cfg, max_epochs=int(cfg.trainer.max_epochs))
     clock["training"] = train_s
 
-    from vidrep.demo.check import format_weight_change, held_out_retrieval, weight_change
-    from vidrep.eval.retrieval import retrieval_table
-
-    index = datamodule.val_set.index
     train_videos = len(np.unique(datamodule.train_set.video_ids()))
     val_videos = len(np.unique(datamodule.val_set.video_ids()))
     if val_videos * 5 < train_videos + val_videos:
@@ -484,42 +598,39 @@ def main() -> None:
             f"only {val_videos} of {train_videos + val_videos} videos held out (< 1/5); raise data.val_fraction"
         )
     t = time.perf_counter()
-    report = held_out_retrieval(
-        index, datamodule.val_set.rows, trained, initial, cfg.model.input_size, list(cfg.model.pixel_mean)
-    )
-    clock["retrieval"] = time.perf_counter() - t
-    t = time.perf_counter()
-    probe = fashion_probe(
-        {"trained": trained, "initialisation": initial},
-        footage,
-        cfg.model.input_size,
-        list(cfg.model.pixel_mean),
-        PROBE_IMAGES[args.config] if args.probe_images is None else args.probe_images,
-    )
-    clock["fashion probe"] = time.perf_counter() - t
+    fashion = footage / FASHION
+    tables, tables_text = None, "Tables skipped: Fashion-MNIST missing (fetch it with --fetch)."
+    if fashion.is_dir():
+        limit = PROBE_IMAGES[args.config] if args.probe_images is None else args.probe_images
+        tables, tables_text = held_out_tables(
+            corpus,
+            args.work / "videos",
+            datamodule,
+            trained,
+            initial,
+            cfg.model.input_size,
+            list(cfg.model.pixel_mean),
+            fashion,
+            limit or 60000,
+        )
+    clock["retrieval and probe"] = time.perf_counter() - t
 
     text = "\n".join(
         [
             f"# Learning check ({args.config}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
             "",
             f"Footage: {', '.join(used)}" + (f"; missing (skipped): {', '.join(missing)}" if missing else ""),
-            f"Mining: the paper's settings except {DENSE} (conf/mine.yaml: candidate_every=5): real footage is scarce.",
+            f"Mining: the paper's settings except {DENSE} (vidrep/conf/mine.yaml: candidate_every=5): "
+            "real footage is scarce.",
             f"Videos prepared: {sum(1 for p in (args.work / 'videos').iterdir() if not p.name.startswith('.'))}"
             + (" (--no-mine: those mined so far are used)" if args.no_mine else "")
             + f"; {train_videos + val_videos} gave pairs: "
             f"{train_videos} training ({len(datamodule.train_set)} pairs), {val_videos} held out "
             f"({len(datamodule.val_set)} pairs).",
-            f"Training: {int(cfg.trainer.max_steps)} steps of {cfg.data.batch_size} pairs at {cfg.model.input_size} "
-            f"input; overrides: {' '.join(overrides)}",
+            f"Training: {int(cfg.trainer.max_epochs)} epochs of batches of {cfg.data.batch_size} pairs at "
+            f"{cfg.model.input_size} input; overrides: {' '.join(overrides)}",
             "",
-            "Held-out retrieval: each held-out pair's tracked patch among its own and the tracked patches of the "
-            "other held-out videos:",
-            "",
-            retrieval_table(report),
-            "",
-            format_weight_change(weight_change(trained, initial)),
-            "",
-            probe or "Fashion-MNIST probe skipped (not fetched).",
+            tables_text,
             "",
             "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in clock.items()),
         ]
@@ -532,6 +643,10 @@ def main() -> None:
     from vidrep.common.io import write_bytes
 
     write_bytes(out / "learning_check.md", (text + "\n").encode())
+    if tables is not None:
+        from vidrep.common.io import write_json
+
+        write_json(out / "learning_check.json", tables | {"seconds": clock})
     buffer = io.BytesIO()
     torch.save({"trained": trained.state_dict(), "initial": initial.state_dict()}, buffer)
     write_bytes(out / "trunks.pt", buffer.getvalue())

@@ -35,7 +35,7 @@ from vidrep.demo.check import format_report, frozen_svm_report
 from vidrep.eval.features import load_image, mean_subtract
 from vidrep.eval.metrics import voc_classification_ap
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parent.parent / "vidrep" / "conf"
 BATCH = 64
 
 

@@ -4,7 +4,7 @@
     python bench/train_step.py --blocks 2 --steps-per-block 3 --warmup 1    # 227 input on 2 CPU cores
     python bench/train_step.py --input-size 99 --blocks 4 --steps-per-block 6  # quicker cross-check
 
-(a) The model of conf/model/caffenet.yaml (composed and instantiated by Hydra, as train.py does;
+(a) The model of vidrep/conf/model/caffenet.yaml (composed and instantiated by Hydra, as train.py does;
 only model.input_size is overridden) trains on one fixed random batch in interleaved blocks:
 `lightning.Trainer.fit` with a callback timing on_train_batch_start -> on_train_batch_end, against
 a bare loop doing the same work: forward, the loss (`RankingLoss`: `select_negatives` +
@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from vidrep.training.module import TripletModule
 from vidrep.training.ranks import loss_across_ranks
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "vidrep" / "conf"
 # The two negative phases of the paper's schedule: random negatives first, then the top K.
 PHASES = {"random": 0.0, "hard": 1.0}
 

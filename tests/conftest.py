@@ -31,6 +31,7 @@ TINY = [
     "trainer.accelerator=cpu",
     "~callbacks.demo_check",
     "callbacks.pictures.every_n_epochs=0",  # tests/test_viz.py turns them on
+    "trainer.max_steps=-1",  # data=demo's 20-step run; the tests bound their runs by epochs or steps themselves
 ]
 
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf, open_dict
 from vidrep.training import plan
 from vidrep.training.run import check_config
 
-CONF = str(ROOT / "conf")
+CONF = str(ROOT / "vidrep" / "conf")
 GROUPS = {
     "data": ["demo", "corpus", "1.5M", "5M", "8M"],
     "model": ["caffenet", "torchvision_alexnet", "resnet18"],
@@ -37,7 +38,7 @@ def compose_train(overrides, tmp_path):
 
 def test_every_group_option_is_listed():
     for group, options in GROUPS.items():
-        on_disk = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+        on_disk = sorted(p.stem for p in (ROOT / "vidrep" / "conf" / group).glob("*.yaml"))
         assert on_disk == sorted(options), group
 
 
@@ -47,7 +48,7 @@ def test_every_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_train(overrides, tmp_path)
     OmegaConf.resolve(cfg)
     check_config(cfg)
-    hydra.utils.instantiate(cfg.data)
+    plan.data_module(cfg.data)
     for part in ("logger", "callbacks"):
         for c in (cfg.get(part) or {}).values():
             if part == "logger" and "wandb" in c._target_:
@@ -123,7 +124,7 @@ def _compose_mine(overrides):
 
 
 def test_mine_config_states_the_miner_defaults():
-    """conf/mine.yaml documents every miner setting; it must agree with MinerConfig's defaults."""
+    """vidrep/conf/mine.yaml documents every miner setting; it must agree with MinerConfig's defaults."""
     from vidrep.mining.miner import MinerConfig
 
     cfg = _compose_mine(["videos=/v", "out=/c"])
@@ -210,7 +211,8 @@ def _dry_run(tmp_path, corpus, *extra):
     from vidrep.training.run import train
 
     out = tmp_path / "_".join(e.replace("=", "-") for e in extra)
-    tiny = [o for o in TINY if o != "~callbacks.demo_check"]  # data=corpus: the paper's settings, not the demo's
+    # data=corpus: the paper's settings (its 400K steps), not the demo's
+    tiny = [o for o in TINY if o not in ("~callbacks.demo_check", "trainer.max_steps=-1")]
     cfg = compose_train(["data=corpus", *tiny, f"data.root={corpus}", "logger=csv", "dry_run=true", *extra], out)
     assert train(cfg) == {}
     assert sorted(p.name for p in out.iterdir()) == ["schedule.json"]  # no checkpoints, no logs: nothing ran
@@ -259,6 +261,45 @@ def test_dry_run_schedule_for_1_2_and_4_devices(tmp_path, tiny_corpus):
         assert s["steps_per_epoch"] == one["train_pairs"] // (8 * d)
         assert s["hard_negatives_from_step"] == 10 * s["steps_per_epoch"]
         assert s["epochs"] == pytest.approx(one["epochs"], rel=0.01)  # the same pairs seen
+
+
+def _plan(tmp_path, *overrides):
+    from vidrep.training.run import train
+
+    cfg = compose_train(["logger=csv", "dry_run=true", *overrides], tmp_path)
+    assert train(cfg) == {}
+    return json.loads((tmp_path / "schedule.json").read_text())
+
+
+def test_dry_run_plans_the_papers_run_without_a_corpus(tmp_path):
+    """data=8M on 4 GPUs, no data.root: the README's table, from the data size alone."""
+    s = _plan(tmp_path, "data=8M", "trainer.devices=4")
+    assert s["train_pairs"] == 4_000_000 and s["val_pairs"] is None
+    assert (s["world_size"], s["global_batch_pairs"], s["per_rank_pairs"]) == (4, 50, [13, 13, 12, 12])
+    assert (s["lr"], s["max_steps"], s["lr_drops_at_steps"]) == (0.001, 400_000, [100_000, 200_000, 300_000])
+    assert (s["epochs"], s["hard_negatives_from_step"], s["negative_pool"]) == (5.0, 150_000, 98)
+    linear = _plan(tmp_path / "linear", "data=8M", "trainer.devices=8", "scaling=linear")
+    assert (linear["lr"], linear["max_steps"], linear["hard_negatives_from_step"]) == (0.008, 50_000, 18_750)
+
+
+def test_dry_run_plans_a_corpus_not_mined_yet_or_too_small(tmp_path, tiny_corpus, caplog):
+    s = _plan(tmp_path, "data=corpus", "data.train_pairs=1000000", "data.root=/not/mined/yet")
+    assert s["train_pairs"] == 1_000_000 and s["steps_per_epoch"] == 20_000
+    # a corpus smaller than the data size: the plan is the data size's, with a warning that says so
+    small = _plan(tmp_path / "small", "data=8M", f"data.root={tiny_corpus}")
+    assert small["train_pairs"] == 4_000_000 and "planning from data.num_patches=8000000" in caplog.text
+    with pytest.raises(ValueError, match=r"data.train_pairs=<"):
+        _plan(tmp_path / "none", "data=corpus")
+
+
+def test_train_pairs_is_for_planning_only(tmp_path, capsys):
+    from vidrep.common.preflight import preflight
+    from vidrep.training.checks import check_train
+
+    with pytest.raises(SystemExit) as stop:
+        preflight("train", check_train, ["data=corpus", f"data.root={tmp_path}", "data.train_pairs=100"])
+    assert stop.value.code == 2 and "only goes with dry_run=true" in capsys.readouterr().err
+    preflight("train", check_train, ["data=8M", "trainer.devices=4", "dry_run=true"])  # no corpus: planning is fine
 
 
 def test_dry_run_needs_an_integer_device_count(tmp_path, tiny_corpus):

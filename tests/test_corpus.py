@@ -121,14 +121,14 @@ def test_demo_pairs_show_the_same_object(tiny_corpus):
     index = PairIndex(tiny_corpus)
     ds = PairDataset(index, np.arange(len(index)), PatchTransform(input_size=227, flip_p=0.0))
     items = [ds[i] for i in range(len(ds))]
-    hist = lambda x: torch.histc(x.float(), bins=32, min=0, max=255) / x.numel()  # noqa: E731
-    closer = 0
-    for _i, it in enumerate(items):
-        d_pos = (hist(it["anchor"]) - hist(it["positive"])).abs().sum()
-        others = [
-            (hist(it["anchor"]) - hist(o["positive"])).abs().sum() for o in items if o["video_id"] != it["video_id"]
-        ]
-        closer += d_pos < min(others)
+    anchors, positives = (
+        torch.stack([torch.histc(it[k].float(), bins=32, min=0, max=255) / it[k].numel() for it in items])
+        for k in ("anchor", "positive")
+    )
+    videos = torch.tensor([int(it["video_id"]) for it in items])
+    distance = torch.cdist(anchors.double(), positives.double(), p=1)  # [query, positive] L1 of histograms
+    others = distance.masked_fill(videos[:, None] == videos[None, :], float("inf")).min(dim=1).values
+    closer = (distance.diagonal() < others).sum().item()
     assert closer / len(items) > 0.9
 
 
@@ -372,3 +372,24 @@ def test_too_few_validation_batches_for_the_processes_is_an_error_naming_the_key
         dm.val_dataloader()
     monkeypatch.setattr(datamodule, "_distributed", lambda: None)
     assert len(dm.val_dataloader()) >= 1
+
+
+def test_a_one_video_corpus_and_a_one_video_validation_split_are_errors_naming_the_fix(tiny_corpus, tmp_path):
+    import shutil
+
+    from vidrep.data.corpus import CorpusError
+
+    root = tmp_path / "one"
+    shutil.copytree(tiny_corpus, root)
+    (root / "summary.json").unlink()  # the totals of all 12 videos
+    for manifest in sorted((root / "manifest").glob("*.parquet"))[1:]:
+        manifest.unlink()
+    common = dict(batch_size=2, num_workers=0, input_size=67)
+    with pytest.raises(CorpusError, match=r"training pairs of 1 video\(s\); negatives come from other videos.*mine"):
+        PairDataModule(str(root), val_fraction=0.0, **common).setup()
+    # 12 videos, 5% for validation: one video, on which every triplet's negatives are missing
+    with pytest.raises(CorpusError, match=r"data.val_fraction=0.05 gives a validation split of 1 video.*raise data"):
+        PairDataModule(str(tiny_corpus), val_fraction=0.05, **common).setup()
+    dm = PairDataModule(str(tiny_corpus), val_fraction=0.25, **common)
+    dm.setup()
+    assert len(np.unique(dm.val_set.video_ids())) >= 2

@@ -92,3 +92,60 @@ def test_without_gathering_each_rank_sees_only_its_own_negatives():
     bounds = [0, 5, 10]
     halves = [_loss(_model(), x[:, a:b], video_ids[a:b], cfg) for a, b in zip(bounds, bounds[1:])]
     assert not torch.isclose(sum(halves) / 2, whole)
+
+
+# ---------------------------------------------------------------- the random phase on many ranks
+
+STEPS = 3
+RANDOM = RankingLoss(margin=1.0, num_negatives=4, hard_ratio=0.0, initial_hard_ratio=0.0, symmetric=True)
+
+
+def _random_phase(rank: int, world: int, shares: list[int], shared_draws: bool) -> list[torch.Tensor]:
+    """3 SGD steps in the random phase on this rank's rows of each global batch (DDP's average of
+    the gradients done by hand); the weights after them."""
+    from vidrep.training.module import step_seed
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    start = sum(shares[:rank])
+    rows = slice(start, start + shares[rank])
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(2, GLOBAL, DIM_IN, generator=g)
+        video_ids = torch.randperm(GLOBAL, generator=g) % 6
+        torch.manual_seed(7)  # every rank alike, as seed_everything leaves them
+        generator = torch.Generator().manual_seed(step_seed(3, step)) if shared_draws else None
+        a, p = F.normalize(model(x[0, rows]), dim=1), F.normalize(model(x[1, rows]), dim=1)
+        kw = dict(hard_ratio=0.0, shares=shares if world > 1 else None, generator=generator)
+        loss = loss_across_ranks(RANDOM, a, p, video_ids[rows], **kw)[0]
+        opt.zero_grad()
+        loss.backward()
+        for param in model.parameters():
+            if world > 1:
+                dist.all_reduce(param.grad)
+                param.grad /= world
+        opt.step()
+    return [param.detach().clone() for param in model.parameters()]
+
+
+def _random_rank(rank, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    weights = {shared: _random_phase(rank, WORLD, SHARES, shared) for shared in (True, False)}
+    if rank == 0:
+        torch.save(weights, out_file)
+    dist.destroy_process_group()
+
+
+def test_the_random_phase_on_three_ranks_trains_one_processs_weights():
+    """Random negatives drawn from the step's shared generator for the whole global batch, each
+    rank its rows: 3 gloo ranks (4 + 3 + 3 pairs) end 3 random-phase steps on one process's
+    weights (float32 summation order aside). Drawn from each rank's own global generator (the
+    earlier way) the ranks pick other negatives than one process, and the weights differ."""
+    with tempfile.TemporaryDirectory() as tmp:
+        init, out = os.path.join(tmp, "init"), os.path.join(tmp, "out.pt")
+        tmp_mp.spawn(_random_rank, args=(init, out), nprocs=WORLD, join=True)
+        ranks = torch.load(out)
+    one = _random_phase(0, 1, [GLOBAL], shared_draws=True)
+    for got, expected in zip(ranks[True], one):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert not all(torch.allclose(g, e, rtol=1e-5, atol=1e-7) for g, e in zip(ranks[False], one))

@@ -250,10 +250,12 @@ def test_svm_protocol_single_and_ensemble(tiny_voc, tmp_path):
     assert (tmp_path / "single" / "results.md").exists() and "| conv5" in out.stdout
     assert {p.name for p in (tmp_path / "single" / "pictures").iterdir()} == {"per_class_ap.png", "pr_curves.png"}
     assert all(c["pr"]["recall"][-1] == 1.0 for c in result["layers"]["fc7"]["classes"])
-    _evaluate(tmp_path, f"[{a},{b}]", f"hydra.run.dir={tmp_path}/ensemble")
+    # The single run above has the default workers; these two fit in this process (workers=1 gives
+    # the same figures: tests/test_frozen.py) to spare the suite two process pools' start-up.
+    _evaluate(tmp_path, f"[{a},{b}]", f"hydra.run.dir={tmp_path}/ensemble", "protocol.workers=1")
     ensemble = json.loads((tmp_path / "ensemble" / "results.json").read_text())
     assert ensemble["row"] == "unsup, no ft, ensemble" and len(ensemble["checkpoints"]) == 2
-    _evaluate(tmp_path, "random", f"hydra.run.dir={tmp_path}/random", "pictures=false")
+    _evaluate(tmp_path, "random", f"hydra.run.dir={tmp_path}/random", "pictures=false", "protocol.workers=1")
     assert not (tmp_path / "random" / "pictures").exists()
     table = gather([tmp_path / d / "results.json" for d in ("ensemble", "single", "random")])
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()[2:]]
@@ -267,7 +269,7 @@ def test_an_interrupted_svm_stage_resumes_without_recomputing(tiny_voc, tmp_path
     train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
     test = read_voc(tiny_voc, 2007, "test", CLASSES)
     net = load_network(str(_checkpoint(tmp_path / "a.ckpt", 1)))
-    protocol = SvmProtocol(layers=["fc7"], costs=[0.1, 10.0], folds=2)
+    protocol = SvmProtocol(layers=["fc7"], costs=[0.1, 10.0], folds=2, workers=1)  # in this process: fits counted
     real_fit, calls = svm.fit_svm, []
 
     def counting_fit(*args, **kw):
@@ -310,7 +312,9 @@ DETECTION_FAST = [
 def test_detection_protocol(tiny_voc, tmp_path, finetune):
     (tmp_path / "voc").symlink_to(tiny_voc)
     a = _checkpoint(tmp_path / "a.ckpt", 1)
-    _evaluate(tmp_path, a, *DETECTION_FAST, f"protocol.finetune={finetune}", f"hydra.run.dir={tmp_path}/run")
+    _evaluate(
+        tmp_path, a, "voc.year=2007", *DETECTION_FAST, f"protocol.finetune={finetune}", f"hydra.run.dir={tmp_path}/run"
+    )
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     layer = "pool5" if finetune == "none" else "fc7"
     assert result["best_layer"] == layer and result["protocol"]["finetune"] == finetune
@@ -327,6 +331,7 @@ def test_iterative_finetuning_and_an_ensemble(tiny_voc, tiny_corpus, tmp_path):
     _evaluate(
         tmp_path,
         f"[{a},{b}]",
+        "voc.year=2007",
         *DETECTION_FAST,
         "protocol.finetune=iterative",
         f"protocol.adapt.corpus={tiny_corpus}",
@@ -351,12 +356,13 @@ def test_iterative_needs_a_corpus():
 
 def test_region_sampling_follows_rcnn_thresholds():
     from vidrep.eval.detection import DetectionProtocol
+    from vidrep.eval.finetune import sample_rois
 
     p = DetectionProtocol(batch_size=16, images_per_batch=2, fg_fraction=0.5)
     gt = np.array([[0, 0, 99, 99]], np.float32)
     # IoU with the ground truth: 0.9 (foreground), 0.3 and 0.05 (background), 0 (background in R-CNN)
     props = np.array([[0, 0, 99, 89], [0, 0, 99, 29], [0, 0, 99, 4], [200, 200, 220, 220]], np.float32)
-    rois, target = p._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
+    rois, target = sample_rois(p, gt, np.array([3]), props, np.random.default_rng(0))
     got = sorted((tuple(r), t) for r, t in zip(rois.tolist(), target.tolist()))
     assert got == [
         ((0, 0, 99, 4), 0),
@@ -368,7 +374,7 @@ def test_region_sampling_follows_rcnn_thresholds():
     fast = DetectionProtocol(
         batch_size=16, images_per_batch=2, fg_fraction=0.5, bg_iou=[0.1, 0.5]
     )  # Fast R-CNN's range
-    rois, target = fast._sample_rois(gt, np.array([3]), props, np.random.default_rng(0))
+    rois, target = sample_rois(fast, gt, np.array([3]), props, np.random.default_rng(0))
     assert sorted(tuple(r) for r in rois.tolist()) == [(0, 0, 99, 29), (0, 0, 99, 89), (0, 0, 99, 99)]
 
 
@@ -392,11 +398,11 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
     AP 1: what the pipeline loses, it loses in the features, not in the bookkeeping."""
     from torchvision.ops import box_iou
 
-    from vidrep.eval import detection
+    from vidrep.eval import detection, regions
     from vidrep.eval.features import random_network
 
-    def oracle(self, model, net, im, boxes, device):
-        iou = box_iou(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(detection._gt0(im))).numpy()
+    def oracle(p, model, net, im, boxes, device):
+        iou = box_iou(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(im.boxes0)).numpy()
         return np.stack(
             [
                 iou[:, im.labels == c].max(1) if (im.labels == c).any() else np.zeros(len(boxes))
@@ -405,9 +411,9 @@ def test_detection_plumbing_is_exact_with_oracle_features(tiny_voc, tmp_path, mo
             1,
         ).astype(np.float32)
 
-    monkeypatch.setattr(detection.DetectionProtocol, "region_features", oracle)
+    monkeypatch.setattr(regions, "region_features", oracle)
     protocol = detection.DetectionProtocol(
-        finetune="none", fc_dim=64, proposals={"max_side": 160, "mode": "fast", "max_proposals": 300}
+        finetune="none", fc_dim=64, proposals={"max_side": 160, "mode": "fast", "max_proposals": 300, "min_size": 9}
     )
     train = read_voc(tiny_voc, 2007, "trainval", CLASSES)
     test = read_voc(tiny_voc, 2007, "test", CLASSES)
@@ -448,7 +454,7 @@ def test_the_readme_voc2012_command_trains_on_train_and_tests_on_val(tiny_voc201
     train / val, disjoint and recorded; the old trainval / val choice is refused with the overlap."""
     (tmp_path / "voc").symlink_to(tiny_voc2012)
     a = _checkpoint(tmp_path / "a.ckpt", 1)
-    _evaluate(tmp_path, a, "voc.year=2012", *DETECTION_FAST, f"hydra.run.dir={tmp_path}/run")
+    _evaluate(tmp_path, a, *DETECTION_FAST, f"hydra.run.dir={tmp_path}/run")  # protocol=detection: VOC2012
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["splits"] == {"train": {"name": "train", "images": 24}, "test": {"name": "val", "images": 20}}
     assert result["protocol"]["use_07_metric"] is False  # VOC2012: all-point AP
@@ -594,13 +600,13 @@ def _fake_images(n):
 
 def _fake_features(calls):
     """Region features [R, 256]: each class's IoU on its own coordinates plus noise (a learnable signal)."""
-    from vidrep.eval.detection import _gt0, class_overlap
+    from vidrep.eval.boxes import class_overlap
 
     def feats(im, boxes):
         calls.append(im.id)
         rng = np.random.default_rng(abs(hash((im.id, len(boxes)))) % 2**32)
         f = rng.normal(0, 0.3, (len(boxes), 256)).astype(np.float32)
-        f[:, :4] += 3 * class_overlap(boxes, _gt0(im), im.labels, 4)
+        f[:, :4] += 3 * class_overlap(boxes, im.boxes0, im.labels, 4)
         return f
 
     return feats
@@ -610,15 +616,19 @@ def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
     import tracemalloc
 
     from vidrep.eval.detection import DetectionProtocol
-    from vidrep.eval.rcnn_svm import fit_rcnn_svm
+    from vidrep.eval.rcnn_svm import fit_rcnn_svm, train_svms
 
-    # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images
-    protocol = DetectionProtocol(finetune="none", svm={**DetectionProtocol().svm, "retrain_limit": 300})
+    # retraining every 300 new negatives keeps the cache near its steady state on a few dozen images;
+    # with retrainings in worker processes the images held for a lagging class are bounded by max_lag
+    # (128 by default, more than this test's images), so a small bound makes the growth visible
+    protocol = DetectionProtocol(
+        finetune="none", svm={**DetectionProtocol().svm, "retrain_limit": 300, "workers": 2, "max_lag": 4}
+    )
     fit_rcnn_svm(np.ones((2, 3)), -np.ones((2, 3)))  # one-time allocations (imports, liblinear) out of the peaks
     peaks = {}
     for n in (30, 60):
         tracemalloc.start()
-        protocol.train_svms(_fake_features([]), _fake_images(n), _FakeStore(), 4, tmp_path / str(n))
+        train_svms(protocol, _fake_features([]), _fake_images(n), _FakeStore(), 4, tmp_path / str(n))
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     # holding every region's features (what the SVM stage did before) grows by 30 x 152 x 256 x 4 = 4.7 MB
@@ -628,12 +638,13 @@ def test_svm_stage_memory_does_not_grow_with_the_images(tmp_path):
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_hard_negative_passes_are_as_configured(tmp_path, epochs):
     from vidrep.eval.detection import DetectionProtocol
+    from vidrep.eval.rcnn_svm import train_svms
 
     protocol = DetectionProtocol(
         finetune="none", svm={**DetectionProtocol().svm, "epochs": epochs, "retrain_limit": 200}
     )
     images, calls = _fake_images(12), []
-    W, B, _ = protocol.train_svms(_fake_features(calls), images, _FakeStore(), 4, tmp_path)
+    W, B, _ = train_svms(protocol, _fake_features(calls), images, _FakeStore(), 4, tmp_path)
     with np.load(tmp_path / "svms.npz") as z:
         assert float(z["passes"]) == epochs
         # every class's final SVM is trained at the last image of the last pass, after its mining
@@ -676,6 +687,7 @@ def test_kill_9_in_every_stage_resumes_to_the_same_aps(tmp_path):
             str(ROOT / "evaluate.py"),
             f"ckpt={a}",
             f"voc.root={voc}",
+            "voc.year=2007",
             f"voc.classes=[{','.join(CLASSES)}]",
             "protocol=detection",
             "protocol.iterations=12",
@@ -757,7 +769,7 @@ def test_selective_search_in_worker_processes_matches_one_process(tiny_voc, tmp_
     from vidrep.eval.proposals import ProposalStore
 
     images = read_voc(tiny_voc, 2007, "trainval", CLASSES)[:4]
-    settings = {"max_side": 160, "mode": "fast", "max_proposals": 50}
+    settings = {"max_side": 160, "mode": "rcnn", "max_proposals": 50}
     one, two = (
         ProposalStore(tmp_path / "a", "k", {**settings, "workers": 1}),
         ProposalStore(tmp_path / "b", "k", {**settings, "workers": 2}),
@@ -802,3 +814,197 @@ def test_cross_validation_scores_as_sklearn_cross_val_score():
     )
     theirs = cross_val_score(clf, x, np.where(labels > 0, 1, -1), cv=3, scoring="average_precision").mean()
     assert cross_validated_ap(x, labels, 0.1, 3, 0, False, "goyal") == pytest.approx(theirs, abs=1e-6)
+
+
+# ---------------------------------------------------------------- box helpers (torchvision) equal the old loops
+
+
+def _old_box_overlap(boxes, gt):
+    """The IoU that detection.py, windows.py and metrics.py computed by hand before (boxoverlap.m)."""
+    out = np.zeros((len(boxes), len(gt)))
+    for i, b in enumerate(np.asarray(boxes, np.float64)):
+        for j, g in enumerate(np.asarray(gt, np.float64)):
+            iw = max(min(b[2], g[2]) - max(b[0], g[0]) + 1, 0)
+            ih = max(min(b[3], g[3]) - max(b[1], g[1]) + 1, 0)
+            inter = iw * ih
+            out[i, j] = inter / ((b[2] - b[0] + 1) * (b[3] - b[1] + 1) + (g[2] - g[0] + 1) * (g[3] - g[1] + 1) - inter)
+    return out
+
+
+def _old_nms(boxes, scores, threshold):
+    """detection.py's greedy NMS before (nms.m): stable descending order, drop IoU > threshold."""
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while len(order):
+        i = order[0]
+        keep.append(i)
+        order = order[1:][_old_box_overlap(boxes[i : i + 1], boxes[order[1:]])[0] <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+def _random_boxes(rng, n, integer):
+    xy = rng.integers(0, 50, (n, 2)) if integer else rng.uniform(0, 50, (n, 2))
+    wh = rng.integers(0, 30, (n, 2)) if integer else rng.uniform(0, 30, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    boxes[rng.integers(0, n, n // 4)] = boxes[0]  # duplicate boxes
+    return boxes
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_box_helpers_equal_the_old_code_ties_included(integer):
+    from vidrep.eval.boxes import box_iou, nms
+
+    rng = np.random.default_rng(int(integer))
+    for trial in range(200):
+        n = int(rng.integers(1, 40))
+        boxes = _random_boxes(rng, n, integer)
+        scores = rng.integers(0, 4, n).astype(np.float32)  # many tied scores
+        np.testing.assert_array_equal(box_iou(boxes, boxes[:5]), _old_box_overlap(boxes, boxes[:5]))
+        threshold = (0.0, 0.3, 0.5, 0.7)[trial % 4]
+        np.testing.assert_array_equal(nms(boxes, scores, threshold), _old_nms(boxes, scores, threshold))
+    groups = rng.integers(0, 3, 30)
+    boxes, scores = _random_boxes(rng, 30, integer), rng.random(30)
+    per_group = np.sort(
+        np.concatenate(
+            [np.nonzero(groups == g)[0][_old_nms(boxes[groups == g], scores[groups == g], 0.3)] for g in range(3)]
+        )
+    )
+    assert np.array_equal(np.sort(nms(boxes, scores, 0.3, groups)), per_group)
+
+
+# ---------------------------------------------------------------- SVM caches and parallel classes
+
+
+def test_negative_cache_grows_geometrically_and_evicts_in_place():
+    from vidrep.eval.rcnn_svm import NegativeCache
+
+    cache, capacities, rows = NegativeCache(3), [], []
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        x = rng.normal(size=(int(rng.integers(0, 40)), 3)).astype(np.float32)
+        cache.add(x, np.arange(len(x)) + i * 1000)
+        rows.append(x)
+        capacities.append(cache.capacity)
+    np.testing.assert_array_equal(cache.x, np.concatenate(rows))
+    assert len(set(capacities)) <= 5 and cache.capacity < 2 * cache.n + 1024  # doublings, not one per image
+    keep = cache.x[:, 0] > 0
+    expected = cache.x[keep].copy()
+    cache.keep(keep)
+    np.testing.assert_array_equal(cache.x, expected)
+
+
+def test_classes_retrained_in_parallel_processes_give_the_same_svms(tmp_path):
+    """workers=2 (classes lag behind while their SVM retrains elsewhere) against one process: the same
+    weights, caches, trainings; and a state saved mid-pass resumes to the same end."""
+    from vidrep.eval.boxes import class_overlap
+    from vidrep.eval.rcnn_svm import HardNegativeMiner
+
+    images = _fake_images(24)
+    feats, store = _fake_features([]), _FakeStore()
+
+    def inputs(i):
+        im = images[i]
+        boxes = np.concatenate([im.boxes0, store.boxes(im)]).astype(np.float32)
+        return feats(im, boxes), class_overlap(boxes, im.boxes0, im.labels, 4)
+
+    positives = [np.random.default_rng(c).normal(1, 1, (6, 256)).astype(np.float32) for c in range(4)]
+    kw = {"epochs": 2, "num_images": len(images), "retrain_limit": 60}
+
+    def run(workers, max_lag, save_at=None):
+        miner = HardNegativeMiner(positives, workers=workers, max_lag=max_lag, **kw)
+        if save_at is None and (tmp_path / "state.npz").exists():
+            miner.load(tmp_path / "state.npz")
+        while not miner.done:
+            miner.add_image(miner.position % len(images), *inputs(miner.position % len(images)))
+            if miner.position == save_at:
+                miner.save(tmp_path / "state.npz")
+                miner.close()
+                return None
+        return (*miner.weights(), miner.updates.copy(), miner.last_update.copy(), miner.cache_sizes())
+
+    serial = run(1, 1)
+    parallel = run(2, 5)
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a, b)
+    assert (serial[2] >= 3).all()  # several retrainings per class, so the lag was exercised
+    run(2, 5, save_at=30)
+    resumed = run(2, 5)
+    for a, b in zip(serial, resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- rcnn_test.m's max_per_set
+
+
+def _rcnn_test_online(per_image_scores, max_per_set, max_per_image):
+    """rcnn_test.m's loop for one class, literally: per image the boxes above the running threshold,
+    their top max_per_image; the threshold raised to the max_per_set-th best score seen; at the end
+    every kept box below the final threshold pruned. Returns the kept scores per image."""
+    thresh, top_scores, count, kept = -np.inf, np.zeros(0), 0, []
+    for z in per_image_scores:
+        scores = z[z > thresh]
+        ordered = np.sort(scores)[::-1][:max_per_image]
+        kept.append(ordered)
+        count += len(ordered)
+        top_scores = np.sort(np.concatenate([top_scores, ordered]))[::-1]
+        if count > max_per_set:
+            top_scores = top_scores[:max_per_set]
+            thresh = top_scores[-1]
+    return [k[k >= thresh] for k in kept]
+
+
+def test_max_per_set_prunes_as_rcnn_test():
+    from vidrep.eval.rcnn_test import detect, set_thresholds
+
+    rng = np.random.default_rng(0)
+    per_image = [rng.normal(size=int(rng.integers(50, 300))) for _ in range(40)]
+    max_per_set, max_per_image = 40 * 3, 20  # rcnn_test.m's 40 per image on 3 "images" worth, to bite
+    boxes = [
+        np.tile([[0, 0, 9, 9]], (len(s), 1)).astype(np.float32) + np.arange(len(s))[:, None] * 20 for s in per_image
+    ]
+    tops = [detect(s[:, None], b, np.zeros(1), max_per_image, 0.3)[1] for s, b in zip(per_image, boxes)]
+    thresh = set_thresholds(
+        np.concatenate([t["top_scores"] for t in tops]), np.concatenate([t["top_labels"] for t in tops]), 1, max_per_set
+    )
+    ours = [np.sort(t["top_scores"][t["top_scores"] >= thresh[0]])[::-1] for t in tops]
+    theirs = _rcnn_test_online(per_image, max_per_set, max_per_image)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b.astype(np.float32))
+    assert sum(len(a) for a in ours) == max_per_set
+    assert (set_thresholds(np.ones(5), np.zeros(5, int), 1, None) == -np.inf).all()
+
+
+# ---------------------------------------------------------------- R-CNN's proposals and the VOC2012 defaults
+
+
+def test_rcnn_selective_search_settings():
+    import cv2
+
+    from vidrep.eval.proposals import selective_search
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 255, (150, 200, 3)).astype(np.uint8), (0, 0), 2)
+    boxes = selective_search(img)
+    widths, heights = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    assert len(boxes) and widths.min() >= 20 and heights.min() >= 20  # FilterBoxesWidth, minBoxWidth 20
+    assert len(np.unique(boxes, axis=0)) == len(boxes)  # BoxRemoveDuplicates
+    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 199 and boxes[:, 3].max() <= 149
+    assert len(selective_search(img, min_size=5)) > len(boxes)  # the size filter is the only cut: no cap
+    with pytest.raises(ValueError, match="protocol.proposals.mode"):
+        selective_search(img, mode="slow")
+
+
+def test_detection_defaults_to_voc2012_and_rcnn_70k(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "vidrep" / "conf"), version_base="1.3"):
+        det = compose("evaluate", ["protocol=detection", "ckpt=random", f"voc.root={tmp_path}"])
+        svm = compose("evaluate", ["protocol=svm", "ckpt=random", f"voc.root={tmp_path}"])
+        chosen = compose("evaluate", ["protocol=detection", "ckpt=random", f"voc.root={tmp_path}", "voc.year=2007"])
+    assert det.voc.year == 2012 and svm.voc.year == 2007 and chosen.voc.year == 2007
+    p = det.protocol
+    assert p.iterations == 70000 and p.max_per_set == 40 and p.proposals.mode == "rcnn"
+    assert p.proposals.max_proposals is None and p.proposals.min_size == 20
+    from vidrep import usable_cores
+
+    assert p.proposals.workers == min(64, usable_cores()) and p.finetune_workers == min(14, usable_cores())

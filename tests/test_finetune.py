@@ -9,9 +9,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from vidrep.eval.warp import warp_regions
-from vidrep.eval.windows import WindowBatches, WindowCrops, Windows, build_windows, deal, window_batch
+from vidrep.eval.windows import (
+    DecodedImages,
+    WindowBatches,
+    WindowCrops,
+    Windows,
+    build_windows,
+    deal,
+    whole_batch,
+    window_batch,
+)
 
 
 @dataclass
@@ -136,27 +146,38 @@ def test_the_loader_warps_each_window_and_mirrors_it(tmp_path):
             crop, mask = crop.flip(-1), mask.flip(-1)
         assert torch.equal(got["crops"][k], crop[0]) and torch.equal(got["mask"][k], mask[0])
 
+    # the images decoded once into the cache (the default) give the same crops, in a worker process too
+    decoded = DecodedImages.build(tmp_path / "decoded", paths)
+    assert DecodedImages.build(tmp_path / "decoded", paths).shape.tolist() == [[50, 70], [60, 70]]  # reused
+    from_file = WindowCrops(paths, w, 35, 4, decoded)
+    items = [(2, True), (0, False), (1, False)]
+    assert all(torch.equal(a, b) for a, b in zip(from_file.__getitems__(items).values(), got.values()))
+    loader = DataLoader(from_file, batch_sampler=[items], collate_fn=whole_batch, num_workers=1)
+    assert all(torch.equal(a, b) for a, b in zip(next(iter(loader)).values(), got.values()))
+
 
 def _model_cfg():
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "vidrep" / "conf"), version_base="1.3"):
         return compose("evaluate", overrides=["ckpt=random", "voc.root=x"]).model
 
 
 def test_readaptation_trains_through_triplet_module_and_resumes(tiny_corpus, tmp_path, monkeypatch, caplog):
     import lightning as L
 
-    from vidrep.eval import finetune
+    from vidrep.eval import adapt as adapt_module
     from vidrep.eval.adapt import readapt
+    from vidrep.eval.trainer import checkpoint_step
     from vidrep.models.caffenet import CaffeNet
+    from vidrep.training.checkpoints import HASH_KEY, DamagedCheckpointError
 
     torch.manual_seed(0)
     trunk = CaffeNet(67, 64, 32)
     before = trunk.conv3.weight.detach().clone()
     adapt = {"corpus": str(tiny_corpus), "steps": 3, "batch_size": 8, "lr": 0.01, "checkpoint_every": 1, "workers": 0}
     model_cfg = _model_cfg()
-    make = finetune.make_trainer
+    make = adapt_module.make_trainer
 
     class Interrupt(L.Callback):
         def on_train_batch_start(self, trainer, *args):
@@ -168,11 +189,21 @@ def test_readaptation_trains_through_triplet_module_and_resumes(tiny_corpus, tmp
         trainer.callbacks.append(Interrupt())
         return trainer
 
-    monkeypatch.setattr(finetune, "make_trainer", interrupted)
+    monkeypatch.setattr(adapt_module, "make_trainer", interrupted)
     with pytest.raises(RuntimeError, match="interrupted"):
         readapt(trunk, 67, adapt, model_cfg, tmp_path / "adapt0", "cpu")
-    assert (tmp_path / "adapt0" / "last.ckpt").exists() and not (tmp_path / "adapt0" / "adapted.pt").exists()
-    monkeypatch.setattr(finetune, "make_trainer", make)
+    last = tmp_path / "adapt0" / "last.ckpt"
+    assert last.exists() and not (tmp_path / "adapt0" / "adapted.pt").exists()
+    # written by HashedCheckpointIO: a damaged byte is refused by name instead of resumed from
+    assert HASH_KEY in torch.load(last, map_location="cpu", weights_only=False)
+    good = last.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF
+    last.write_bytes(bytes(damaged))
+    with pytest.raises(DamagedCheckpointError, match="last.ckpt"):
+        checkpoint_step(tmp_path / "adapt0")
+    last.write_bytes(good)
+    monkeypatch.setattr(adapt_module, "make_trainer", make)
     with caplog.at_level(logging.INFO, logger="vidrep.eval.adapt"):
         readapt(trunk, 67, adapt, model_cfg, tmp_path / "adapt0", "cpu")
     assert "re-adaptation resumes at step 2 of 3" in caplog.text

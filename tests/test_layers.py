@@ -19,6 +19,11 @@ LAYERS = {
     "eval": 4,
     "viz": 5,
     "demo": 5,
+    # the entry points (python -m vidrep.train|mine|evaluate, the console scripts): compose and run
+    "train": 6,
+    "mine": 6,
+    "evaluate": 6,
+    "conf": 7,  # the Hydra configs: YAML only, a package so that an installed wheel carries them
 }
 
 
@@ -100,3 +105,60 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, expec
     (fake / "data" / "bad.py").write_text(f"def f():\n    {source}\n")
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert any(expected in w for w in upward_imports())
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """{module: the modules of the same package it imports, at any depth} for vidrep.<package>."""
+    graph: dict[str, set[str]] = {}
+    prefix = f"vidrep.{package}."
+    for own, name, _line, where in project_imports():
+        if own != package:
+            continue
+        module = where.replace("/", ".")
+        graph.setdefault(module, set())
+        if name.startswith(prefix):
+            graph[module].add(name)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_within_eval():
+    """The evaluation's modules import one way (the detection stages above their box, image and
+    trainer helpers); function-level imports count, as a lazy import that closes a circle is still one."""
+    assert import_cycles(module_graph("eval")) == []
+
+
+def test_the_cycle_check_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]

@@ -500,18 +500,23 @@ def test_one_video_one_identity(tmp_path):
         list_videos(folder / "e_fifo.avi")
 
 
-def test_verify_and_repair_remine_exactly_the_damaged_videos(video_dir, reference_corpus, tmp_path):
+def test_verify_and_repair_keep_intact_pairs_and_remine_exactly_the_rest(video_dir, reference_corpus, tmp_path):
+    import json
     import shutil
+    import warnings
 
     import pyarrow.parquet as pq
 
+    from vidrep.data.corpora import open_index
     from vidrep.data.corpus import DamagedCorpusError
 
     root = tmp_path / "c"
     shutil.copytree(reference_corpus, root)
-    keys = sorted(p.stem for p in (root / "manifest").glob("*.parquet"))
-    row = pq.read_table(root / "manifest" / f"{keys[0]}.parquet").to_pylist()[0]
-    with open(root / "shards" / f"{keys[0]}.tar", "r+b") as f:  # 600 bytes inside a JPEG
+    rows = {p.stem: pq.read_table(p).to_pylist() for p in (root / "manifest").glob("*.parquet")}
+    keys = sorted(rows, key=lambda k: (-len(rows[k]), k))  # keys[0]: the video with the most pairs
+    assert len(rows[keys[0]]) >= 2
+    row = rows[keys[0]][0]
+    with open(root / "shards" / f"{keys[0]}.tar", "r+b") as f:  # 600 bytes inside one JPEG
         f.seek(row["query_offset"] + 300)
         f.write(bytes(600))
     (root / "manifest" / f"{keys[1]}.parquet").unlink()  # a lost manifest
@@ -526,9 +531,59 @@ def test_verify_and_repair_remine_exactly_the_damaged_videos(video_dir, referenc
     out = _mine_cli(f"out={root}", "verify=repair", "workers=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert _mine_cli(f"out={root}", "verify=true", "workers=1", cwd=tmp_path).returncode == 0
+    # the video with one damaged JPEG keeps its other pairs and stays done; the loss is recorded
+    assert json.loads((root / "repaired.json").read_text()) == {keys[0]: {"video": row["video"], "pairs_lost": 1}}
+    assert json.loads((root / "summary.json").read_text())["pairs_lost_to_repair"] == 1
     again = mine_corpus(video_dir, root, MinerConfig(), workers=1, progress=False)
-    assert again.run["videos_mined"] == 3 and again.run["videos_skipped_done"] == 1
-    assert _pairs(root) == _pairs(reference_corpus)
+    assert again.run["videos_mined"] == 2 and again.run["videos_skipped_done"] == 2
+    assert again.corpus["pairs_lost_to_repair"] == 1
+    expected = [p for p in _pairs(reference_corpus) if p[0] != row["pair_id"]]
+    assert _pairs(root) == expected
+    with warnings.catch_warnings(record=True) as caught:  # training on it says what was lost
+        warnings.simplefilter("always")
+        index = open_index(root)
+    assert len(index) == len(expected)
+    assert any("1 pairs were removed by `verify=repair`" in str(w.message) for w in caught), caught
+
+
+def test_a_byte_copy_mined_in_a_later_run_is_recorded_as_duplicate(tmp_path):
+    import shutil
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    SyntheticVideo(31, num_frames=40).write(folder / "a.avi")
+    root = tmp_path / "corpus"
+    first = mine_corpus(folder, root, MinerConfig(), workers=0, progress=False)
+    assert first.run["videos_mined"] == 1
+    mark = read_records(root, "videos").to_pylist()[0]
+    assert mark["content_size"] == (folder / "a.avi").stat().st_size and len(mark["content_blake2b"]) == 64
+    later = tmp_path / "more_videos"  # a second batch of videos, mined into the same corpus
+    later.mkdir()
+    shutil.copy(folder / "a.avi", later / "b_copy.avi")
+    SyntheticVideo(32, num_frames=40).write(later / "c_new.avi")
+    second = mine_corpus(later, root, MinerConfig(), workers=0, progress=False)
+    assert second.run["videos_mined"] == 1 and second.run["videos_failed"] == 1
+    failures = {r["video"]: r for r in read_records(root, "failures").to_pylist()}
+    assert list(failures) == ["b_copy.avi"] and failures["b_copy.avi"]["reason"] == "duplicate"
+    assert "content of a.avi, already mined into this corpus" in failures["b_copy.avi"]["detail"]
+    assert sorted(read_records(root, "videos").column("video").to_pylist()) == ["a.avi", "c_new.avi"]
+
+
+def test_a_truncated_mining_json_is_a_clear_error_and_verify_reports_it(video_dir, reference_corpus, tmp_path):
+    import shutil
+
+    from vidrep.data.corpus import DamagedCorpusError
+    from vidrep.mining.verify import verify_corpus
+
+    root = tmp_path / "c"
+    shutil.copytree(reference_corpus, root)
+    settings = root / "mining.json"
+    settings.write_bytes(settings.read_bytes()[:40])
+    with pytest.raises(DamagedCorpusError, match=r"mining.json is damaged \(not valid JSON.*Restore it"):
+        mine_corpus(video_dir, root, MinerConfig(), workers=1, progress=False)
+    damaged = verify_corpus(root)
+    assert [(d.key, d.video) for d in damaged] == [("(corpus)", "mining.json")]
+    assert "mining.json is damaged" in damaged[0].problems[0]
 
 
 # ---------------------------------------------------------------- real footage
@@ -652,7 +707,7 @@ def test_the_tracker_is_swapped_by_config(tmp_path, monkeypatch):
     from vidrep.mining import tracking
 
     name = "mosse"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
         cfg = compose("mine", overrides=["videos=x", "out=y", f"miner.tracker={name}"])
     config = instantiate(cfg.miner)
     assert config.tracker == name and config.corpus_settings()["tracker"] == name

@@ -77,7 +77,7 @@ def test_train_py_stops_before_any_run_directory(tmp_path):
 def test_every_protocol_preset_composes_on_its_own_so_a_sweep_over_them_does(tmp_path):
     import hydra
 
-    presets = sorted(p.stem for p in (ROOT / "conf" / "protocol").glob("*.yaml"))
+    presets = sorted(p.stem for p in (ROOT / "vidrep" / "conf" / "protocol").glob("*.yaml"))
     assert {"svm", "svm_cpu", "detection", "detection_cpu", "retrieval"} <= set(presets)
     for name in presets:
         cfg = compose(
@@ -101,3 +101,60 @@ def test_a_corpus_smaller_than_a_batch_is_refused_before_anything_starts(tmp_pat
     err = capsys.readouterr().err
     assert "holds 9 pairs" in err and "lower data.batch_size" in err
     preflight("train", check_train, ["data=corpus", f"data.root={tmp_path}", "data.batch_size=4"])
+
+
+def _run(script, *overrides, cwd, env=None):
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_mining_settings_mismatch_is_one_line_without_a_traceback(tmp_path):
+    """The corpus was mined with other settings: refused in one line naming the way out, exit 1."""
+    import json
+
+    videos, corpus = tmp_path / "videos", tmp_path / "corpus"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"not decoded: the settings are checked first")
+    corpus.mkdir()
+    (corpus / "mining.json").write_text(json.dumps({"detector": "gftt", "min_track": 999}))
+    out = _run("mine.py", f"videos={videos}", f"out={corpus}", "workers=0", cwd=tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "mined with other settings" in errors[0] and "new out= folder" in errors[0]
+    # the traceback is one variable away
+    full = _run(
+        "mine.py", f"videos={videos}", f"out={corpus}", "workers=0", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}
+    )
+    assert full.returncode == 1 and "Traceback" in full.stderr and "CorpusError" in full.stderr
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path):
+    """A dry run that cannot plan (no corpus and no data size) fails after Hydra made the run
+    directory: one line, and the directory is gone."""
+    run_dir = tmp_path / "run"
+    out = _run("train.py", "data=corpus", "dry_run=true", "logger=csv", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: dry_run=true without a corpus plans from")
+    assert not run_dir.exists()
+
+
+def test_error_lines_and_what_is_removed(tmp_path):
+    from vidrep.common.preflight import error_line, remove_if_only_hydras
+
+    assert error_line(ValueError("settings that cannot train:\n  a\n  b")) == "settings that cannot train: a b"
+    assert error_line(KeyError("x")).startswith("KeyError: 'x' (HYDRA_FULL_ERROR=1 shows where")
+    (tmp_path / "bare" / ".hydra").mkdir(parents=True)
+    (tmp_path / "bare" / "train.log").write_text("")
+    assert remove_if_only_hydras(tmp_path / "bare", "train") and not (tmp_path / "bare").exists()
+    (tmp_path / "used" / "checkpoints").mkdir(parents=True)
+    assert not remove_if_only_hydras(tmp_path / "used", "train") and (tmp_path / "used" / "checkpoints").exists()

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT
 
 from vidrep.eval.retrieval import (
     colour_histogram,
@@ -37,7 +37,7 @@ def test_ranks_match_a_brute_force_loop_with_ties_and_one_pair_videos(chunk_elem
     tracked = rng.integers(-1, 2, size=(23, 3)).astype(np.float32)
     tracked[::2] = 2 * query[::2]  # some queries find theirs first
     video = np.array([1] * 5 + [2] * 4 + [7] + [3] * 6 + [9] + [4] * 6)
-    ranks = retrieval_ranks(query, tracked, video, chunk_elements)
+    ranks = retrieval_ranks(query, tracked, video, chunk_elements=chunk_elements)
     expected = brute_force_ranks(query, tracked, video)
     np.testing.assert_array_equal(ranks, expected)
     assert (expected > 1).any() and (expected == 1).any()
@@ -119,7 +119,7 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
     """evaluate.py on three videos of the tiny corpus: results.json as the issue lays it out, the
     pixels baseline's figures equal to the functions' own, and the gathered report shows them."""
     from vidrep.data.corpus import PairIndex, read_manifest
-    from vidrep.eval.retrieval import baseline_featurizer, retrieval_results
+    from vidrep.eval.retrieval import RetrievalSettings, baseline_featurizer, retrieval_results
 
     table = read_manifest(tiny_corpus)
     names = np.array(table.column("video").to_pylist(), dtype=object)
@@ -133,6 +133,7 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
             "ckpt=pixels",
             f"retrieval.corpus={tiny_corpus}",
             f"retrieval.videos={tmp_path / 'videos.txt'}",
+            "retrieval.candidates=other_videos",
             "wandb.enabled=false",
             f"hydra.run.dir={tmp_path}/run",
         ],
@@ -144,10 +145,18 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = np.flatnonzero(np.isin(names, videos))
-    expected = retrieval_results(PairIndex(tiny_corpus), rows, [baseline_featurizer("pixels")])["pixels"]
+    other_videos = RetrievalSettings(candidates="other_videos")
+    expected = retrieval_results(PairIndex(tiny_corpus), rows, [baseline_featurizer("pixels")], settings=other_videos)
+    expected = expected["pixels"]
     assert result["retrieval"] == {"pixels": pytest.approx(expected)}
     assert result["retrieval"]["pixels"]["num_videos"] == 3 and result["retrieval"]["pixels"]["num_pairs"] == len(rows)
     assert result["data"]["videos"] == videos and result["data"]["corpus"] == str(tiny_corpus.resolve())
+    assert result["retrieval_settings"] == {
+        "candidates": "other_videos",
+        "min_gap_frames": 90,
+        "distractors": 8,
+        "max_distractor_iou": 0.3,
+    }
     assert "| pixels |" in (tmp_path / "run" / "results.md").read_text()
     gathered = subprocess.run(
         [sys.executable, "-m", "vidrep.eval.report", str(tmp_path / "run" / "results.json")],
@@ -158,44 +167,3 @@ def test_evaluate_protocol_retrieval(tiny_corpus, tmp_path):
     )
     assert gathered.returncode == 0, gathered.stderr[-3000:]
     assert f"| pixels | {100 * expected['recall_at_1']:.1f} |" in gathered.stdout
-
-
-@pytest.mark.slow
-def test_demo_check_table_comes_from_the_run(tiny_corpus, tmp_path):
-    """The demo's check on the tiny corpus: demo_eval.md holds the figures the run logged, over the
-    validation videos the data module held out; the baselines' rows equal the functions' own."""
-    from test_configs import compose_train
-
-    from vidrep.data.corpus import PairIndex, select_pairs
-    from vidrep.eval.retrieval import baseline_featurizer, retrieval_results
-    from vidrep.training.run import train
-
-    overrides = [o for o in TINY if o != "~callbacks.demo_check"]
-    cfg = compose_train(
-        [*overrides, f"data.root={tiny_corpus}", "~data.demo", "logger=csv", "trainer.max_steps=2"], tmp_path
-    )
-    metrics = train(cfg)
-    lines = (tmp_path / "demo_eval.md").read_text().splitlines()
-    rows = {
-        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-        for line in lines
-        if line.startswith("| ") and "R@1" not in line
-    }
-    assert list(rows) == ["trained (fc7)", "initialisation (fc7)", "colour_histogram", "pixels"]
-    for name, cells in rows.items():
-        key = name.split(" ")[0]
-        assert cells[0] == f"{100 * metrics[f'demo_eval/{key}/recall_at_1']:.1f}"
-        assert cells[1] == f"{100 * metrics[f'demo_eval/{key}/recall_at_5']:.1f}"
-        assert cells[2] == f"{metrics[f'demo_eval/{key}/median_rank']:g}"
-    index = PairIndex(tiny_corpus)
-    val = select_pairs(index.video_id, index.query_frame, None, 0.25, 0).val
-    expected = retrieval_results(index, val, [baseline_featurizer("colour_histogram"), baseline_featurizer("pixels")])
-    for name, r in expected.items():
-        assert rows[name][:5] == [
-            f"{100 * r['recall_at_1']:.1f}",
-            f"{100 * r['recall_at_5']:.1f}",
-            f"{r['median_rank']:g}",
-            str(r["num_pairs"]),
-            str(r["num_videos"]),
-        ]
-    assert "Weights moved" in "\n".join(lines)

@@ -1,3 +1,4 @@
+import copy
 import logging
 import math
 from types import SimpleNamespace
@@ -126,7 +127,7 @@ def test_the_run_directory_is_new_unless_resume_names_one(tmp_path):
 
     def run_dir(*overrides):
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
             return compose("train", overrides=list(overrides), return_hydra_config=True).hydra.run.dir
 
     assert run_dir().startswith("outputs/train/20")
@@ -151,3 +152,85 @@ def test_svm_convergence_warnings_are_summarised_once_per_stage(tmp_path, caplog
     from sklearn.exceptions import ConvergenceWarning
 
     assert not [w for w in recwarn if issubclass(w.category, ConvergenceWarning)]
+
+
+def _compose_train(overrides, run_dir):
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.root_dir = str(run_dir), str(ROOT)
+    return cfg
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run_and_a_finished_one_opens_none(tmp_path, tiny_corpus, caplog):
+    from conftest import TINY
+
+    from vidrep.training.run import train
+
+    run = tmp_path / "run"
+    base = [*TINY, f"data.root={tiny_corpus}", "~data.demo", "logger=wandb", "logger.wandb.mode=offline"]
+    train(_compose_train([*base, "trainer.max_steps=2"], run))
+    run_id = (run / "wandb" / "run-id").read_text()
+    train(_compose_train([*base, "trainer.max_steps=4", f"resume={run}"], run))
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one W&B run, two sittings
+    # resuming a finished run: says so, gives its final metrics, opens no W&B run
+    caplog.set_level(logging.INFO, logger="vidrep.training.resume")
+    metrics = train(_compose_train([*base, "trainer.max_steps=4", f"resume={run}"], run))
+    assert "finished at step 4: nothing to resume" in caplog.text and "train/loss_epoch" in metrics
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    # a new run directory gets its own W&B run
+    train(_compose_train([*base, "trainer.max_steps=1"], tmp_path / "other"))
+    assert (tmp_path / "other" / "wandb" / "run-id").read_text() != run_id
+
+
+def test_multirun_jobs_share_a_wandb_group_named_after_the_sweep(tmp_path):
+    from conftest import ROOT
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from vidrep.common.loggers import sweep_group
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.name, cfg.hydra.sweep.dir = "train", str(tmp_path / "multirun" / "2026-12-05_10-00-00")
+        cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(copy.deepcopy(cfg))
+    assert sweep_group() is None
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert sweep_group() == "train/2026-12-05_10-00-00"
+    finally:
+        HydraConfig.instance().cfg = None  # later tests run outside Hydra
+
+
+def test_learning_is_judged_by_triplet_accuracy_from_step_zero(caplog):
+    from vidrep.training.collapse import learning_verdict
+
+    assert learning_verdict([(0, 0.9)]) is None and learning_verdict([(0, 0.9), (0, 0.95)]) is None
+    assert learning_verdict([(0, 0.80), (50, 0.70), (100, 0.86)]).startswith("held-out triplets ordered better")
+    # the measured case: val/loss fell 0.485 -> 0.245 while triplet accuracy fell 0.92 -> 0.86
+    fell = learning_verdict([(0, 0.92), (571, 0.86)])
+    assert fell.startswith("no gain") and "0.920 at step 0, 0.860 at step 571" in fell and "run=<run dir>" in fell
+    caplog.set_level(logging.INFO, logger="vidrep.training.collapse")
+    cb = CollapseWarning()
+    for step, acc in ((0, 0.92), (571, 0.86)):
+        trainer = SimpleNamespace(
+            callback_metrics={"val/triplet_acc": torch.tensor(acc)}, global_step=step, sanity_checking=False
+        )
+        cb.on_validation_end(trainer, None)
+    cb.on_train_end(SimpleNamespace(callback_metrics={}, global_step=571, loggers=[]), None)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "no gain" in caplog.records[0].getMessage()

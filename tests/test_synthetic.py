@@ -45,3 +45,60 @@ def test_write_video(tmp_path):
     while cap.read()[0]:
         n += 1
     assert n == 12
+
+
+WORLD = {"num_objects": 3, "palette": "shared", "spin": 2.0, "breathe": 0.25, "lighting": 0.2}
+
+
+def test_world_options_leave_the_plain_world_alone():
+    """The options draw their randomness after the plain world's: seeds keep their videos."""
+    plain, world = SyntheticVideo(4, num_frames=40), SyntheticVideo(4, num_frames=40, spin=2.0, lighting=0.2)
+    np.testing.assert_array_equal(plain.boxes(20), world.boxes(20))
+    assert plain.shapes == world.shapes
+
+
+def test_shared_palette_colours_come_from_the_palette():
+    from vidrep.data.synthetic import PALETTE, _colours
+
+    colours = _colours(np.random.default_rng(0), 200, "shared")
+    # every colour within the jitter (sd 8) of a palette entry: 5 sd
+    nearest = np.abs(colours[:, None, :] - PALETTE[None]).max(axis=2).min(axis=1)
+    assert nearest.max() < 40
+    # and the palette is the same for every video: two videos' objects share colours
+    a = {
+        tuple(PALETTE[np.abs(c - PALETTE).max(axis=1).argmin()])
+        for c in _colours(np.random.default_rng(1), 30, "shared")
+    }
+    b = {
+        tuple(PALETTE[np.abs(c - PALETTE).max(axis=1).argmin()])
+        for c in _colours(np.random.default_rng(2), 30, "shared")
+    }
+    assert len(a & b) >= 6
+
+
+def test_objects_turn_grow_and_stay_inside():
+    v = SyntheticVideo(1, num_frames=200, **WORLD)
+    sides = np.stack([v.boxes(t)[:, 2] for t in range(0, 200, 5)])  # boxes only: no rendering
+    assert (sides.max(axis=0) - sides.min(axis=0) >= 0.15 * v.sizes).all()  # each object's size swings
+    for t in range(0, 200, 5):
+        b = v.boxes(t)
+        assert (b[:, :2] >= 0).all() and (b[:, 0] + b[:, 2] <= v.width).all() and (b[:, 1] + b[:, 3] <= v.height).all()
+    # a turned object: its drawn pixels differ from the same object unturned at the same place and size
+    still = SyntheticVideo(1, num_frames=40, **(WORLD | {"spin": 0.0}))
+    v = SyntheticVideo(1, num_frames=40, **WORLD)
+    x, y, w, h = v.boxes(30)[0]
+    np.testing.assert_array_equal(v.boxes(30), still.boxes(30))
+    assert np.abs(v.frame(30)[y : y + h, x : x + w].astype(int) - still.frame(30)[y : y + h, x : x + w]).mean() > 5
+
+
+def test_lighting_drifts_slowly():
+    """Brightness changes over a track's 30 frames, but never from one frame to the next by as much
+    as a shot cut: the miner's cut detector finds no cut."""
+    from vidrep.mining.shots import is_cut, thumbnail_histogram
+
+    v = SyntheticVideo(2, num_frames=60, height=224, width=300, object_size=(35, 65), **WORLD)
+    lit = [v.frame(t) for t in range(60)]
+    means = np.array([f.mean() for f in lit])
+    assert np.abs(means[30:] - means[:-30]).max() > 5
+    hists = [thumbnail_histogram(f.mean(axis=2).astype(np.uint8)) for f in lit]
+    assert not any(is_cut(a, b) for a, b in zip(hists, hists[1:]))

@@ -189,23 +189,29 @@ def test_multirun_finishes_each_wandb_run_even_after_a_failure(tmp_path, tiny_co
 
 @pytest.mark.slow
 def test_demo_loss_goes_down(tmp_path):
-    """The Quickstart's `python train.py` as shipped, with its own demo corpus, cut to the first
-    4 epochs (random negatives) to keep the suite short."""
+    """The Quickstart's `python train.py` (data=demo's world and settings) on half the demo's videos
+    (building all 128 took most of this test's 7 minutes; the whole demo is the Quickstart's own
+    check), cut to the first 4 epochs (random negatives) to keep the suite short."""
     run_cli(
         [
             "logger=csv",
             "~callbacks.progress",
+            "data.demo.num_videos=64",
             "trainer.max_epochs=4",
+            "trainer.max_steps=-1",  # the demo's own 20 steps end within epoch 3
+            "~callbacks.demo_check",  # the test world's build and scoring: tests/test_demo_check.py
             f"hydra.run.dir={tmp_path}/run",
             f"paths.cache_dir={tmp_path}/cache",
         ],
         cwd=tmp_path,
-        timeout=900,
+        timeout=1500,
     )
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     by_epoch = {int(r["epoch"]): float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")}
     assert sorted(by_epoch) == [0, 1, 2, 3]
-    assert min(by_epoch[e] for e in (1, 2, 3)) < 0.7 * by_epoch[0], by_epoch
+    # the world of demo v4 (one palette for all videos) is harder than v3's, whose loss fell below
+    # 0.7x epoch 0's by epoch 3; a falling training loss is plumbing, not evidence of learning
+    assert min(by_epoch[e] for e in (1, 2, 3)) < by_epoch[0], by_epoch
     assert all(torch.isfinite(torch.tensor(list(by_epoch.values()))))
 
 
@@ -392,7 +398,8 @@ def test_the_resumable_sampler_resumes_each_ranks_share():
             full = ResumableSampler(43, 6, world, rank, seed=5)
             full.set_epoch(4)
             expected = list(full)
-            assert len(expected) == 7 and full.position(batches=2) == {"epoch": 4, "seed": 5, "batches": 2}
+            position = {"epoch": 4, "seed": 5, "batches": 2, "global_batch": 6, "world": world}
+            assert len(expected) == 7 and full.position(batches=2) == position
             resumed = ResumableSampler(43, 6, world, rank, seed=0, resume=full.position(batches=2))
             assert list(resumed) == expected[2:] and resumed.epoch == 4 and resumed.seed == 5
             boundary = ResumableSampler(43, 6, world, rank, seed=5, resume={"epoch": 4, "seed": 5, "batches": 7})
@@ -537,12 +544,17 @@ def test_kill_9_after_the_second_epoch_then_resume_into_the_same_run_dir(tmp_pat
     steps_per_epoch = train_pairs(tiny_corpus) // 8
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * steps_per_epoch
     before = read_metrics(run / "metrics.csv")
-    assert sorted(float(r["epoch"]) for r in before if r.get("val/loss")) == [0, 1]
+
+    def validations(rows):  # (step 0's pass of ValidateAtStart, the epoch ends)
+        val = [r for r in rows if r.get("val/loss")]
+        return [int(r["step"]) for r in val if int(r["step"]) == 0], sorted(
+            float(r["epoch"]) for r in val if int(r["step"]) > 0
+        )
+
+    assert validations(before) == ([0], [0, 1])
     run_cli([*args, f"ckpt_path={last}"], cwd=tmp_path, env=env)
     after = read_metrics(run / "metrics.csv")
-    assert sorted(float(r["epoch"]) for r in after if r.get("val/loss")) == [0, 1, 2], (
-        "earlier rows kept, one per epoch"
-    )
+    assert validations(after) == ([0], [0, 1, 2]), "earlier rows kept, one per epoch, no second start pass"
     assert [r["train/loss_step"] for r in after[: len(before)] if r.get("train/loss_step")] == [
         r["train/loss_step"] for r in before if r.get("train/loss_step")
     ]

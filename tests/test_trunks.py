@@ -70,6 +70,29 @@ def test_a_trunk_is_rebuilt_from_its_recorded_config(cls):
         build_trunk({"_target_": "os.system", "command": "true"})
 
 
+@pytest.mark.parametrize("cls", [CaffeNet, TorchvisionAlexNet])
+def test_final_relu_false_keeps_fc7_signed_with_the_same_parameters(cls):
+    """model.net.trunk.final_relu=false: fc7 without its ReLU (negative values, no unit zero on every
+    patch), the same state dict keys and weights as the released layout, recorded for the rebuild."""
+    torch.manual_seed(0)  # experiment=cpu's init: with the released biases of 1, fc7 is ~1 everywhere
+    with_relu = cls(input_size=99, fc6_dim=64, fc7_dim=32, init="kaiming", bias_one=False).eval()
+    without = build_trunk(with_relu.config() | {"final_relu": False}).eval()
+    assert list(without.state_dict()) == list(with_relu.state_dict())
+    without.load_state_dict(with_relu.state_dict())
+    x = torch.randn(8, 3, 99, 99) * 60
+    with torch.no_grad():
+        raw, released = without(x), with_relu(x)
+        fc6 = without.forward_features(x, ["fc6"])["fc6"]
+    assert (raw < 0).any() and (raw != 0).any(dim=0).all()
+    torch.testing.assert_close(released, torch.relu(raw))
+    torch.testing.assert_close(raw, without.fc7(fc6))
+    assert without.config()["final_relu"] is False and build_trunk(without.config()).final_relu is False
+    import hydra
+
+    cfg = _compose(["data=demo", "model.net.trunk.final_relu=false"])
+    assert hydra.utils.instantiate(cfg.model.net.trunk).final_relu is False
+
+
 def test_resnet18_reads_torchvision_weights_from_a_local_file_only(tmp_path):
     from torchvision.models import resnet18
 
@@ -101,7 +124,7 @@ def _compose(overrides):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "vidrep" / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
@@ -110,9 +133,9 @@ def test_resnet18_by_config_through_checkpoint_rebuild_and_every_feature_path(tm
     loader alone, and the svm, retrieval and detection paths give features of the declared widths."""
     import hydra
 
-    from vidrep.eval.detection import DetectionNet
     from vidrep.eval.features import extract_features, load_network
     from vidrep.eval.frozen import benchmark_layers
+    from vidrep.eval.regions import DetectionNet
     from vidrep.eval.retrieval import network_featurizer
 
     cfg = _compose(

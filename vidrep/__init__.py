@@ -2,10 +2,14 @@
 
 import importlib
 import os
+from importlib.metadata import PackageNotFoundError, version
 
 from omegaconf import ListConfig, OmegaConf
 
-__version__ = "0.1.0"
+try:  # one version source: pyproject.toml's, as installed
+    __version__ = version("vidrep")
+except PackageNotFoundError:  # a source tree on PYTHONPATH that was never installed
+    __version__ = "0+unknown"
 
 
 def usable_cores() -> int:

@@ -3,8 +3,10 @@ disk full, pre-emption) leaves nothing half-written for the rerun to trip over."
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -59,5 +61,17 @@ def write_torch(path: str | Path, obj, advice: str = RERUN_ADVICE) -> None:
     """torch.save(obj), atomically, creating the folder if needed."""
     import torch
 
+    def save(f) -> None:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # torch's zip writer turns a failed write (a full disk) into a RuntimeError about stream
+            # positions; it is the same failed write as any other here, with the same advice
+            free = shutil.disk_usage(Path(path).parent).free
+            raise OSError(
+                errno.ENOSPC if free < 64 << 20 else errno.EIO,
+                f"torch.save failed ({str(e).splitlines()[0][:200]}; {free >> 20} MiB free on that disk)",
+            ) from e
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(Path(path), lambda f: torch.save(obj, f), advice)
+    atomic_write(Path(path), save, advice)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 import socket
+import string
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,72 @@ def resolve_wandb_mode(requested: str | None = None, timeout: float = 2.0) -> st
     return "online"
 
 
-def wandb_logger(save_dir: str, project: str = "vidrep", mode: str | None = None, **kwargs):
-    """A Lightning WandbLogger whose mode was settled before wandb.init can prompt or wait."""
+# The W&B run id of a run directory, kept in it: a run resumed there (resume=<run dir>) logs into the
+# W&B run it started, and `wandb sync` uploads all its offline-run-* folders as that one run.
+RUN_ID_FILE = Path("wandb") / "run-id"
+
+
+def kept_run_id(save_dir: str | Path, given: str | None = None) -> str:
+    """The W&B run id of the run directory `save_dir`: `given` (logger.wandb.id) when set, else the
+    one kept in <save_dir>/wandb/run-id, else a new one; what is returned is kept there (by rank 0)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from vidrep.common.io import atomic_write
+
+    path = Path(save_dir) / RUN_ID_FILE
+    kept = path.read_text().strip() if path.is_file() else None
+    if given:
+        run_id = str(given)
+    elif kept:
+        return kept
+    else:  # W&B's own form: 8 characters of [a-z0-9]
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if run_id != kept and rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
+
+
+def sweep_group() -> str | None:
+    """In a Hydra multirun, the W&B group its jobs share: `<job name>/<sweep directory's name>`
+    (train/2026-12-05_10-00-00); None in a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    return f"{hc.job.name}/{Path(hc.sweep.dir).name}"
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "vidrep",
+    mode: str | None = None,
+    id: str | None = None,
+    group: str | None = None,
+    **kwargs,
+):
+    """A Lightning WandbLogger whose mode was settled before wandb.init can prompt or wait, that logs
+    into the run directory's own W&B run (`kept_run_id`) and, in a multirun, into the sweep's group
+    unless logger.wandb.group names one."""
     from lightning.pytorch.loggers import WandbLogger
+
+    from vidrep.common.workarounds import without_anonymous_setting
 
     mode = resolve_wandb_mode(mode)
     os.environ["WANDB_MODE"] = mode  # for anything else in this process that calls wandb.init
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, mode=mode, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "resume" and v is None)}  # Lightning's default: allow
+    logger = WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        mode=mode,
+        id=id if mode == "disabled" else kept_run_id(save_dir, id),
+        group=group or sweep_group(),
+        **kwargs,
+    )
+    return without_anonymous_setting(logger)
 
 
 def finish_wandb() -> None:

@@ -5,19 +5,28 @@ failing after the run has started, at the end of a long traceback.
 
 A multirun is checked with the first value of each swept key (the keys are what can be wrong in
 every job); the paths of swept keys are left to each job.
+
+What fails after the job has started is reported the same way (`one_line_errors`): one line, no
+traceback (HYDRA_FULL_ERROR=1 shows it), and a run directory that holds nothing of the job's own is
+removed, so that a failed start leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+import os
 import re
+import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class PreflightError(ValueError):
@@ -158,3 +167,63 @@ def preflight(config_name: str, checks: Callable[[DictConfig, set[str]], None], 
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # a check that failed on its own: still one line
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Errors whose message is written for the user (the input it concerns and what to do); anything
+# else is a fault of vidrep's and is named by its type.
+EXPECTED_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's error: Hydra prints a CompactHydraException as its message alone."""
+
+
+def error_line(e: BaseException) -> str:
+    """`e` as one line: its message with the line breaks folded, led by its type when unexpected."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, EXPECTED_ERRORS):
+        return text
+    return f"{type(e).__name__}: {text} (HYDRA_FULL_ERROR=1 shows where; please report it)"
+
+
+def remove_if_only_hydras(run_dir: Path, job_name: str) -> bool:
+    """Remove `run_dir` when it holds nothing but what Hydra wrote at the job's start (.hydra/ and
+    the job's log): a job that failed before writing anything leaves no directory behind."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {".hydra", f"{job_name}.log"}:
+        return False
+    logging.shutdown()  # the job's log file is open
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Around a Hydra task's body: an exception becomes `error: <message>` on stderr and exit
+    status 1, instead of Hydra's traceback; with HYDRA_FULL_ERROR=1 it propagates unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        line = error_line(e)
+        # the job's log file keeps the traceback; the console gets the line
+        record = logging.LogRecord("vidrep", logging.ERROR, __file__, 0, "error: %s", (line,), sys.exc_info())
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            remove_if_only_hydras(Path(hc.runtime.output_dir), hc.job.name)
+        if multirun:  # the other jobs still run; Hydra prints this job's overrides and this line, exit status 1
+            raise JobFailed(f"error: {line}") from None
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,9 +1,20 @@
-"""Every place vidrep works around a Lightning, Hydra or PyTorch behaviour, each beside the
-behaviour it answers, so that an upgrade that fixes one can drop it here without a search."""
+"""Every place vidrep works around a Lightning, Hydra, W&B or PyTorch behaviour, each beside the
+behaviour it answers, so that an upgrade that fixes one can drop it here without a search.
+
+Three uses of private API live with the code they serve and are listed here:
+- vidrep/training/progress.py, `ProgressBar._get_train_description` (Lightning's RichProgressBar):
+  epochs counted from 1 and no "/-1" total in a run bounded by steps. Lightning >= 2.4.
+- vidrep/mining/run.py, `_pool`: inside a job of Hydra's joblib launcher the start method is
+  joblib's 'loky', which a spawned child cannot resolve; the mining pool resets it to 'spawn'.
+- vidrep/training/start.py, `ValidateAtStart`: the validation loop run before the first step saves
+  and restores `trainer._logger_connector._first_loop_iter`, as Lightning's own mid-epoch
+  validation does (tests/test_start.py fails if that changes).
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import sys
 import warnings
@@ -11,7 +22,6 @@ import warnings
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from torch import nn
 
 # Variables Lightning sets when it starts the other DDP ranks itself.
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -35,13 +45,25 @@ def quiet_mid_epoch_resume_warning() -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-def compile_outside_module_tree(owner: nn.Module, name: str, net: nn.Module, compile: bool) -> None:
-    """`owner.<name>` = torch.compile(net) (or None), set without registering it as a submodule:
-    registered, the compiled wrapper would put its `_orig_mod.` prefix on every checkpoint key, and
-    checkpoints of compiled and plain runs would no longer load into each other."""
-    import torch
+def without_anonymous_setting(logger):
+    """Lightning's WandbLogger passes `anonymous=None` to wandb.init whatever it is given, and W&B
+    (>= 0.19) warns "The anonymous setting has no effect" for any value but unset: drop the key."""
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
-    object.__setattr__(owner, name, torch.compile(net) if compile else None)
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning_tips() -> None:
+    """Lightning >= 2.5 prints tips that advertise its cloud services (litlogger, litmodels) at
+    every fit; nothing a user of vidrep needs to act on."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
 
 
 def ddp_children_run_this_job_only() -> None:

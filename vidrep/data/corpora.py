@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vidrep.data.corpus import CorpusError, PairIndex, check_complete, read_manifest
+from vidrep.data.corpus import CorpusError, PairIndex, check_complete, read_manifest, read_settings
 
 # Video ids are hashes of the path as given to mine.py, so two corpora mined from different folders
 # can give the same id to different videos (clip001.mp4 in both): corpus i > 0 mixes its ids with
@@ -70,5 +69,5 @@ def corpus_settings(root: str | Path | Sequence[str | Path]) -> dict[str, dict]:
     out = {}
     for r in as_roots(root):
         path = r / "mining.json"
-        out[str(r.resolve())] = json.loads(path.read_text()) if path.exists() else {}
+        out[str(r.resolve())] = read_settings(path) if path.exists() else {}
     return out

@@ -8,6 +8,8 @@
                                    is done when this appears)
     <root>/failures/<name>.parquet one row per video that could not be mined: video, reason, detail
     <root>/mining.json             the miner's settings; summary.json the totals of the last run
+    <root>/repaired.json           pairs that `verify=repair` removed, by video (their JPEGs were
+                                   damaged; the video's other pairs were kept)
 
 Each JPEG's CRC32 is in the manifest (query_crc32, tracked_crc32; null in corpora mined before
 they existed, which still read): readers check it, `python mine.py out=<root> verify=true` checks
@@ -46,6 +48,7 @@ import pyarrow.parquet as pq
 from vidrep.common.io import atomic_write, write_json
 
 FORMAT = {"format": "vidrep-corpus", "version": 1}
+REPAIRED = "repaired.json"
 MANIFEST_COLUMNS = (
     "pair_id",
     "video",
@@ -199,12 +202,30 @@ def write_shard(root: str | Path, name: str, records: Iterable[PairRecord]) -> P
     return tar_path
 
 
+def read_settings(path: Path) -> dict:
+    """A corpus's mining.json; DamagedCorpusError naming it when it is not a JSON object (truncated
+    by a full disk, overwritten)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        stored = e
+    if not isinstance(stored, dict):
+        what = f"not valid JSON: {stored}" if isinstance(stored, Exception) else "not a JSON object"
+        raise DamagedCorpusError(
+            f"corpus {path.parent}: {path} is damaged ({what}); it records the settings the corpus was mined with. "
+            f"Restore it from a copy, or, if you know the corpus was mined with mine.py's current settings, delete "
+            f"it and rerun mine.py over the same videos (the run writes its settings there again); "
+            f"`{verify_command(path.parent)}` checks the rest"
+        )
+    return stored
+
+
 def check_settings(root: str | Path, settings: dict, filename: str = "mining.json") -> None:
     """Record the settings a corpus is mined with, or fail when it was mined with others: pairs
     mined under different settings must not mix silently."""
     path = init_corpus(root) / filename
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = read_settings(path)
         if stored != settings:
             diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise CorpusError(
@@ -297,9 +318,17 @@ def check_complete(root: str | Path, num_pairs: int) -> None:
     if not summary.is_file():
         return
     try:
-        counted = int(json.loads(summary.read_text()).get("pairs", 0))
+        totals = json.loads(summary.read_text())
+        counted, lost = int(totals.get("pairs", 0)), int(totals.get("pairs_lost_to_repair", 0))
     except (ValueError, TypeError, AttributeError):
         raise DamagedCorpusError(f"corpus {root}: {summary} is damaged; {damage_advice(root)}") from None
+    if lost:
+        warnings.warn(
+            f"corpus {root}: {lost:,} pairs were removed by `verify=repair` (damaged JPEGs; their videos' other "
+            f"pairs kept), so it trains on {num_pairs:,} of {num_pairs + lost:,} mined pairs; {Path(root) / REPAIRED} "
+            "lists them by video. To get them back, mine those videos into a new corpus and add it to data.root",
+            stacklevel=2,
+        )
     if num_pairs < counted:
         raise DamagedCorpusError(
             f"corpus {root}: its manifests hold {num_pairs:,} pairs but summary.json counts {counted:,} "
@@ -347,6 +376,26 @@ def select_pairs(
         end = int(np.searchsorted(train_so_far, num_pairs)) + 1
         order, is_val = order[:end], is_val[:end]
     return Selection(train=order[~is_val], val=order[is_val])
+
+
+def check_split(video_ids: np.ndarray, sel: Selection, where: str, val_fraction: float) -> None:
+    """Splits that would train or validate on nothing: every negative comes from another video,
+    so a training set of one video gives no negatives (a loss of 0 from the first step), and a
+    validation split of one video measures nothing."""
+    train_videos = len(np.unique(video_ids[sel.train]))
+    if train_videos < 2:
+        raise CorpusError(
+            f"corpus {where} gives training pairs of {train_videos} video(s); negatives come from other videos, so "
+            "training needs at least 2: mine more videos into it (python mine.py videos=<more videos> out=<corpus>) "
+            "or add corpora (data.root='[a,b]')"
+        )
+    val_videos = len(np.unique(video_ids[sel.val]))
+    if val_fraction > 0 and val_videos < 2:
+        raise CorpusError(
+            f"corpus {where}: data.val_fraction={val_fraction:g} gives a validation split of {val_videos} video(s); "
+            "validation needs at least 2 (negatives come from other videos): raise data.val_fraction, or set "
+            "data.val_fraction=0 to train without validation"
+        )
 
 
 class ShardReader:

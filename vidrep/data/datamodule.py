@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vidrep.common.workarounds import EpochForwarder, quiet_mid_epoch_resume_warning
 from vidrep.data.corpora import as_roots, corpus_settings, open_index
-from vidrep.data.corpus import CorpusError, DamagedCorpusError, PairIndex, select_pairs
+from vidrep.data.corpus import CorpusError, DamagedCorpusError, PairIndex, check_split, select_pairs
 from vidrep.data.shares import rank_shares
 from vidrep.data.transforms import PatchTransform, decode_batch, pack_jpegs, unpack_jpegs
 
@@ -44,24 +44,30 @@ class PairDataset(Dataset):
     def video_ids(self) -> np.ndarray:
         return self.index.video_id[self.rows]
 
-    def _item(self, row: int) -> dict[str, torch.Tensor]:
+    def _item(self, row: int, flips: tuple[bool, bool] | tuple[None, None]) -> dict[str, torch.Tensor]:
         query, tracked = self.index.read_pair(row)
         try:
-            anchor, positive = self.transform(query), self.transform(tracked)
+            anchor, positive = self.transform(query, flips[0]), self.transform(tracked, flips[1])
         except ValueError:
             raise self.index.damaged(row, "a JPEG does not decode") from None
-        return {
+        item = {
             "anchor": anchor,
             "positive": positive,
             "video_id": torch.tensor(int(self.index.video_id[row]), dtype=torch.int64),
         }
+        if self.transform.decoder == "device" and flips[0] is not None:
+            item["flip"] = torch.tensor(flips, dtype=torch.bool)  # applied where the batch is decoded
+        return item
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, bool, bool]) -> dict[str, torch.Tensor]:
+        """`key`: an index, or (index, flip the anchor, flip the positive) as `ResumableSampler`
+        draws them (an index alone leaves flips to the transform's own `flip_p`)."""
+        i, *flips = (key, None, None) if isinstance(key, (int, np.integer)) else key
         if not self.skip_damaged:
-            return self._item(int(self.rows[i]))
+            return self._item(int(self.rows[i]), tuple(flips))
         for skipped in range(len(self.rows)):
             try:
-                item = self._item(int(self.rows[(i + skipped) % len(self.rows)]))
+                item = self._item(int(self.rows[(i + skipped) % len(self.rows)]), tuple(flips))
             except DamagedCorpusError as e:
                 log.warning("skipped (data.skip_damaged=true): %s", e)
                 continue
@@ -74,7 +80,7 @@ def collate_jpegs(items: list[dict]) -> dict:
     return {
         "anchor": pack_jpegs([it["anchor"] for it in items]),
         "positive": pack_jpegs([it["positive"] for it in items]),
-        **{k: torch.stack([it[k] for it in items]) for k in ("video_id", "damaged") if k in items[0]},
+        **{k: torch.stack([it[k] for it in items]) for k in ("video_id", "damaged", "flip") if k in items[0]},
     }
 
 
@@ -127,30 +133,51 @@ def _merge_single_video_batches(ids: np.ndarray, cuts: np.ndarray) -> np.ndarray
     return np.asarray(keep, np.int64)
 
 
-class ResumableSampler(Sampler[list[int]]):
+class ResumableSampler(Sampler[list[tuple[int, bool, bool]]]):
     """Training batches: one seeded permutation of the training pairs per epoch, cut into global
     batches of `global_batch` pairs (the last partial one dropped), each dealt across the ranks
     in shares of `rank_shares` (50 on 4 ranks: 13 + 13 + 12 + 12); this rank yields its share of
-    every global batch. The union of the ranks' shares is exactly what one process trains, in
-    the same order, whatever the world size.
+    every global batch, each pair as (index, flip the anchor, flip the positive). The union of the
+    ranks' shares is exactly what one process trains, in the same order and with the same flips,
+    whatever the world size.
 
-    The permutation is a function of `seed` (data.seed) and the epoch only, so every rank agrees
-    without communicating. `position(batches)` is what a checkpoint stores: the epoch, the seed
-    and the global batches already trained. Given one (`resume`), the next epoch this sampler
-    starts is that epoch again (Lightning creates the first iterator before it sets the epoch),
-    with the same order, minus the batches already trained; an epoch that was complete resumes as
-    the next one, in full. The position counts global batches, so under scaling=paper a run
-    resumes exactly on another number of devices too.
+    The permutation is a function of `seed` (data.seed) and the epoch only, and a global batch's
+    flips (each patch with probability `flip_p`) of the seed, the epoch and the batch only, drawn
+    for the whole global batch and cut like its pairs: every rank agrees without communicating, and
+    no draw depends on a loader worker's random state (which a resumed run cannot restore).
+
+    `position(batches)` is what a checkpoint stores: the epoch, the seed and the global batches
+    already trained. Given one (`resume`), the sampler starts at that epoch minus the batches
+    already trained (an epoch that was complete resumes as the next one, in full), and keeps that
+    start for as many iterators as are made before the epoch changes: torch's multi-process loader
+    calls `iter()` twice as it starts, and Lightning creates the first iterator before it sets the
+    epoch. The position counts global batches, so under scaling=paper a run resumes exactly on
+    another number of devices too.
     """
 
     def __init__(
-        self, length: int, global_batch: int, world: int = 1, rank: int = 0, seed: int = 0, resume: dict | None = None
+        self,
+        length: int,
+        global_batch: int,
+        world: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        resume: dict | None = None,
+        flip_p: float = 0.0,
     ) -> None:
         shares = rank_shares(global_batch, world)
-        self.length, self.global_batch, self.seed, self.resume = length, global_batch, seed, resume
+        self.length, self.global_batch, self.seed, self.flip_p = length, global_batch, seed, flip_p
+        self.world = world
         self.lo = sum(shares[:rank])
         self.hi = self.lo + shares[rank]
-        self.epoch = 0
+        self.epoch, self.start = 0, (0, 0)
+        self._cached: tuple[tuple[int, int], np.ndarray] | None = None
+        if resume is not None:
+            if resume.get("seed") is not None:  # None: a checkpoint of the earlier DDP sampler
+                self.seed = int(resume["seed"])
+            done = int(resume["batches"])
+            self.start = (resume["epoch"] + 1, 0) if done >= len(self) else (resume["epoch"], done)
+            self.epoch = self.start[0]
         # Lightning sets the epoch on `dataloader.sampler` and `dataloader.batch_sampler.sampler`,
         # never on the batch sampler itself: without this every epoch would repeat epoch 0's order.
         self.sampler = EpochForwarder(self)
@@ -162,22 +189,38 @@ class ResumableSampler(Sampler[list[int]]):
         return self.length // self.global_batch
 
     def position(self, batches: int) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed, "batches": int(batches)}
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "batches": int(batches),
+            "global_batch": self.global_batch,
+            "world": self.world,
+        }
+
+    def flips(self, epoch: int, batch: int) -> np.ndarray:
+        """bool [this rank's share, 2]: the flips of (anchor, positive) of global batch `batch`."""
+        if self.flip_p <= 0:
+            return np.zeros((self.hi - self.lo, 2), bool)
+        drawn = np.random.default_rng([self.seed, epoch, batch, 1]).random((self.global_batch, 2)) < self.flip_p
+        return drawn[self.lo : self.hi]
 
     def __iter__(self):
-        resume, self.resume = self.resume, None
-        skip, seed = 0, self.seed
-        if resume is not None:
-            if resume["batches"] >= len(self):
-                self.set_epoch(resume["epoch"] + 1)
-            else:
-                self.set_epoch(resume["epoch"])
-                skip = resume["batches"]
-            if resume.get("seed") is not None:  # None: a checkpoint of the earlier DDP sampler
-                seed = self.seed = int(resume["seed"])
-        order = np.random.default_rng([seed, self.epoch]).permutation(self.length)
+        # epoch and start read now, not at the first batch: Lightning may set the epoch in between
+        epoch, skip = self.epoch, self.start[1] if self.epoch == self.start[0] else 0
+        return self._batches(epoch, skip)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation, kept for the next iterator of the same epoch (torch's
+        multi-process loader makes two as it starts; 4M pairs take ~0.3 s to permute)."""
+        if self._cached is None or self._cached[0] != (self.seed, epoch):
+            self._cached = ((self.seed, epoch), np.random.default_rng([self.seed, epoch]).permutation(self.length))
+        return self._cached[1]
+
+    def _batches(self, epoch: int, skip: int):
+        order = self._order(epoch)
         g, lo, hi = self.global_batch, self.lo, self.hi
-        return (order[b * g + lo : b * g + hi].tolist() for b in range(skip, len(self)))
+        for b in range(skip, len(self)):
+            yield [(i, *f) for i, f in zip(order[b * g + lo : b * g + hi].tolist(), self.flips(epoch, b).tolist())]
 
 
 def _distributed() -> tuple[int, int] | None:
@@ -242,12 +285,11 @@ class PairDataModule(L.LightningDataModule):
                 f"corpus {', '.join(map(str, self.roots))} gives {len(sel.train)} training pairs, fewer than one batch "
                 f"of {self.train_batch_size}: lower data.batch_size (at least 2), or add corpora (data.root='[a,b]')"
             )
-        self.train_set = PairDataset(
-            index, sel.train, PatchTransform(self.input_size, self.flip_p, self.decoder), self.skip_damaged
-        )
-        self.val_set = PairDataset(
-            index, sel.val, PatchTransform(self.input_size, 0.0, self.decoder), self.skip_damaged
-        )
+        check_split(index.video_id, sel, ", ".join(map(str, self.roots)), self.val_fraction)
+        # training flips come with each pair from the sampler (ResumableSampler.flips)
+        unflipped = PatchTransform(self.input_size, 0.0, self.decoder)
+        self.train_set = PairDataset(index, sel.train, unflipped, self.skip_damaged)
+        self.val_set = PairDataset(index, sel.val, unflipped, self.skip_damaged)
         log.info(
             "corpus %s: %d train pairs, %d validation pairs, %d videos",
             ", ".join(map(str, self.roots)),
@@ -290,7 +332,7 @@ class PairDataModule(L.LightningDataModule):
                 )
             return DataLoader(dataset, batch_sampler=shards, **common)
         self._train_sampler = ResumableSampler(
-            len(dataset), self.train_batch_size, world, rank, self.seed, self._resume
+            len(dataset), self.train_batch_size, world, rank, self.seed, self._resume, self.flip_p
         )
         self._resume = None
         return DataLoader(dataset, batch_sampler=self._train_sampler, **common)
@@ -305,6 +347,15 @@ class PairDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("train_position")
+        saved = (self._resume or {}).get("global_batch")
+        if saved is not None and saved != self.train_batch_size:
+            # scaling=linear: the global batch (and the LR schedule) are world x batch_size
+            raise ValueError(
+                f"the checkpoint trained global batches of {saved} pairs on {self._resume.get('world')} device(s), "
+                f"this run's are {self.train_batch_size}: its data position and learning-rate schedule belong to "
+                "that batch (scaling=linear scales both with the devices); resume with "
+                f"trainer.devices={self._resume.get('world')} (or the batch size it ran with)"
+            )
         if self._resume is not None:
             quiet_mid_epoch_resume_warning()
 
@@ -317,14 +368,14 @@ class PairDataModule(L.LightningDataModule):
         return self.decode(batch, device, self.flip_p if trainer is not None and trainer.training else 0.0)
 
     def decode(self, batch: dict, device: torch.device | str, flip_p: float) -> dict:
-        """A batch of packed JPEGs (data.decoder=device) -> the decoded batch on `device`."""
-        return {
-            **batch,
-            **{
-                key: decode_batch(unpack_jpegs(*batch[key]), self.input_size, device, flip_p)
-                for key in ("anchor", "positive")
-            },
-        }
+        """A batch of packed JPEGs (data.decoder=device) -> the decoded batch on `device`; with
+        `flip_p` > 0 flipped as the sampler drew it (batch["flip"]), else at random with `flip_p`."""
+        drawn = batch.get("flip") if flip_p > 0 else None
+        decoded = {}
+        for side, key in enumerate(("anchor", "positive")):
+            flips = None if drawn is None else drawn[:, side]
+            decoded[key] = decode_batch(unpack_jpegs(*batch[key]), self.input_size, device, flip_p, flips)
+        return {**batch, **decoded}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -50,7 +50,8 @@ class PatchTransform:
             img = cv2.resize(img, (self.input_size, self.input_size), interpolation=cv2.INTER_AREA)
         return torch.from_numpy(np.ascontiguousarray(cv2.cvtColor(img, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)))
 
-    def __call__(self, jpeg: bytes) -> torch.Tensor:
+    def __call__(self, jpeg: bytes, flip: bool | None = None) -> torch.Tensor:
+        """`flip`: whether to flip (as the training sampler draws it); None: at random with `flip_p`."""
         if self.decoder == "device":
             return torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
         try:
@@ -59,7 +60,9 @@ class PatchTransform:
             raise ValueError(
                 "a corpus patch is not a decodable JPEG; the shard may be damaged (re-mine its videos)"
             ) from None
-        if self.flip_p > 0 and torch.rand(()) < self.flip_p:
+        if flip is None:
+            flip = self.flip_p > 0 and bool(torch.rand(()) < self.flip_p)
+        if flip:
             img = img.flip(-1)
         return img.contiguous()
 
@@ -76,10 +79,17 @@ def unpack_jpegs(data: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor
     return list(torch.split(data, lengths.tolist()))
 
 
-def decode_batch(jpegs: list[torch.Tensor], size: int, device: torch.device | str, flip_p: float = 0.0) -> torch.Tensor:
+def decode_batch(
+    jpegs: list[torch.Tensor],
+    size: int,
+    device: torch.device | str,
+    flip_p: float = 0.0,
+    flips: torch.Tensor | None = None,
+) -> torch.Tensor:
     """JPEG byte tensors (on the CPU) -> uint8 [N, 3, size, size] RGB on `device`: decoded there in
-    one batched call (nvJPEG on CUDA), resized like the "torchvision" decoder, each flipped
-    horizontally with probability `flip_p` (torch's global generator, as the workers use)."""
+    one batched call (nvJPEG on CUDA), resized like the "torchvision" decoder, flipped horizontally
+    where `flips` (bool [N], the training sampler's draws) says, or else each with probability
+    `flip_p` (torch's global generator)."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import resize
 
@@ -94,7 +104,8 @@ def decode_batch(jpegs: list[torch.Tensor], size: int, device: torch.device | st
             ) from None
     images = [img if img.shape[-2:] == (size, size) else resize(img, [size, size], antialias=True) for img in images]
     batch = torch.stack(images)
-    if flip_p > 0:
-        flip = (torch.rand(len(batch)) < flip_p).to(device)
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if flips is None and flip_p > 0:
+        flips = torch.rand(len(batch)) < flip_p
+    if flips is not None:
+        batch = torch.where(flips.to(device, non_blocking=True)[:, None, None, None], batch.flip(-1), batch)
     return batch

@@ -59,6 +59,11 @@ class VOCImage:
             "difficult": torch.from_numpy(self.difficult),
         }
 
+    @property
+    def boxes0(self) -> np.ndarray:
+        """The ground-truth boxes in 0-based pixels (the XML's are 1-based), as the detection stages use them."""
+        return self.boxes - 1.0
+
     def class_labels(self, num_classes: int) -> np.ndarray:
         """Per class: 1 present (a non-difficult object), 0 only difficult objects, -1 absent."""
         out = np.full(num_classes, -1, np.int64)

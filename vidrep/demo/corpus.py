@@ -17,12 +17,13 @@ from pathlib import Path
 from vidrep.data.synthetic import SyntheticVideo
 
 log = logging.getLogger(__name__)
-DEMO_VERSION = 3  # 3: mined with USAC homographies and the motion screen (miner defaults of 2026-12)
+# 3: mined with USAC homographies and the motion screen (miner defaults of 2026-12); 4: `world` options
+DEMO_VERSION = 4
 
 
-def _write_video(args: tuple[Path, int, int]) -> None:
-    path, seed, num_frames = args
-    SyntheticVideo(seed, num_frames=num_frames).write(path)
+def _write_video(args: tuple[Path, int, int, dict]) -> None:
+    path, seed, num_frames, world = args
+    SyntheticVideo(seed, num_frames=num_frames, **world).write(path)
 
 
 def _build_into(final: Path, build) -> Path:
@@ -38,14 +39,21 @@ def _build_into(final: Path, build) -> Path:
 
 
 def write_demo_videos(
-    folder: str | Path, num_videos: int, num_frames: int, seed: int = 0, workers: int | None = None
+    folder: str | Path,
+    num_videos: int,
+    num_frames: int,
+    seed: int = 0,
+    workers: int | None = None,
+    world: dict | None = None,
 ) -> Path:
-    """`num_videos` synthetic MJPG .avi files named 00000.avi, ... (seeds seed, seed + 1, ...)."""
+    """`num_videos` synthetic MJPG .avi files named <seed>.avi (seeds seed, seed + 1, ...);
+    `world`: SyntheticVideo's options (num_objects, palette, spin, breathe, lighting, ...)."""
     folder = Path(folder)
+    world = dict(world or {})
 
     def build(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        jobs = [(tmp / f"{seed + i:05d}.avi", seed + i, num_frames) for i in range(num_videos)]
+        jobs = [(tmp / f"{seed + i:05d}.avi", seed + i, num_frames, world) for i in range(num_videos)]
         n = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
         if n == 1:
             for job in jobs:
@@ -64,14 +72,17 @@ def build_demo_corpus(
     seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    world: dict | None = None,
 ) -> Path:
-    """Build the demo corpus at `root` unless it is already there. With the miner's defaults (a
-    query every 5th frame, 30-frame tracks), 220 frames give up to 6 pairs per video."""
+    """Build the demo corpus at `root` unless it is already there (videos of seeds seed ...
+    seed + num_videos - 1, `world` their SyntheticVideo options). With the miner's defaults (a query
+    every 5th frame, 30-frame tracks), a video of n frames gives up to n // 31 pairs."""
     from vidrep.mining.miner import MinerConfig
     from vidrep.mining.run import mine_corpus
 
     root = Path(root)
-    params = {"version": DEMO_VERSION, "num_videos": num_videos, "num_frames": num_frames, "seed": seed}
+    world = dict(world or {})
+    params = {"version": DEMO_VERSION, "num_videos": num_videos, "num_frames": num_frames, "seed": seed, "world": world}
     stamp = root / "demo.json"
     if stamp.exists():
         if json.loads(stamp.read_text()) == params:
@@ -83,7 +94,7 @@ def build_demo_corpus(
     if not (videos / "demo.json").exists():
         log.info("writing %d synthetic demo videos to %s", num_videos, videos)
         shutil.rmtree(videos, ignore_errors=True)
-        write_demo_videos(videos, num_videos, num_frames, seed, workers)
+        write_demo_videos(videos, num_videos, num_frames, seed, workers, world)
         (videos / "demo.json").write_text(json.dumps(params, indent=2))
     elif json.loads((videos / "demo.json").read_text()) != params:
         raise FileExistsError(f"{videos} holds demo videos made with other settings; delete it to rebuild")

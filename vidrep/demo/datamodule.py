@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from omegaconf import DictConfig, OmegaConf
+
 from vidrep.data.datamodule import PairDataModule
 from vidrep.demo.corpus import build_demo_corpus
 
@@ -11,12 +13,14 @@ log = logging.getLogger(__name__)
 
 
 class DemoDataModule(PairDataModule):
-    """`demo` ({num_videos, num_frames}): the synthetic corpus to build at `root` when it is not
+    """`demo` ({num_videos, num_frames, seed, world}): the synthetic corpus to build at `root` when it is not
     there yet (once; cached afterwards). `data.demo=null` (or `~data.demo`) trains on `root` as is."""
 
     def __init__(self, *args, demo: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.demo = dict(demo) if demo else None
+        # plain containers: the options are written to the corpus's demo.json
+        self.demo = OmegaConf.to_container(demo, resolve=True) if isinstance(demo, DictConfig) else demo
+        self.demo = dict(self.demo) if self.demo else None
 
     def prepare_data(self) -> None:
         if self.demo is not None and not (self.root / "demo.json").exists():

@@ -1,7 +1,7 @@
 """Iterative fine-tuning's re-adaptation (method.md section 5: fine-tune on VOC, transfer its conv
 layers back to the triplet task and re-adapt, fine-tune again): the trunk is trained by the training
 module itself, `vidrep.training.module.TripletModule`, built from evaluate.py's `model` config as
-train.py builds it (its ranking loss, negatives and optimiser from `model`, conf/model/*.yaml), on
+train.py builds it (its ranking loss, negatives and optimiser from `model`, vidrep/conf/model/*.yaml), on
 the pairs of a mined corpus, for `adapt.steps` steps.
 
 Resumable: a Lightning checkpoint (with the pair sampler's position) every `adapt.checkpoint_every`
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from vidrep.common.io import write_torch
+from vidrep.eval.trainer import checkpoint_step, make_loggers, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def readapt(
     `adapt["batch_size"]` pairs; `folder` holds its checkpoints, curves and `adapted.pt`."""
     from vidrep.common.loggers import finish_wandb
     from vidrep.data.datamodule import PairDataModule
-    from vidrep.eval.finetune import checkpoint_step, make_loggers, make_trainer
 
     done = folder / "adapted.pt"
     if done.exists():
@@ -64,7 +64,7 @@ def readapt(
     if model_cfg is None:
         raise ValueError(
             "finetune=iterative re-adapts with the training module: evaluate.py needs its `model` config "
-            "(conf/evaluate.yaml's defaults: model: caffenet)"
+            "(vidrep/conf/evaluate.yaml's defaults: model: caffenet)"
         )
     folder.mkdir(parents=True, exist_ok=True)
     steps = int(adapt["steps"])
@@ -97,7 +97,7 @@ def readapt(
     where = next(trunk.parameters()).device
     trunk.train()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     finally:
         finish_wandb()
     trunk.to(where).eval()  # Lightning's teardown leaves the module on the CPU

@@ -1,8 +1,9 @@
-"""Networks to evaluate (a train.py checkpoint, a random init, ImageNet AlexNet weights) and their
-frozen features of whole images: conv maps average-pooled to ~9K dims, flat layers as they are,
-each L2-normalised (the Goyal et al. 2019 benchmark protocol). Any `vidrep.models.Trunk` works:
-layer names, pooling kernels and the pixel mean come from the trunk; a checkpoint's trunk is
-rebuilt from the network config it stores."""
+"""Networks to evaluate (a train.py checkpoint, a random init, ImageNet AlexNet weights, a Caffe
+file) and their frozen features of whole images: conv maps average-pooled to ~9K dims, flat layers
+as they are, each L2-normalised (the Goyal et al. 2019 benchmark protocol). Any `vidrep.models.Trunk`
+works: layer names, pooling kernels and the pixel mean come from the trunk; a checkpoint's trunk is
+rebuilt from the network config it stores. Images are decoded and resized in DataLoader worker
+processes while the network runs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vidrep.models.caffenet import CaffeNet, TorchvisionAlexNet
@@ -44,6 +46,12 @@ class Network:
     key: str  # identifies the weights for caches
 
 
+def trained_with_labels(net: Network) -> bool:
+    """An ImageNet-supervised network: torchvision's ImageNet AlexNet (`imagenet:`), or a Caffe
+    network that carries its fc8 classifier (BVLC's CaffeNet; the released video models have none)."""
+    return net.name.startswith("imagenet:") or getattr(net.trunk, "fc8", None) is not None
+
+
 def _subtract(mean: Tensor, x: Tensor) -> Tensor:
     return x.float() - mean.to(x.device)
 
@@ -67,6 +75,11 @@ def _file_key(path: Path) -> str:
 def read_checkpoint(path: str | Path) -> dict:
     """A train.py checkpoint, loaded with weights_only=True; errors name the file and the fix."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a checkpoint file; pass ckpt={path}/checkpoints/last.ckpt "
+            "for a train.py run directory"
+        )
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; pass ckpt=<run dir>/checkpoints/last.ckpt, ckpt=random or "
@@ -166,13 +179,28 @@ def imagenet_network(path: str | Path, input_size: int = 227) -> Network:
     return Network(f"imagenet:{path}", trunk.eval(), input_size, _imagenet_normalise, _file_key(path))
 
 
+def caffe_network(spec: str) -> Network:
+    """The network of Caffe files, `caffe:<net.caffemodel>[+mean:<mean.binaryproto>][+gray]`
+    (vidrep/models/caffe.py), at its own input size."""
+    from vidrep.models.caffe import CaffeFileError, parse_spec, trunk_from_spec
+
+    try:
+        trunk = trunk_from_spec(spec)
+        key = f"caffe-{parse_spec(spec).key()}"
+    except (CaffeFileError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    return Network(spec, trunk, trunk.input_size, mean_subtract(trunk.pixel_mean), key)
+
+
 def load_network(spec: str, *, input_size: int = 227, seed: int = 0, trunk_config: dict | None = None) -> Network:
-    """`spec`: a checkpoint path, "random" (the trunk `trunk_config` names, CaffeNet without one)
-    or "imagenet:<file>"."""
+    """`spec`: a checkpoint path, "random" (the trunk `trunk_config` names, CaffeNet without one),
+    "imagenet:<file>" or "caffe:<net.caffemodel>[+mean:<mean.binaryproto>][+gray]"."""
     if spec == "random":
         return random_network(input_size=input_size, seed=seed, trunk_config=trunk_config)
     if spec.startswith("imagenet:"):
         return imagenet_network(spec[len("imagenet:") :], input_size)
+    if spec.startswith("caffe:"):
+        return caffe_network(spec)
     return load_checkpoint_trunk(spec)
 
 
@@ -190,13 +218,54 @@ def pool_to_dims(x: Tensor, target: int = TARGET_DIMS) -> Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(x, side), 1)
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 [3, size, size]: the whole image warped to the network's input (as R-CNN warps)."""
+RESIZES = ("goyal", "warp")
+GOYAL_SCALE = 256  # fair_self_supervision_benchmark core/config.py: TRAIN.SCALE = TEST.SCALE = 256
+
+
+def goyal_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Goyal et al.'s VOC07 feature-extraction resize (fair_self_supervision_benchmark,
+    data/data_input.py transform_image with caffenet_bvlc_*_extract_features.yaml's DATA_TRANSFORMS
+    [scale, global_resize]; data/data_transformation.py): the shorter side to 256, the longer
+    floor(long / short x 256) (unchanged when the shorter side is 256 already), then the whole image
+    to size x size, both with cv2.resize's default bilinear interpolation on float32 (their image
+    is float32 from cv2.imread on); the test split's centre crop to size is then a no-op. HWC in, float32 out."""
+    img = img.astype(np.float32)
+    h, w = img.shape[:2]
+    if min(h, w) != GOYAL_SCALE:
+        if w < h:
+            new_w, new_h = GOYAL_SCALE, int(np.floor(h / w * GOYAL_SCALE))
+        else:
+            new_w, new_h = int(np.floor(w / h * GOYAL_SCALE)), GOYAL_SCALE
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def load_image(path: Path, size: int, resize: str = "warp") -> np.ndarray:
+    """RGB [3, size, size] of the whole image: `warp`, one INTER_AREA resize to the network's input,
+    uint8; `goyal`, Goyal et al.'s two bilinear resizes (`goyal_resize`), float32 0-255."""
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; choose from {RESIZES}")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise FileNotFoundError(f"cannot read image {path}")
-    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    if resize == "goyal":
+        img = goyal_resize(img, size)
+    else:
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))
+
+
+class WholeImages(Dataset):
+    """The images of `paths` as `load_image` gives them, one per item (decoded in loader workers)."""
+
+    def __init__(self, paths: Sequence[Path], size: int, resize: str = "warp") -> None:
+        self.paths, self.size, self.resize = list(paths), size, resize
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return torch.from_numpy(load_image(self.paths[i], self.size, self.resize))
 
 
 @torch.no_grad()
@@ -208,17 +277,26 @@ def extract_features(
     device: str = "cpu",
     pooling: str = "adaptive",
     desc: str | None = None,
+    workers: int = 0,
+    resize: str = "warp",
 ) -> dict[str, np.ndarray]:
-    """{layer: float32 [N, D]} L2-normalised features of whole images; conv maps pooled with the
-    trunk's `fixed_pooling` (pooling="goyal") or adaptively to ~9K values (pooling="adaptive"). With
-    `desc`, a progress bar of that name counts the images."""
+    """{layer: float32 [N, D]} L2-normalised features of whole images (`load_image`'s `resize`);
+    conv maps pooled with the trunk's `fixed_pooling` (pooling="goyal") or adaptively to ~9K values
+    (pooling="adaptive"). `workers` DataLoader processes decode and resize the images (0: this
+    process); the batches, and so the features, are the same for any number. With `desc`, a
+    progress bar of that name counts the images."""
     trunk = net.trunk.to(device)
     trunk.check_layers(layers)
     kernels = trunk.fixed_pooling if pooling == "goyal" else {}
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     bar = tqdm(total=len(images), desc=desc, unit="image", disable=desc is None)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.stack([load_image(p, net.input_size) for p in images[start : start + batch_size]]))
+    loader = DataLoader(
+        WholeImages(images, net.input_size, resize),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=str(device).startswith("cuda"),
+    )
+    for batch in loader:
         bar.update(len(batch))
         feats = trunk.forward_features(net.preprocess(batch.to(device)), layers)
         for name in layers:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vidrep import usable_cores
 from vidrep.common.io import write_array
 from vidrep.data.voc import VOCImage
 from vidrep.eval.features import Network, extract_features
@@ -33,9 +34,12 @@ def cached_features(
     device: str,
     pooling: str = "adaptive",
     split: str = "",
+    resize: str = "warp",
+    workers: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Features per layer, stored as .npy per (network, split, pooling, layer) and reused by later runs."""
-    folder = cache_dir / "features" / net.key / split_key / pooling
+    """Features per layer, stored as .npy per (network, split, resize and pooling, layer) and reused
+    by later runs; `workers` loader processes decode the images."""
+    folder = cache_dir / "features" / net.key / split_key / f"{resize}-{pooling}"
     missing = [name for name in layers if not (folder / f"{name}.npy").exists()]
     if missing:
         log.info("extracting %s features of the %d %s images for %s", ",".join(missing), len(images), split, net.name)
@@ -47,6 +51,8 @@ def cached_features(
             device,
             pooling,
             desc=f"{split} features" if split else "features",
+            workers=workers,
+            resize=resize,
         )
         for name, f in feats.items():
             write_array(folder / f"{name}.npy", f)
@@ -55,9 +61,11 @@ def cached_features(
 
 @dataclass
 class SvmProtocol:
-    """Goyal et al.'s VOC07 benchmark by default (conf/protocol/svm.yaml cites the files): AlexNet's
-    conv1-conv5 with their fixed pooling, their cost list, 3-fold CV scored by sklearn's AP, the
-    test AP of their calculate_ap (all points). Deviations are the named options."""
+    """Goyal et al.'s VOC07 benchmark by default (vidrep/conf/protocol/svm.yaml cites the files): AlexNet's
+    conv1-conv5 with their fixed pooling, their resize, their cost list, 3-fold CV scored by
+    sklearn's AP, the test AP of their calculate_ap (all points). Deviations are the named options.
+    `workers` (None: the cores available) decode images and fit SVMs in parallel; results do not
+    depend on it."""
 
     # None: the trunk's benchmark_layers
     layers: list[str] | None = field(default_factory=lambda: ["conv1", "conv2", "conv3", "conv4", "conv5"])
@@ -73,9 +81,14 @@ class SvmProtocol:
     pooling: str = "goyal"  # goyal | adaptive (conv maps adaptively pooled to ~9K values)
     cv_scoring: str = "goyal"  # goyal | voc
     max_iter: int = 2000  # liblinear iterations (theirs: 2000)
+    resize: str = "goyal"  # goyal: shorter side 256, then the whole image to the input, bilinear | warp: one INTER_AREA
+    workers: int | None = None  # processes for image decoding and SVM fits; None: the cores available
 
     def settings(self) -> dict:
         return {"name": "svm", **asdict(self)}
+
+    def _workers(self) -> int:
+        return usable_cores() if self.workers is None else max(1, int(self.workers))
 
     def run(
         self,
@@ -102,6 +115,9 @@ class SvmProtocol:
                     device,
                     self.pooling,
                     split,
+                    self.resize,
+                    # 0 decodes in this process: one worker would only add a copy
+                    self._workers() if self._workers() > 1 else 0,
                 )
                 for net in networks
             ]
@@ -114,7 +130,9 @@ class SvmProtocol:
         out = {}
         for layer in self.layers:
             x = {s: _concat([f[layer] for f in feats[s]]) for s in feats}
-            stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, self.settings())
+            # the results do not depend on the number of processes: a rerun with another keeps the stage
+            settings = {k: v for k, v in self.settings().items() if k != "workers"}
+            stage = cache_dir / "svm" / _key([n.key for n in networks], layer, data_key, settings)
             per_class = svm_class_results(
                 x["train"],
                 labels["train"],
@@ -129,6 +147,7 @@ class SvmProtocol:
                 self.cv_scoring,
                 self.max_iter,
                 desc=f"{layer} SVMs",
+                workers=self._workers(),
             )
             ap = [r["ap"] for r in per_class]
             valid = [a for a in ap if not np.isnan(a)]

@@ -2,7 +2,7 @@
 
 Detection (VOCevaldet / voc_eval.py): detections of a class over all images, highest score first;
 each matches the ground truth of its image and class with the highest IoU (inclusive pixel
-coordinates: width = x2 - x1 + 1); IoU >= threshold (VOCevaldet.m: `ovmax >= VOCopts.minoverlap`,
+coordinates: width = x2 - x1 + 1, vidrep/eval/boxes.py); IoU >= threshold (VOCevaldet.m: `ovmax >= VOCopts.minoverlap`,
 so an IoU equal to the threshold matches) makes it a true positive if that object is not yet
 taken, a false positive if it is (a duplicate); a match to a difficult object counts as neither.
 Recall is over the non-difficult objects. AP is the area under the interpolated
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from vidrep.eval.boxes import box_iou
+
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
     """AP from a precision/recall curve (detections in score order)."""
@@ -34,18 +36,6 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: 
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     i = np.nonzero(mrec[1:] != mrec[:-1])[0]
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-
-
-def _iou_inclusive(box: np.ndarray, gts: np.ndarray) -> np.ndarray:
-    iw = np.maximum(np.minimum(gts[:, 2], box[2]) - np.maximum(gts[:, 0], box[0]) + 1.0, 0.0)
-    ih = np.maximum(np.minimum(gts[:, 3], box[3]) - np.maximum(gts[:, 1], box[1]) + 1.0, 0.0)
-    inter = iw * ih
-    union = (
-        (box[2] - box[0] + 1.0) * (box[3] - box[1] + 1.0)
-        + (gts[:, 2] - gts[:, 0] + 1.0) * (gts[:, 3] - gts[:, 1] + 1.0)
-        - inter
-    )
-    return inter / union
 
 
 def _np(x) -> np.ndarray:
@@ -77,17 +67,23 @@ def _class_pr(preds, targets, c: int, iou_threshold: float) -> tuple[np.ndarray,
     image, score, box = np.concatenate(image), np.concatenate(score), np.concatenate(box)
     if len(score) == 0:
         return np.zeros(0), np.zeros(0)
+    # each detection's best overlap and that object (the devkit's ovmax, jmax), one IoU matrix per image
+    best, best_j = np.full(len(score), -np.inf), np.zeros(len(score), np.int64)
+    for i in np.unique(image):
+        at = np.nonzero(image == i)[0]
+        if len(gts[i][0]):
+            iou = box_iou(box[at], gts[i][0])
+            best[at], best_j[at] = iou.max(1), iou.argmax(1)
     order = np.argsort(-score, kind="stable")
     tp = np.zeros(len(order))
     fp = np.zeros(len(order))
     for d, k in enumerate(order):
-        boxes, difficult = gts[image[k]]
-        if len(boxes) == 0:
+        difficult = gts[image[k]][1]
+        if not len(difficult):
             fp[d] = 1
             continue
-        iou = _iou_inclusive(box[k], boxes)
-        j = int(np.argmax(iou))
-        if iou[j] >= iou_threshold:
+        j = int(best_j[k])
+        if best[k] >= iou_threshold:
             if difficult[j]:
                 continue
             if not taken[image[k]][j]:

@@ -1,11 +1,24 @@
-"""Region proposals per image, cached on disk one .npy per image (so a killed run keeps what it
-finished and memory holds one image's boxes at a time).
+"""R-CNN's proposals stage: region proposals per image, cached on disk one .npy per image (so a
+killed run keeps what it finished and memory holds one image's boxes at a time).
 
-Either computed: OpenCV's selective search, in `workers` processes. Or imported once from
-precomputed boxes (`protocol.proposals.dir`): R-CNN's published selective-search files
-(rbgirshick/rcnn data/fetch_selective_search_data.sh: voc_2007_trainval.mat, voc_2012_val.mat, ...,
-read by imdb/roidb_from_voc.m), one per split, holding `boxes` (a cell per image of [P, 4] boxes
+Either imported once from R-CNN's published boxes (`protocol.proposals.dir`): its selective-search
+files (rbgirshick/rcnn data/fetch_selective_search_data.sh: voc_2007_trainval.mat, voc_2012_val.mat,
+..., read by imdb/roidb_from_voc.m), one per split, holding `boxes` (a cell per image of [P, 4] boxes
 y1 x1 y2 x2 in 1-based pixels) and `images` (the image ids, in the same order).
+
+Or computed by OpenCV's selective search in `workers` processes, by default (`mode: rcnn`) set as
+R-CNN computed its boxes (rbgirshick/rcnn selective_search/selective_search_boxes.m, called with
+fast_mode = true and no im_width, so on the whole image): colour spaces HSV and Lab; Felzenszwalb-
+Huttenlocher segmentations with k in {50, 100}, min size = k, sigma 0.8; two merging strategies,
+colour + texture + size + fill and texture + size + fill; boxes narrower or shorter than 20 pixels
+dropped (FilterBoxesWidth, inclusive widths); duplicates removed; no cap. What OpenCV's
+ximgproc cannot match: its colour and texture histograms and HSV scaling are its own
+(selectivesearchsegmentation.cpp, not the IJCV code's mex files), its strategies average their
+similarities where the MATLAB code sums them (the same ranking of merges), and its random ranking of
+the hierarchies' boxes (level x rand) draws from std::rand, not MATLAB's rand, so the order of the
+boxes differs (with no cap, the set does not depend on it). `mode: fast | quality` are OpenCV's own
+presets (fast: k 150, 300, 450 with OpenCV's min size 100; the earlier default with max_side 500,
+max_proposals 2000, min_size 9).
 """
 
 from __future__ import annotations
@@ -40,21 +53,66 @@ def _seed_libc_rand(seed: int) -> None:
         pass
 
 
+RCNN_K = (50, 100)  # selective_search_boxes.m fast mode: ks(1:2) of [50 100 150 300], minSize = k
+RCNN_SIGMA = 0.8
+PROPOSAL_MODES = ("rcnn", "fast", "quality")
+
+
+def _rcnn_search(image: np.ndarray):
+    """OpenCV's selective search configured as selective_search_boxes.m's fast mode (see the module's docstring)."""
+    seg = cv2.ximgproc.segmentation
+    ss = seg.createSelectiveSearchSegmentation()
+    ss.setBaseImage(image)
+    ss.clearImages()
+    ss.clearGraphSegmentations()
+    ss.clearStrategies()
+    ss.addImage(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
+    ss.addImage(cv2.cvtColor(image, cv2.COLOR_BGR2Lab))
+    for k in RCNN_K:
+        ss.addGraphSegmentation(seg.createGraphSegmentation(sigma=RCNN_SIGMA, k=float(k), min_size=k))
+    colour, texture = (
+        seg.createSelectiveSearchSegmentationStrategyColor(),
+        seg.createSelectiveSearchSegmentationStrategyTexture(),
+    )
+    size, fill = (
+        seg.createSelectiveSearchSegmentationStrategySize(),
+        seg.createSelectiveSearchSegmentationStrategyFill(),
+    )
+    ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(colour, texture, size, fill))
+    ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(texture, size, fill))
+    return ss
+
+
 def selective_search(
-    image: np.ndarray, max_side: int = 500, mode: str = "fast", max_proposals: int = 2000, min_size: int = 8
+    image: np.ndarray,
+    max_side: int | None = None,
+    mode: str = "rcnn",
+    max_proposals: int | None = None,
+    min_size: int = 20,
 ) -> np.ndarray:
-    """[P, 4] float32 boxes x1, y1, x2, y2 (0-based, in `image`'s pixels), in the order OpenCV ranks them."""
+    """[P, 4] float32 boxes x1, y1, x2, y2 (0-based inclusive, in `image`'s pixels; `image` is BGR as
+    cv2.imread gives it), in the order OpenCV ranks them, without duplicates: those at least
+    `min_size` pixels wide and high (in the searched image, as FilterBoxesWidth), the first
+    `max_proposals` (None: all). `max_side`: search a copy whose longer side is at most that (None:
+    the whole image, as R-CNN)."""
+    if mode not in PROPOSAL_MODES:
+        raise ValueError(f"protocol.proposals.mode={mode!r}; choose from {PROPOSAL_MODES}")
     cv2.setNumThreads(1)
     _seed_libc_rand(0)
-    scale = min(1.0, max_side / max(image.shape[:2]))
+    scale = min(1.0, max_side / max(image.shape[:2])) if max_side else 1.0
     small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image
-    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    ss.setBaseImage(small)
-    ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
-    rects = ss.process().astype(np.float32)  # x, y, w, h
+    if mode == "rcnn":
+        ss = _rcnn_search(small)
+    else:
+        ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        ss.setBaseImage(small)
+        ss.switchToSelectiveSearchFast() if mode == "fast" else ss.switchToSelectiveSearchQuality()
+    rects = ss.process().astype(np.float32).reshape(-1, 4)  # x, y, w, h
+    rects = rects[(rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)]
+    _, first = np.unique(rects, axis=0, return_index=True)  # BoxRemoveDuplicates, keeping the ranking
+    rects = rects[np.sort(first)]
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:] - 1], axis=1) / scale
-    keep = ((boxes[:, 2] - boxes[:, 0]) >= min_size) & ((boxes[:, 3] - boxes[:, 1]) >= min_size)
-    return boxes[keep][:max_proposals]
+    return boxes[:max_proposals] if max_proposals else boxes
 
 
 def _compute_one(job: tuple[str, str, dict]) -> str:

@@ -55,8 +55,10 @@ def per_class_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def default_row(protocol: str, finetune: str | None, checkpoints: Sequence[str]) -> str:
-    imagenet = any(c.startswith("imagenet:") for c in checkpoints)
+def default_row(protocol: str, finetune: str | None, checkpoints: Sequence[str], supervised: bool = False) -> str:
+    """The paper's table row of a result. `supervised`: a network trained with ImageNet's labels that
+    the spec does not name as `imagenet:` (a Caffe file with its fc8 classifier, as BVLC's CaffeNet)."""
+    imagenet = supervised or any(c.startswith("imagenet:") for c in checkpoints)
     if checkpoints == ["random"]:
         return "scratch"
     if protocol == "svm" or finetune == "none":
@@ -70,16 +72,47 @@ def default_row(protocol: str, finetune: str | None, checkpoints: Sequence[str])
     return "unsup + ft, ensemble" if len(checkpoints) > 1 else "unsup + ft"
 
 
+def retrieval_table(results: dict[str, dict], versus: dict[str, dict] | None = None) -> str:
+    lines = [
+        "| features | R@1 (%) | R@5 (%) | median rank | pairs | videos | candidates (mean) "
+        "| vs init: wins / losses (p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        v = (versus or {}).get(name)
+        cmp = f"{v['wins']} / {v['losses']} ({v['p']:.2g})" if v else ""
+        lines.append(
+            f"| {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | {r['median_rank']:g} | "
+            f"{r['num_pairs']} | {r['num_videos']} | {r['num_candidates_mean']:.1f} | {cmp} |"
+        )
+    return "\n".join(lines)
+
+
+def gathered_retrieval_table(results: Sequence[dict], paths: Sequence[Path]) -> str:
+    """Several protocol=retrieval results, one row per evaluated feature (the gathered report)."""
+    lines = [
+        "| label | features | R@1 (%) | R@5 (%) | median rank | pairs | videos | corpus | results |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result, path in zip(results, paths):
+        for name, r in result["retrieval"].items():
+            lines.append(
+                f"| {result['label']} | {name} | {100 * r['recall_at_1']:.1f} | {100 * r['recall_at_5']:.1f} | "
+                f"{r['median_rank']:g} | {r['num_pairs']} | {r['num_videos']} | {result['data']['corpus']} | {path} |"
+            )
+    return "\n".join(lines)
+
+
 def write_results(run_dir: Path, result: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(result, indent=2))
     if "retrieval" in result:
-        from vidrep.eval.retrieval import retrieval_table
-
-        table = retrieval_table(result["retrieval"])
+        table = retrieval_table(result["retrieval"], result.get("vs_initialisation"))
     else:
         table = per_class_table(result)
-    (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}\n\n{table}\n")
+    voc = {"name", "year"} & set(result.get("data", {}))  # retrieval's data is a corpus
+    on = f" on {data_name(result)}" if voc else ""  # a synthetic set is never called VOC
+    (run_dir / "results.md").write_text(f"# {result['row']}: {result['label']}{on}\n\n{table}\n")
 
 
 @contextmanager
@@ -156,8 +189,6 @@ def gather(paths: Sequence[Path]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         tables.append("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
     if retrieval:
-        from vidrep.eval.retrieval import gathered_retrieval_table
-
         tables.append(gathered_retrieval_table([r for r, _ in retrieval], [p for _, p in retrieval]))
     return "\n\n".join(tables)
 

@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vidrep.data.synthetic_voc import is_synthetic
 from vidrep.data.voc import read_voc
-from vidrep.eval.features import load_network
-from vidrep.eval.report import default_row, per_class_table, wandb_eval_run, write_results
+from vidrep.eval.features import load_network, trained_with_labels
+from vidrep.eval.report import data_name, default_row, per_class_table, wandb_eval_run, write_results
 from vidrep.eval.splits import check_disjoint, resolve_splits, use_07_metric_for
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ def _checkpoints(ckpt) -> list[str]:
     ckpts = list(ckpt) if OmegaConf.is_list(ckpt) or isinstance(ckpt, list | tuple) else [ckpt]
     if not ckpts or any(c in (None, "", "???") for c in ckpts):
         raise ValueError(
-            "set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, or ckpt=[a,b,c] for an ensemble "
+            "set ckpt=<train.py checkpoint>, ckpt=random, ckpt=imagenet:<file>, ckpt=caffe:<file>, or ckpt=[a,b,c] "
+            "for an ensemble "
             "(protocol=retrieval also takes ckpt=colour_histogram or ckpt=pixels)"
         )
     return [str(c) for c in ckpts]
@@ -71,6 +72,8 @@ def checkpoint_name(ckpt: str) -> str:
     and "imagenet" as given."""
     if ckpt == "random" or ckpt.startswith("imagenet:"):
         return ckpt.split(":")[0]
+    if ckpt.startswith("caffe:"):  # e.g. caffe:color_model, caffe:bvlc_reference_caffenet
+        return f"caffe:{Path(ckpt[len('caffe:') :].split('+')[0]).stem}"
     run = Path(ckpt).expanduser().resolve().parent.parent
     overrides_file, hydra_file = run / ".hydra" / "overrides.yaml", run / ".hydra" / "hydra.yaml"
     if overrides_file.exists():
@@ -100,13 +103,15 @@ def _network_loader(cfg: DictConfig):
 def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = None) -> dict:
     """Run the protocol, write results.json; `draw(result, folder)` (evaluate.py passes
     vidrep.viz.evaluation.draw_evaluation) makes the pictures, which W&B then logs."""
-    checkpoints = _checkpoints(cfg.ckpt)
     load = _network_loader(cfg)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.protocol.get("name") == "retrieval":
         from vidrep.eval.retrieval import run_retrieval
 
-        return run_retrieval(cfg, checkpoints, device, load)
+        run = cfg.get("run")
+        ckpt = f"{run}/checkpoints/last.ckpt" if run and OmegaConf.is_missing(cfg, "ckpt") else cfg.ckpt
+        return run_retrieval(cfg, _checkpoints(ckpt), device, load)
+    checkpoints = _checkpoints(cfg.ckpt)
     classes = tuple(cfg.voc.classes)
     train_split, test_split = resolve_splits(cfg.voc.year, cfg.voc.train_split, cfg.voc.test_split)
     train = read_voc(cfg.voc.root, cfg.voc.year, train_split, classes)
@@ -132,7 +137,12 @@ def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = 
     )
     outcome = protocol.run(networks, train, test, classes, Path(cfg.cache_dir), data_key, device, **trainers)
     run_dir = Path(cfg.run_dir)
-    row = default_row(protocol.settings()["name"], cfg.protocol.get("finetune"), checkpoints)
+    row = default_row(
+        protocol.settings()["name"],
+        cfg.protocol.get("finetune"),
+        checkpoints,
+        any(trained_with_labels(n) for n in networks),
+    )
     result = {
         "row": row,
         "label": cfg.label or f"{protocol.settings()['name']}:{'+'.join(checkpoint_name(c) for c in checkpoints)}",
@@ -159,7 +169,10 @@ def evaluate(cfg: DictConfig, draw: Callable[[dict, Path], list[Path]] | None = 
     }
     write_results(run_dir, result)
     print(per_class_table(result))
-    print(f"mAP {100 * result['map']:.1f} ({result.get('best_layer', '')}); results: {run_dir / 'results.json'}")
+    print(
+        f"mAP {100 * result['map']:.1f} on {data_name(result)} ({result.get('best_layer', '')}); "
+        f"results: {run_dir / 'results.json'}"
+    )
     pictures = draw(result, run_dir / "pictures") if draw is not None and cfg.get("pictures", True) else []
     if pictures:
         print(f"pictures: {run_dir / 'pictures'}")

@@ -9,6 +9,11 @@ devkit's AP ignoring difficult-only images); the best cost (the first on ties, n
 on all of trainval and tested. Difficult-only images are negatives in training and ignored at test. Every (class, cost)
 cross-validation and every final per-class result is a small JSON file written atomically, so an
 interrupted evaluation resumes where it stopped.
+
+The (class, cost) cross-validations, then the per-class refits, run in `workers` joblib processes
+(liblinear is single-threaded); each writes its own file as it finishes, so a killed run keeps every
+finished one. The features reach the processes as memory maps (joblib's default for arrays over
+1 MB), not as copies.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from tqdm import tqdm
 
@@ -103,28 +109,28 @@ def svm_class_results(
     cv_scoring: str = "goyal",
     max_iter: int = 2000,
     desc: str = "SVMs",
+    workers: int = 1,
 ) -> list[dict]:
     """Per class: {"class", "cost", "cv_ap" per cost, "ap", "pr" (the test PR curve, thinned)};
-    labels are [N, C] in {1, 0, -1}. A progress bar named `desc` counts the classes; liblinear's
-    ConvergenceWarnings (one per fit that stops at max_iter) are summed into one line."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        results = _class_results(
-            train_x,
-            train_labels,
-            test_x,
-            test_labels,
-            classes,
-            costs,
-            folds,
-            seed,
-            use_07_metric,
-            cache_dir,
-            cv_scoring,
-            max_iter,
-            desc,
-        )
-    unconverged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    labels are [N, C] in {1, 0, -1}. `workers` processes fit in parallel (1: in this process). A
+    progress bar named `desc` counts the stages; liblinear's ConvergenceWarnings (one per fit that
+    stops at max_iter) are summed into one line."""
+    results, unconverged = _class_results(
+        train_x,
+        train_labels,
+        test_x,
+        test_labels,
+        classes,
+        costs,
+        folds,
+        seed,
+        use_07_metric,
+        cache_dir,
+        cv_scoring,
+        max_iter,
+        desc,
+        workers,
+    )
     if unconverged:
         log.warning(
             "%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
@@ -133,10 +139,46 @@ def svm_class_results(
             unconverged,
             max_iter,
         )
+    return results
+
+
+def _counting_convergence(fit, *args) -> tuple[object, int]:
+    """fit(*args) and the number of ConvergenceWarnings it raised (counted where it runs: a worker
+    process's warnings do not reach the parent); other warnings are re-raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        result = fit(*args)
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return results
+    return result, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def _cv_stage(x, labels, cost, folds, seed, use_07_metric, scoring, max_iter, name, step: Path) -> int:
+    """One (class, cost) cross-validation, written to `step`; returns its unconverged fits."""
+    ap, unconverged = _counting_convergence(
+        cross_validated_ap, x, labels, cost, folds, seed, use_07_metric, scoring, max_iter
+    )
+    write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
+    return unconverged
+
+
+def _final_stage(train_x, train_labels, test_x, test_labels, name, costs, cv, seed, use_07_metric, max_iter, final):
+    """The best cost's refit on all of trainval, tested, written to `final`; returns (result, unconverged)."""
+    best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
+    (w, b), unconverged = _counting_convergence(
+        fit_svm, train_x, np.where(train_labels > 0, 1, -1), best, seed, max_iter
+    )
+    scores = test_x @ w + b
+    result = {
+        "class": name,
+        "cost": best,
+        "cv_ap": cv,
+        "ap": voc_classification_ap(scores, test_labels, use_07_metric),
+        "pr": thin_curve(classification_pr(scores, test_labels)),
+    }
+    write_json(final, result)
+    return result, unconverged
 
 
 def _class_results(
@@ -153,37 +195,62 @@ def _class_results(
     cv_scoring,
     max_iter,
     desc,
-) -> list[dict]:
-    results = []
-    for c, name in enumerate(tqdm(classes, desc=desc, unit="class")):
+    workers,
+) -> tuple[list[dict], int]:
+    done: dict[str, dict] = {}
+    todo = []  # classes to refit
+    for c, name in enumerate(classes):
         final = cache_dir / f"{name}.json"
         if final.exists():
-            results.append(json.loads(final.read_text()))
-            continue
-        if (train_labels[:, c] > 0).sum() == 0:
-            result = {"class": name, "cost": None, "cv_ap": {}, "ap": float("nan"), "note": "no positive in trainval"}
-        else:
-            cv = {}
-            for cost in costs:
-                step = cache_dir / "cv" / f"{name}_C{cost:g}.json"
-                if step.exists():
-                    cv[f"{cost:g}"] = json.loads(step.read_text())["cv_ap"]
-                    continue
-                ap = cross_validated_ap(
-                    train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring, max_iter
-                )
-                write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
-                cv[f"{cost:g}"] = ap
-            best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
-            w, b = fit_svm(train_x, np.where(train_labels[:, c] > 0, 1, -1), best, seed, max_iter)
-            scores = test_x @ w + b
-            result = {
+            done[name] = json.loads(final.read_text())
+        elif (train_labels[:, c] > 0).sum() == 0:
+            done[name] = {
                 "class": name,
-                "cost": best,
-                "cv_ap": cv,
-                "ap": voc_classification_ap(scores, test_labels[:, c], use_07_metric),
-                "pr": thin_curve(classification_pr(scores, test_labels[:, c])),
+                "cost": None,
+                "cv_ap": {},
+                "ap": float("nan"),
+                "note": "no positive in trainval",
             }
-        write_json(final, result)
-        results.append(result)
-    return results
+            write_json(final, done[name])
+        else:
+            todo.append((c, name))
+    steps = {(name, cost): cache_dir / "cv" / f"{name}_C{cost:g}.json" for _, name in todo for cost in costs}
+    cv_jobs = [
+        delayed(_cv_stage)(
+            train_x, train_labels[:, c], cost, folds, seed, use_07_metric, cv_scoring, max_iter, name, steps[name, cost]
+        )
+        for c, name in todo
+        for cost in costs
+        if not steps[name, cost].exists()
+    ]
+    unconverged = 0
+    with (
+        Parallel(n_jobs=workers, return_as="generator_unordered") as parallel,
+        tqdm(total=len(cv_jobs) + len(todo), desc=desc, unit="fit") as bar,
+    ):
+        for count in parallel(cv_jobs):
+            unconverged += count
+            bar.update()
+        final_jobs = []
+        for c, name in todo:
+            cv = {f"{cost:g}": json.loads(steps[name, cost].read_text())["cv_ap"] for cost in costs}
+            final_jobs.append(
+                delayed(_final_stage)(
+                    train_x,
+                    train_labels[:, c],
+                    test_x,
+                    test_labels[:, c],
+                    name,
+                    costs,
+                    cv,
+                    seed,
+                    use_07_metric,
+                    max_iter,
+                    cache_dir / f"{name}.json",
+                )
+            )
+        for result, count in parallel(final_jobs):
+            done[result["class"]] = result
+            unconverged += count
+            bar.update()
+    return [done[name] for name in classes], unconverged

@@ -8,7 +8,10 @@ A loss is a callable object instantiated from `model.loss` (its `_target_` and s
 tracked 30 frames later), `video_ids` [N] their videos. Any patch of the batch from another video
 may serve as a negative. `candidates` (default: the batch's own 2N patches, anchors then positives)
 replace those patches: under DDP the training module passes the whole global batch's patches there
-(vidrep.training.ranks), so a loss never deals with processes. `hard_ratio` is the negative
+(vidrep.training.ranks), so a loss never deals with processes. `draws` (a `Draws`) is where a loss
+that draws at random takes its numbers from: drawn for every pair of the global batch from a
+generator all ranks share, each call keeping its own pairs' rows, so that N ranks draw what one
+process draws (default: torch's global generator, for this call's pairs alone). `hard_ratio` is the negative
 schedule's state at this step (losses without a schedule ignore it). The stats are detached 0-dim
 tensors named by `stat_names`; the training module logs them as train/<name> and val/<name>.
 """
@@ -40,6 +43,28 @@ class Candidates:
                 f"candidates must be patches [M, D] with video ids [M]; got {tuple(self.patches.shape)} "
                 f"and {tuple(self.video_ids.shape)}"
             )
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random numbers of one training step, shared by every rank: `generator` is seeded for
+    the step alike on all ranks, and this call's N pairs are rows `first` to `first + N` of the
+    `total` pairs of the global batch (`total` None: this call's pairs are the whole batch)."""
+
+    generator: torch.Generator
+    first: int = 0
+    total: int | None = None
+
+
+def uniform_rows(draws: Draws | None, rows: int, cols: int, device: torch.device) -> Tensor:
+    """Uniform [0, 1) numbers [rows, cols] for this call's pairs: with `draws`, drawn [total, cols]
+    from its generator and cut to this call's rows (what one process draws on the global batch);
+    without, from torch's global generator."""
+    if draws is None:
+        return torch.rand((rows, cols), device=device)
+    total = rows if draws.total is None else draws.total
+    drawn = torch.rand((total, cols), generator=draws.generator, device=draws.generator.device)
+    return drawn[draws.first : draws.first + rows].to(device)
 
 
 def check_pairs(anchor: Tensor, positive: Tensor, video_ids: Tensor) -> None:
@@ -80,6 +105,7 @@ class PairLoss(Protocol):
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def negatives(
@@ -90,6 +116,7 @@ class PairLoss(Protocol):
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,
     ) -> Tensor: ...  # bool [N, M]: each pair's scored negatives
 
     def config(self) -> dict: ...  # `_target_` and settings, plain types: rebuilds the loss (loss_from_config)

@@ -1,4 +1,4 @@
-"""An InfoNCE (NT-Xent) loss over the batch: `model/loss=infonce` (conf/model/loss/infonce.yaml).
+"""An InfoNCE (NT-Xent) loss over the batch: `model/loss=infonce` (vidrep/conf/model/loss/infonce.yaml).
 
 Each pair's query a_i must pick its tracked patch p_i out of the candidates from other videos:
 
@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from vidrep.losses.base import Candidates, batch_candidates, target_of
+from vidrep.losses.base import Candidates, Draws, batch_candidates, target_of
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class InfoNCELoss:
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,  # unused: nothing is drawn
     ) -> Tensor:
         """Boolean [N, M]: every candidate of another video (`hard_ratio` is ignored)."""
         c = batch_candidates(anchor, positive, video_ids, candidates)
@@ -81,6 +82,7 @@ class InfoNCELoss:
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,  # unused: nothing is drawn
     ) -> tuple[Tensor, dict[str, Tensor]]:
         c = batch_candidates(anchor, positive, video_ids, candidates)
         negatives = self.negatives(anchor, positive, video_ids, candidates=c)

@@ -1,5 +1,5 @@
 """The ranking loss of Wang & Gupta (ICCV 2015) and its negative selection: pure functions, and
-`RankingLoss`, the object `model.loss` instantiates (conf/model/loss/{paper,code_faithful}.yaml).
+`RankingLoss`, the object `model.loss` instantiates (vidrep/conf/model/loss/{paper,code_faithful}.yaml).
 
 Embeddings are L2-normalised, so s(x, y) = x . y is a cosine. Pair i has an anchor a_i (the query
 patch) and a positive p_i (the patch tracked 30 frames later). Its candidate negatives are the 2N
@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from vidrep.losses.base import Candidates, batch_candidates, check_pairs, target_of
+from vidrep.losses.base import Candidates, Draws, batch_candidates, check_pairs, target_of, uniform_rows
 from vidrep.losses.schedule import NegativeSchedule
 
 
@@ -49,6 +49,7 @@ def select_negatives(
     violators_only: bool,
     patches: Tensor | None = None,
     patch_ids: Tensor | None = None,
+    draws: Draws | None = None,
 ) -> Tensor:
     """Boolean mask [N, 2N]: which of the 2N batch patches serve as negatives of each pair.
 
@@ -58,8 +59,9 @@ def select_negatives(
     With at most K candidates all are taken. Otherwise `int(K * hard_ratio)` come from the K
     candidates most similar to the anchor (all K when hard_ratio is 1; a random subset of them
     otherwise) and the rest are drawn at random among the candidates not already taken, the
-    unchosen top-K included, as the released RankHardLoss layer does. Randomness comes from
-    torch's global generator, so `seed_everything` makes it reproducible.
+    unchosen top-K included, as the released RankHardLoss layer does. The random keys come from
+    `draws` (`uniform_rows`: one generator for the whole global batch, each rank its rows), or
+    without it from torch's global generator.
     """
     _check_inputs(anchor, positive, video_ids, num_negatives, hard_ratio)
     k = num_negatives
@@ -79,13 +81,13 @@ def select_negatives(
         top_k = similarity.topk(k, dim=1).indices
         if hard < k:
             # A random `hard` of the K most similar: order them by random keys and keep the first.
-            keys = torch.rand(top_k.shape, device=anchor.device)
+            keys = uniform_rows(draws, *top_k.shape, anchor.device)
             top_k = top_k.gather(1, keys.argsort(dim=1)[:, :hard])
         chosen.scatter_(1, top_k, True)
         chosen &= candidate
     if hard < k:
         remaining = candidate & ~chosen
-        keys = torch.rand(candidate.shape, device=anchor.device).masked_fill(~remaining, -1.0)
+        keys = uniform_rows(draws, *candidate.shape, anchor.device).masked_fill(~remaining, -1.0)
         picks = keys.topk(k - hard, dim=1)
         drawn = torch.zeros_like(candidate).scatter_(1, picks.indices, picks.values >= 0)
         chosen |= drawn & remaining
@@ -220,6 +222,7 @@ class RankingLoss:
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,
     ) -> Tensor:
         """Boolean [N, M]: the negatives of each pair among the M candidates (`select_negatives`;
         `hard_ratio` None: the schedule's final ratio)."""
@@ -234,6 +237,7 @@ class RankingLoss:
             violators_only=self.violators_only,
             patches=c.patches,
             patch_ids=c.video_ids,
+            draws=draws,
         )
 
     def __call__(
@@ -244,9 +248,10 @@ class RankingLoss:
         *,
         hard_ratio: float | None = None,
         candidates: Candidates | None = None,
+        draws: Draws | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         c = batch_candidates(anchor, positive, video_ids, candidates)
-        mask = self.negatives(anchor, positive, video_ids, hard_ratio=hard_ratio, candidates=c)
+        mask = self.negatives(anchor, positive, video_ids, hard_ratio=hard_ratio, candidates=c, draws=draws)
         loss = ranking_loss_from_mask(
             anchor,
             positive,

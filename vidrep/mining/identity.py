@@ -1,5 +1,7 @@
 """One video, one identity: inputs that are not regular files, and the same file or the same content
-listed under several names, are found before mining and recorded in failures/ instead of mined.
+listed under several names, are found before mining and recorded in failures/ instead of mined;
+so is a byte copy of a video that an earlier run already mined into the same corpus (each done
+mark records its video's size and content hash, `CONTENT_COLUMNS`).
 
 A video listed twice (a symlink in the folder; `a/x.avi`, `./a/x.avi` and an absolute path in a list)
 would otherwise give byte-identical pairs under different video ids, which can land in both the
@@ -104,3 +106,54 @@ def find_duplicates(paths: Sequence[Path]) -> dict[int, int]:
                 else:
                     first[full] = i
     return dup
+
+
+# The done mark's record of a video's content (null in corpora mined before it: those videos are
+# not matched across runs).
+CONTENT_COLUMNS = {"content_size": "int64", "content_blake2b": "string"}
+
+
+def content_id(path: Path) -> dict:
+    """The done mark's content columns for `path`: its size and the blake2b of all its bytes (one
+    sequential read, small next to decoding it); none when it cannot be read (an all-null column
+    would get parquet's null type, which the other marks' int64 cannot be read into)."""
+    try:
+        return {"content_size": os.stat(path).st_size, "content_blake2b": _full_hash(path).hex()}
+    except OSError:
+        return {}
+
+
+def mined_content(done_marks: Sequence[str]) -> dict[int, dict[str, str]]:
+    """{size: {content hash: video name}} of the videos a corpus already holds, from its done
+    marks (only the two content columns and the name are read)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if not done_marks:
+        return {}
+    schema = pa.schema([("video", pa.string()), *((k, getattr(pa, t)()) for k, t in CONTENT_COLUMNS.items())])
+    table = ds.dataset(list(done_marks), schema=schema, format="parquet").to_table()
+    known: dict[int, dict[str, str]] = defaultdict(dict)
+    for video, size, digest in zip(*(table.column(c).to_pylist() for c in schema.names)):
+        if size is not None and digest is not None:
+            known[size].setdefault(digest, video)
+    return known
+
+
+def find_mined_copies(paths: Sequence[Path], known: dict[int, dict[str, str]]) -> dict[int, str]:
+    """{index of an input: the name it was mined under} for inputs whose content a corpus already
+    holds (`known`, from `mined_content`). Reads only the files whose size matches a mined one."""
+    out: dict[int, str] = {}
+    for i, p in enumerate(paths):
+        try:
+            size = os.stat(p).st_size
+        except OSError:
+            continue
+        if size in known:
+            try:
+                video = known[size].get(_full_hash(p).hex())
+            except OSError:
+                continue
+            if video is not None:
+                out[i] = video
+    return out

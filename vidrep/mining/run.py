@@ -9,6 +9,7 @@ duplicated, and independent jobs (shards of one video list) never write the same
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from vidrep import usable_cores
 from vidrep.data.corpus import (
+    REPAIRED,
     DamagedCorpusError,
     check_settings,
     damage_advice,
@@ -34,6 +36,7 @@ from vidrep.data.corpus import (
     write_video_record,
 )
 from vidrep.mining.decode import VideoError
+from vidrep.mining.identity import content_id, find_mined_copies, mined_content
 from vidrep.mining.inputs import VIDEO_EXTENSIONS, VideoInput, list_videos, select_shard
 from vidrep.mining.miner import STAT_KEYS, MinerConfig, VideoMiner
 from vidrep.mining.watchdog import POLL_S, TIMEOUT_FLOOR_S, Watchdog, declared_frames, default_timeout, report_started
@@ -58,6 +61,7 @@ def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
     """Mine one video and commit it (pairs, then the done mark), or record why it failed.
     Any error a video causes is caught here: one bad file must not end a run of 100K."""
     start = time.perf_counter()
+    content = content_id(video.path)
     try:
         result = miner.mine(video.path, video.name)
     except VideoError as e:
@@ -70,7 +74,7 @@ def mine_one(miner: VideoMiner, root: Path, video: VideoInput) -> VideoOutcome:
         seconds = time.perf_counter() - start
         stats = {k: int(result.stats.get(k, 0)) for k in STAT_KEYS}
         write_video_record(
-            root, video.key, {"video": video.name, "video_id": video.video_id, **stats, "seconds": seconds}
+            root, video.key, {"video": video.name, "video_id": video.video_id, **stats, "seconds": seconds, **content}
         )
         return VideoOutcome(video.key, video.name, True, stats, seconds=seconds)
     seconds = time.perf_counter() - start
@@ -257,6 +261,9 @@ def corpus_totals(root: Path) -> dict:
         totals[k] = 0 if done is None else int(sum(done.column(k).to_pylist()))
     if failed is not None:
         totals["failures_by_reason"] = dict(Counter(failed.column("reason").to_pylist()).most_common())
+    repaired = root / REPAIRED
+    if repaired.is_file():  # pairs verify=repair removed from videos it kept: training warns with the count
+        totals["pairs_lost_to_repair"] = sum(int(v["pairs_lost"]) for v in json.loads(repaired.read_text()).values())
     return totals
 
 
@@ -276,6 +283,25 @@ def _done_keys(root: Path, retry_failures: bool) -> set[str]:
     if not retry_failures:
         done |= {p.stem for p in marks["failures"]}
     return done
+
+
+def _flag_mined_copies(root: Path, todo: list[VideoInput]) -> list[VideoInput]:
+    """`todo` with a byte copy of a video this corpus already holds (mined by an earlier run, under
+    another name) flagged `duplicate`: mined again, it would give the same pairs under a new id,
+    which could land in training and validation at once."""
+    from dataclasses import replace
+
+    fresh = [i for i, v in enumerate(todo) if v.problem is None]
+    if not fresh:
+        return todo
+    known = mined_content([str(p) for p in (root / "videos").glob("*.parquet") if not p.name.startswith(".")])
+    out = list(todo)
+    for a, name in find_mined_copies([todo[i].path for i in fresh], known).items():
+        v = todo[fresh[a]]
+        out[fresh[a]] = replace(
+            v, problem=("duplicate", f"{v.path} has the content of {name}, already mined into this corpus")
+        )
+    return out
 
 
 def mine_corpus(
@@ -299,7 +325,7 @@ def mine_corpus(
     root = init_corpus(out)
     check_settings(root, miner.corpus_settings())
     done = _done_keys(root, retry_failures)
-    todo = [v for v in listed if v.key not in done]
+    todo = _flag_mined_copies(root, [v for v in listed if v.key not in done])
     summary = RunSummary()
     summary.run.update(videos_listed=len(listed), videos_skipped_done=len(listed) - len(todo))
     workers = usable_cores() if workers is None else workers

@@ -1,11 +1,17 @@
 """Verify a corpus file by file, and repair it by removing what is damaged so it is mined again.
 
-`python mine.py out=<corpus> verify=true` reads every manifest, shard, done mark and failure
-record, checks every JPEG (CRC32 where the manifest has it, then a strict decode), prints a table of
-the damage by video and exits non-zero when there is any. `verify=repair` removes the damaged
-videos' files (shard, manifest, done mark, failure record) and rewrites summary.json's totals: the
-next `python mine.py videos=<the same videos> out=<corpus>` then mines exactly those videos again,
-since a video is skipped only when it has a done or failure mark.
+`python mine.py out=<corpus> verify=true` reads the corpus's settings (mining.json), every
+manifest, shard, done mark and failure record, checks every JPEG (CRC32 where the manifest has it,
+then a strict decode), prints a table of the damage by video and exits non-zero when there is any.
+
+`verify=repair` keeps what is intact: a video whose only damage is some of its JPEGs keeps its
+other pairs (its manifest and done mark are rewritten without the damaged ones, which are counted
+in repaired.json and summary.json's `pairs_lost_to_repair`, so that training on the corpus warns
+with the count). A video with damage of any other kind (a missing, truncated or unreadable file,
+counts that disagree, every pair damaged) has all its files removed (shard, manifest, done mark,
+failure record): the next `python mine.py videos=<the same videos> out=<corpus>` mines exactly
+those videos again, since a video is skipped only when it has a done or failure mark.
+summary.json's totals are rewritten either way.
 
 Everything is keyed by the video's key, the file stem that mine.py gives its shard, manifest and
 marks (shards/<key>.tar, manifest/<key>.parquet, videos/<key>.parquet, failures/<key>.parquet).
@@ -14,6 +20,7 @@ marks (shards/<key>.tar, manifest/<key>.parquet, videos/<key>.parquet, failures/
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import os
 import zlib
@@ -22,10 +29,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vidrep.common.io import write_json
-from vidrep.data.corpus import SCHEMA, _committed, verify_command
+from vidrep.common.io import atomic_write, write_json
+from vidrep.data.corpus import REPAIRED, SCHEMA, _committed, verify_command
 
 
 @dataclass
@@ -34,6 +42,9 @@ class VideoDamage:
     video: str = ""
     problems: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    bad_pairs: list[str] = field(default_factory=list)  # pair ids whose JPEGs are damaged
+    keep_intact: bool = False  # only some JPEGs damaged: repair keeps the other pairs
+    jpeg_lines: int = 0  # how many of `problems` are about damaged JPEGs
 
     def add(self, problem: str, path: Path) -> None:
         self.problems.append(problem)
@@ -86,13 +97,17 @@ def _check_shard(root: Path, table, damage: VideoDamage, decode: bool) -> int:
                     return len(rows)
                 if (crc is not None and zlib.crc32(data) != crc) or (decode and not _decodes(data)):
                     bad += 1
+                    if r["pair_id"] not in damage.bad_pairs:
+                        damage.bad_pairs.append(r["pair_id"])
                     if bad <= 3:
+                        damage.jpeg_lines += 1
                         damage.add(
                             f"pair {r['pair_id']}: {kind} JPEG "
                             + ("fails its CRC32" if crc is not None and zlib.crc32(data) != crc else "does not decode"),
                             path,
                         )
         if bad > 3:
+            damage.jpeg_lines += 1
             damage.problems.append(f"... {bad} damaged JPEGs in all")
     finally:
         for fd in fds.values():
@@ -128,8 +143,13 @@ def verify_video(root: str | Path, key: str, decode: bool = True) -> VideoDamage
         table = _read_table(failed, damage, "failure record", None)
         if table is not None and table.num_rows:
             damage.video = damage.video or table.column("video")[0].as_py()
-    if damage.problems:
+    jpegs_only = len(damage.problems) == damage.jpeg_lines
+    if damage.problems and jpegs_only and done.is_file() and pairs is not None and len(damage.bad_pairs) < pairs:
+        damage.keep_intact = True
+        damage.files = [str(manifest), str(done)]  # rewritten without the damaged pairs
+    elif damage.problems:
         # everything of the video goes, so that it is mined again from scratch
+        damage.bad_pairs = []
         for path in (root / "shards" / f"{key}.tar", manifest, done, failed):
             if path.exists() and str(path) not in damage.files:
                 damage.files.append(str(path))
@@ -156,7 +176,32 @@ def verify_corpus(root: str | Path, decode: bool = True, workers: int = 1) -> li
             results: Iterable[VideoDamage] = list(pool.map(_verify_args, jobs, chunksize=64))
     else:
         results = map(_verify_args, jobs)
-    return [d for d in results if d.problems]
+    return _corpus_files(root) + [d for d in results if d.problems]
+
+
+CORPUS_LEVEL = "(corpus)"
+
+
+def _corpus_files(root: Path) -> list[VideoDamage]:
+    """The corpus's own files that do not read (mining.json, summary.json): repair cannot rebuild
+    mining.json (the settings are known only to whoever mined), so its line says what to do."""
+    from vidrep.data.corpus import DamagedCorpusError, read_settings
+
+    out = []
+    settings = root / "mining.json"
+    if settings.is_file():
+        try:
+            read_settings(settings)
+        except DamagedCorpusError as e:
+            out.append(VideoDamage(CORPUS_LEVEL, "mining.json", [str(e)]))
+    summary = root / "summary.json"
+    if summary.is_file():
+        try:
+            json.loads(summary.read_text())
+        except (ValueError, UnicodeDecodeError):
+            # verify=repair rewrites it from the done marks
+            out.append(VideoDamage(CORPUS_LEVEL, "summary.json", [f"{summary} is not valid JSON"], [str(summary)]))
+    return out
 
 
 def damage_table(root: str | Path, damaged: list[VideoDamage]) -> str:
@@ -173,14 +218,43 @@ def damage_table(root: str | Path, damaged: list[VideoDamage]) -> str:
     return "\n".join(lines)
 
 
+def _drop_pairs(root: Path, d: VideoDamage) -> int:
+    """Rewrite a video's manifest and done mark without its damaged pairs (manifest first: a repair
+    killed between the two leaves counts that disagree, which the next verify removes whole);
+    returns the pairs dropped. The shard keeps their bytes, which no manifest row points at."""
+    manifest, done = root / "manifest" / f"{d.key}.parquet", root / "videos" / f"{d.key}.parquet"
+    table = pq.read_table(manifest, schema=SCHEMA)
+    bad = set(d.bad_pairs)
+    keep = table.filter(pa.array([p not in bad for p in table.column("pair_id").to_pylist()]))
+    atomic_write(manifest, lambda f: pq.write_table(keep, f))
+    row = pq.read_table(done).to_pylist()[0]
+    row["pairs"] = keep.num_rows
+    mark = pa.Table.from_pylist([row], schema=pq.read_schema(done))
+    atomic_write(done, lambda f: pq.write_table(mark, f))
+    return table.num_rows - keep.num_rows
+
+
 def repair_corpus(root: str | Path, damaged: list[VideoDamage]) -> list[str]:
-    """Remove every file of the damaged videos (done marks last: a repair killed midway is redone
-    by the next verify) and rewrite summary.json's totals; returns the removed paths."""
+    """Keep the intact pairs of the videos with only some JPEGs damaged (their loss counted in
+    repaired.json); remove every file of the other damaged videos (done marks last: a repair killed
+    midway is redone by the next verify); rewrite summary.json's totals. Returns the paths removed
+    or rewritten."""
     from vidrep.mining.run import corpus_totals  # run imports nothing of verify: no cycle
 
     root = Path(root)
     removed = []
+    ledger_path = root / REPAIRED
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
     for d in damaged:
+        if d.key == CORPUS_LEVEL:  # summary.json is rewritten below; mining.json needs its owner
+            continue
+        if d.keep_intact:
+            lost = _drop_pairs(root, d)
+            entry = ledger.setdefault(d.key, {"video": d.video, "pairs_lost": 0})
+            entry["pairs_lost"] += lost
+            write_json(ledger_path, ledger)
+            removed += d.files
+            continue
         paths = sorted((Path(f) for f in d.files), key=lambda p: p.parent.name in ("videos", "failures"))
         for p in paths:
             if p.exists():
@@ -188,5 +262,5 @@ def repair_corpus(root: str | Path, damaged: list[VideoDamage]) -> list[str]:
                 removed.append(str(p))
     summary = root / "summary.json"
     totals = corpus_totals(root)
-    write_json(summary, {**totals, "repaired_videos": [d.key for d in damaged]})
+    write_json(summary, {**totals, "repaired_videos": [d.key for d in damaged if d.key != CORPUS_LEVEL]})
     return removed

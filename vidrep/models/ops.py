@@ -1,7 +1,7 @@
 """CaffeNet's layers in forms that run faster on some hardware, each equal to the plain one.
 
 Every form keeps the plain layer's parameters (names and shapes), so checkpoints and state dicts
-load into any of them; which one runs is a constructor argument of `CaffeNet` (conf/model/caffenet.yaml).
+load into any of them; which one runs is a constructor argument of `CaffeNet` (vidrep/conf/model/caffenet.yaml).
 The choice is measured, not assumed: bench/ops.py times each form on CPU, and bench/gpu.py
 (`--override model.net.trunk.<key>=<value>`) on a GPU.
 """

@@ -1,7 +1,7 @@
 """torchvision's ResNet-18 as the trunk, with the same fc6/fc7 embedding head as CaffeNet.
 
 Not the paper's network: a second trunk family, to show that training and every evaluation
-protocol take any trunk by config (conf/model/resnet18.yaml). Features: conv1 (after BN and ReLU,
+protocol take any trunk by config (vidrep/conf/model/resnet18.yaml). Features: conv1 (after BN and ReLU,
 stride 2), layer1..layer4 (strides 4, 8, 16, 32), avgpool (512, global average of layer4), fc6,
 fc7 (post-ReLU, as CaffeNet's).
 

@@ -1,125 +1,70 @@
-"""Checkpoints that survive: written atomically with a hash of every tensor, checked when loaded;
-last.ckpt at every epoch end and every periodic checkpoint; a resume into the same run directory
-that keeps the history before the checkpoint and moves an abandoned future aside.
+"""Checkpoints that survive: written atomically with a hash of everything they hold, checked when
+loaded; never written with non-finite weights; last.ckpt at every epoch end and every periodic
+checkpoint; a resume into the same run directory that keeps the history before the checkpoint and
+moves an abandoned future aside.
 
 Every checkpoint the trainer writes or reads goes through `HashedCheckpointIO` (train.py passes it
 as a Trainer plugin): a kill -9 or a full disk while writing leaves the previous file intact (the
-new one is written under a temporary name, then renamed), and a file whose bytes changed since is
+new one is written under a temporary name, then renamed), and a file whose content changed since is
 refused with the file named, instead of loading garbage that trains to NaN.
+
+What is hashed is every value a resume reads, tensors and plain values alike (optimiser
+hyperparameters, scheduler, loop counters, the data position, hyper_parameters): a learning rate
+changed from 0.002 to 0.2 inside the file is refused like a flipped weight. A checkpoint written by
+this version carries FORMAT_KEY (itself hashed); one without any vidrep key was written before
+checkpoints were hashed and loads with a warning saying so. Anything in between (a vidrep key
+without its hash, a renamed hash key) is damage.
+
+Loading never runs code: every load is `torch.load(weights_only=True)`, so a file whose pickle
+names anything but tensors and plain containers is refused, naming it, before any of it runs.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from vidrep.common.io import write_torch
+from vidrep.common.checkpoint_files import (  # noqa: F401 - the format's names, for this module's users
+    FORMAT,
+    FORMAT_KEY,
+    HASH_KEY,
+    TENSOR_HASH_KEY,
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    _tensor_hashes_v1,
+    content_hashes,
+    damaged_message,
+    hash_mismatches,
+    load_verified,
+    non_finite_tensors,
+    save_hashed,
+)
 
 log = logging.getLogger(__name__)
 
-HASH_KEY = "vidrep_tensor_hashes"
 LAST = "last.ckpt"
 
 
-class DamagedCheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded or whose tensors do not match their stored hashes."""
-
-
-def _tensors(obj: Any, prefix: str = ""):
-    """(path, tensor) for every tensor in nested dicts/lists/tuples, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            if k != HASH_KEY:
-                yield from _tensors(obj[k], f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}")
-
-
-def _digest(t: torch.Tensor) -> str:
-    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    h = hashlib.blake2b(data, digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    return h.hexdigest()
-
-
-def tensor_hashes(checkpoint: dict) -> dict[str, str]:
-    """{path of a tensor in the checkpoint: blake2b of its bytes, dtype and shape}."""
-    return {path: _digest(t) for path, t in _tensors(checkpoint)}
-
-
-def hash_mismatches(checkpoint: dict) -> list[str] | None:
-    """Paths of the tensors that differ from the hashes stored at save (None: no hashes stored,
-    a checkpoint written before hashing or by another program)."""
-    stored = checkpoint.get(HASH_KEY) if isinstance(checkpoint, dict) else None
-    if stored is None:
-        return None
-    now = tensor_hashes(checkpoint)
-    return sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-
-
-def damaged_message(path: Path, what: str, alternative: str = "") -> str:
-    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
-    hint = f" (others there: {', '.join(others[:6])})" if others else ""
-    return (
-        f"checkpoint {path} is damaged{' ' + alternative if alternative else ''} ({what}); it cannot be used. Resume "
-        "from another checkpoint of "
-        f"{path.parent}{hint} with ckpt_path=<that file>, or start afresh without ckpt_path"
-    )
-
-
-def load_verified(path: str | Path, map_location=None, weights_only: bool | None = None) -> dict:
-    """torch.load, then the stored tensor hashes checked; DamagedCheckpointError names the file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    if path.stat().st_size == 0:
-        raise DamagedCheckpointError(damaged_message(path, "0 bytes"))
-    try:
-        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=bool(weights_only))
-    except Exception as e:  # noqa: BLE001 - a truncated or overwritten file raises anything from unpickling
-        what = f"unreadable with weights_only={bool(weights_only)}: {type(e).__name__}: {str(e)[:200]}"
-        raise DamagedCheckpointError(damaged_message(path, what, "or not a checkpoint")) from None
-    if not isinstance(ckpt, dict):
-        raise DamagedCheckpointError(damaged_message(path, f"holds a {type(ckpt).__name__}, not a checkpoint dict"))
-    bad = hash_mismatches(ckpt)
-    if bad:
-        raise DamagedCheckpointError(
-            damaged_message(path, f"{len(bad)} tensors differ from their hashes at save, e.g. {', '.join(bad[:3])}")
-        )
-    return ckpt
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    write_torch(
-        path,
-        obj,
-        advice="the previous file there is intact. Free space on that disk and resume from the last checkpoint",
-    )
-
-
 class HashedCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with tensor hashes and atomic writes (temporary name, then rename)."""
+    """Lightning's checkpoint IO with content hashes, atomic writes (temporary name, then rename),
+    weights_only loads, and no file written with non-finite weights: every checkpoint of a run
+    (last.ckpt, ModelCheckpoint's step<N>.ckpt, Lightning's own) goes through here, so none of
+    them can hold a diverged state."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        checkpoint[HASH_KEY] = tensor_hashes(checkpoint)
-        atomic_torch_save(checkpoint, path)
+        save_hashed(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
-        return load_verified(path, map_location, weights_only)
+        return load_verified(path, map_location)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -150,9 +95,7 @@ class LastCheckpoint(Checkpoint):
         ):
             return
         if not _all_finite(pl_module):
-            log.error(
-                "weights are not finite at step %d: %s keeps the last finite state", trainer.global_step, self.path
-            )
+            log.error("weights are not finite at step %d: %s is not overwritten", trainer.global_step, self.path)
             return
         for lg in trainer.loggers:  # the history up to this checkpoint on disk before the checkpoint
             lg.save()
@@ -172,12 +115,13 @@ _STEP_NAME = re.compile(r"step(\d+)")
 
 
 def checkpoint_step(path: Path) -> int:
-    """The global step of a checkpoint: from a step<N> name, else read (memory-mapped, no copy)."""
+    """The global step of a checkpoint: from a step<N> name, else read (memory-mapped, no copy;
+    weights_only: a file that would run code is a damaged one here)."""
     m = _STEP_NAME.fullmatch(path.stem.split("-v")[0])
     if m:
         return int(m.group(1))
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
     except Exception:  # noqa: BLE001 - a damaged file belongs to no history; move it aside too
         return 1 << 62
 

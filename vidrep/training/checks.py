@@ -13,12 +13,18 @@ from vidrep.training.validate import settings_errors
 
 
 def check_train(cfg: DictConfig, swept: set[str]) -> None:
-    if is_missing(cfg, "data.root"):
+    planning = bool(cfg.get("dry_run"))  # a dry run plans from the data size without a corpus
+    if cfg.data.get("train_pairs") is not None and not planning:
+        raise PreflightError(
+            f"data.train_pairs={cfg.data.train_pairs} plans a corpus not mined yet and only goes with dry_run=true; "
+            "a run that trains counts the corpus at data.root (drop data.train_pairs, or set data.num_patches)"
+        )
+    if is_missing(cfg, "data.root") and not planning:
         raise PreflightError(
             f"data.num_patches={cfg.data.get('num_patches')} needs a mined corpus: add data.root=<corpus> "
-            "(made by `python mine.py videos=<videos> out=<corpus>`)"
+            "(made by `python mine.py videos=<videos> out=<corpus>`), or plan it first with dry_run=true"
         )
-    if cfg.data.get("demo") is None:  # the demo builds its corpus on first use
+    if cfg.data.get("demo") is None and not planning:  # the demo builds its corpus on first use
         require_path(
             cfg, "data.root", "point it at a corpus made by `python mine.py videos=<videos> out=<corpus>`", swept
         )
@@ -26,11 +32,17 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
     if errors:
         raise PreflightError("settings that cannot train:\n  " + "\n  ".join(errors))
     require_path(cfg, "resume", "give the run directory of an earlier train.py run (outputs/train/<run>)", swept)
-    if cfg.data.get("demo") is None and "data.root" not in swept:
+    if cfg.data.get("demo") is None and "data.root" not in swept and not planning:
         _check_corpus_size(cfg)
     require_path(
         cfg, "ckpt_path", "give a checkpoint of an earlier run, e.g. outputs/train/<run>/checkpoints/last.ckpt", swept
     )
+    ckpt = OmegaConf.select(cfg, "ckpt_path", throw_on_resolution_failure=False)
+    if ckpt is not None and "ckpt_path" not in swept and Path(str(ckpt)).expanduser().is_dir():
+        raise PreflightError(
+            f"ckpt_path={ckpt} is a directory, not a checkpoint file: pass ckpt_path={ckpt}/checkpoints/last.ckpt "
+            f"(a new run directory), or resume={ckpt} to continue that run in its own directory"
+        )
     if OmegaConf.select(cfg, "model.net.trunk.weights") is not None:  # a key only some trunks have
         require_path(
             cfg,
@@ -39,7 +51,8 @@ def check_train(cfg: DictConfig, swept: set[str]) -> None:
             "downloaded), or model.net.trunk.weights=null for a random init",
             swept,
         )
-    _note_cpu_ddp(cfg)
+    if not planning:  # a dry run plans for the GPUs of another machine
+        _note_cpu_ddp(cfg)
 
 
 def _check_corpus_size(cfg: DictConfig) -> None:

@@ -1,6 +1,10 @@
 """From a composed train config to the run it describes: the world size, the corpus counts, the
 effective schedule (`vidrep.training.schedule`) and the config that carries it out. Used by
-train() for the dry run (`dry_run=true`: print, write schedule.json, exit) and the real run."""
+train() for the dry run (`dry_run=true`: print, write schedule.json, exit) and the real run.
+
+A dry run plans without a corpus: from `data.train_pairs` (a corpus not mined yet), else from the
+corpus at `data.root` when it is there and large enough, else from the data size alone
+(`data.num_patches` / 2 training pairs; the validation pairs, which depend on the corpus, unknown)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from vidrep.data.corpus import CorpusError
 from vidrep.losses import NegativeSchedule
 from vidrep.losses.base import resolve_target
 from vidrep.training.schedule import (
@@ -59,7 +64,7 @@ SCHEDULE_KEYS = tuple(f.name for f in fields(NegativeSchedule))
 def drop_unused_schedule_keys(cfg: DictConfig) -> DictConfig:
     """`cfg` without the negative schedule's keys (vidrep.losses.NegativeSchedule) that model.loss's
     class does not take, each named in a warning. Configs written for the ranking loss set them on
-    model.loss whichever loss is chosen (data=demo: hard_after_epochs 6); a loss without a negative
+    model.loss whichever loss is chosen (a data config's hard_after_epochs); a loss without a negative
     schedule (model/loss=infonce) would fail on them at instantiation."""
     loss = cfg.model.get("loss")
     if loss is None or "_target_" not in loss:
@@ -135,23 +140,70 @@ def apply_schedule(cfg: DictConfig, schedule: Schedule, warmup: int) -> DictConf
     return cfg
 
 
+# Keys of the data config that only plan (dry_run=true) and are not the data module's arguments.
+PLANNING_KEYS = ("train_pairs",)
+
+
+def data_module(data: DictConfig, **kwargs):
+    """The data module `data` describes (its planning-only keys left out)."""
+    args = OmegaConf.to_container(data, resolve=True)
+    for key in PLANNING_KEYS:
+        args.pop(key, None)
+    return hydra.utils.instantiate(args, **kwargs)
+
+
 def _counts(datamodule) -> tuple[int, int]:
     datamodule.setup("fit")
     return len(datamodule.train_set), len(datamodule.val_set)
 
 
+def planned_counts(data: DictConfig, train_batch_size: int) -> tuple[int, int | None]:
+    """The dry run's (training pairs, validation pairs or None when unknown), read from the corpus
+    only where one is there to read (module docstring)."""
+    if data.get("train_pairs") is not None:
+        return int(data.train_pairs), None
+    wanted = None if data.get("num_patches") is None else int(data.num_patches) // 2
+    roots = [] if OmegaConf.is_missing(data, "root") else data.root
+    roots = [str(r) for r in roots] if OmegaConf.is_list(roots) else [str(roots)] if roots else []
+    absent = [r for r in roots if not Path(r).expanduser().exists()]
+    if data.get("demo") is not None or (roots and not absent):
+        datamodule = data_module(data, train_batch_size=train_batch_size)
+        if data.get("demo") is not None:
+            datamodule.prepare_data()  # the demo builds its corpus (once, cached)
+        try:
+            return _counts(datamodule)
+        except CorpusError as e:
+            if wanted is None:
+                raise
+            log.warning("planning from data.num_patches=%s alone: %s", data.num_patches, e)
+    elif absent and wanted is not None:
+        log.warning("data.root %s does not exist yet: planning from data.num_patches=%s", absent[0], data.num_patches)
+    if wanted is None:
+        raise ValueError(
+            "dry_run=true without a corpus plans from the data size: give data.num_patches (or data=1.5M|5M|8M), "
+            "or data.train_pairs=<training pairs the corpus will have>"
+        )
+    return wanted, None
+
+
 def prepare(cfg: DictConfig, dry_run: bool = False):
-    """(effective cfg, schedule, warm-up steps, data module already set up)."""
+    """(effective cfg, schedule, warm-up steps, data module; None in a dry run, which plans from
+    `planned_counts`)."""
     scaling = cfg.get("scaling", "paper")
     world = world_size(cfg.trainer, dry_run)
     _check_scheduler(cfg)
     cfg = drop_unused_schedule_keys(cfg)
     settings = settings_of(cfg)
-    datamodule = hydra.utils.instantiate(cfg.data, train_batch_size=global_batch(settings.batch_size, world, scaling))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    if not dry_run and local_rank == 0:
-        datamodule.prepare_data()  # the demo builds its corpus here; the counts need it
-    schedule = compute_schedule(settings, world, scaling, *_counts(datamodule))
+    train_batch = global_batch(settings.batch_size, world, scaling)
+    datamodule = None
+    if dry_run:
+        counts = planned_counts(cfg.data, train_batch)
+    else:
+        datamodule = data_module(cfg.data, train_batch_size=train_batch)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:
+            datamodule.prepare_data()  # the demo builds its corpus here; the counts need it
+        counts = _counts(datamodule)
+    schedule = compute_schedule(settings, world, scaling, *counts)
     warmup = warmup_steps(settings, world, scaling)
     return apply_schedule(cfg, schedule, warmup), schedule, warmup, datamodule
 

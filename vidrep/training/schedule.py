@@ -51,7 +51,7 @@ class Schedule:
     max_steps: int
     lr_drops_at_steps: list[int]
     train_pairs: int
-    val_pairs: int
+    val_pairs: int | None  # None: planned without a corpus (dry_run=true), so not known
     steps_per_epoch: int
     epochs: float  # max_steps x global batch / train pairs
     hard_negatives_from_step: int | None  # None: the initial negative ratio throughout
@@ -95,7 +95,7 @@ def warmup_steps(s: Settings, world: int, scaling: str) -> int:
     return math.ceil(s.warmup_pairs / global_batch(s.batch_size, world, scaling))
 
 
-def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, val_pairs: int) -> Schedule:
+def compute_schedule(s: Settings, world: int, scaling: str, train_pairs: int, val_pairs: int | None) -> Schedule:
     """The effective schedule of a run on `world` ranks over a corpus split of `train_pairs` and
     `val_pairs` (training drops each epoch's last partial global batch)."""
     if world < 1:
@@ -148,7 +148,9 @@ def format_table(schedule: Schedule, warmup: int = 0) -> str:
         )
     width = max(map(len, rows))
 
-    def show(value) -> str:
+    def show(value, key: str = "") -> str:
+        if value is None and key == "val_pairs":
+            return "unknown (planned without a corpus)"
         if isinstance(value, float):
             return f"{value:,.3f}".rstrip("0").rstrip(".") if value >= 1 else f"{value:g}"
         if isinstance(value, int) and not isinstance(value, bool):
@@ -157,7 +159,7 @@ def format_table(schedule: Schedule, warmup: int = 0) -> str:
             return "[" + ", ".join(show(v) for v in value) + "]"
         return "never" if value is None else str(value)
 
-    return "\n".join(f"{key:<{width}}  {show(value)}" for key, value in rows.items())
+    return "\n".join(f"{key:<{width}}  {show(value, key)}" for key, value in rows.items())
 
 
 class WarmupStepLR:

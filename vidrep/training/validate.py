@@ -8,7 +8,8 @@ settings are known only when it starts), before loggers, W&B, checkpoints or DDP
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 from vidrep.losses import InfoNCELoss, RankingLoss
 from vidrep.losses.base import resolve_target
@@ -36,7 +37,28 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (NaN and inf are refused on their own, naming the key)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _non_finite(node, prefix: str = ""):
+    """(dotted key, value) of every NaN or inf number in nested mappings and sequences."""
+    if isinstance(node, Mapping):
+        keys = list(node.keys())
+    elif isinstance(node, Sequence) and not isinstance(node, str):
+        keys = range(len(node))
+    else:
+        return
+    for k in keys:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        try:
+            v = node[k]
+        except Exception:  # noqa: BLE001 - an unset (???) or unresolvable value: other checks report it
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            yield key, v
+        else:
+            yield from _non_finite(v, key)
 
 
 def settings_errors(cfg: Mapping) -> list[str]:
@@ -87,6 +109,14 @@ def settings_errors(cfg: Mapping) -> list[str]:
     every = _get(cfg, "callbacks.periodic_checkpoint.every_n_train_steps")
     if every is not None and (not _is_int(every) or every < 1):
         errors.append(f"callbacks.periodic_checkpoint.every_n_train_steps={every!r}: must be >= 1; use 10000")
+    # NaN and inf would pass a `v <= 0` test (a comparison with NaN is false) and train to NaN: every
+    # one is refused, by the key's own check above where it has one, else here
+    named = {e.split("=", 1)[0] for e in errors}
+    errors += [
+        f"{key}={v!r}: not a finite number; give it a finite value (or leave it at its default)"
+        for key, v in _non_finite({k: cfg[k] for k in ("model", "data", "trainer", "callbacks") if k in cfg})
+        if key not in named
+    ]
     return errors
 
 
@@ -116,13 +146,16 @@ def _ranking_errors(cfg: Mapping, batch) -> list[str]:
     if not _is_int(k) or k < 1:
         errors.append(f"model.loss.num_negatives={k!r}: must be >= 1; use model.loss.num_negatives=4 (the paper)")
     elif _is_int(batch) and batch >= 2:
-        # Negatives come from the whole global batch (data.batch_size pairs) when gathered across
-        # ranks; rank-local, from a rank's share, the smallest of which is batch // world.
+        # Negatives come from the whole global batch when gathered across ranks; rank-local, from
+        # a rank's share: under scaling=paper the global batch of data.batch_size pairs is dealt
+        # across the ranks (the smallest share batch // world); under scaling=linear every rank
+        # keeps data.batch_size pairs of its own.
         gather = bool(_get(cfg, "model.loss.gather_across_ranks"))
         devices = _get(cfg, "trainer.devices")
         nodes = _get(cfg, "trainer.num_nodes")
         world = (devices if _is_int(devices) and devices > 0 else 1) * (nodes if _is_int(nodes) and nodes > 0 else 1)
-        pool = candidate_pool(batch if gather else max(1, batch // world))
+        linear = _get(cfg, "scaling") == "linear"
+        pool = candidate_pool((batch * world if linear else batch) if gather else batch if linear else batch // world)
         if k > pool:
             errors.append(
                 f"model.loss.num_negatives={k}: a batch of {batch} pairs offers each pair at most {pool} negatives "
