@@ -35,7 +35,8 @@ class PatchTransform:
         from torchvision.transforms.v2.functional import resize
 
         with warnings.catch_warnings():
-            # torchvision 0.29 points to TorchCodec for video; JPEG decoding stays supported up to <0.30.
+            # torchvision 0.29 deprecates its image decoding for TorchCodec (docs/training.md "Dependencies"
+            # has the plan); it still decodes below the <0.30 cap, and the warning is one a user cannot act on.
             warnings.simplefilter("ignore")
             img = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8))
         if img.shape[-2:] != (self.input_size, self.input_size):
