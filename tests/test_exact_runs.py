@@ -66,14 +66,18 @@ def _train_cli(args, cwd, expect=0):
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_with_loader_workers_resumes_to_the_same_losses(tmp_path, tiny_corpus):
-    """kill -9 in the middle of the first epoch (random negatives, flips on, 2 persistent loader
-    workers with batches prefetched past the checkpoint), resume: every step's loss equals the
-    uninterrupted run's, across the switch to hard negatives at epoch 1."""
+@pytest.mark.parametrize("persistent, phase", [(True, "random"), (False, "hard")])
+def test_a_run_killed_mid_epoch_with_loader_workers_resumes_to_the_same_losses(
+    tmp_path, tiny_corpus, persistent, phase
+):
+    """kill -9 in the middle of an epoch (flips on, 2 loader workers, persistent or not, with
+    batches prefetched past the checkpoint), resume: every step's loss equals the uninterrupted
+    run's. Killed in the first epoch (random negatives), the resumed run crosses the switch to hard
+    negatives at epoch 1; killed in the second, it resumes inside the hard phase."""
     common = [
         *[a for a in TINY if not a.startswith(("data.num_workers", "data.persistent_workers"))],
         "data.num_workers=2",
-        "data.persistent_workers=true",
+        f"data.persistent_workers={str(persistent).lower()}",
         "data.flip_p=0.5",
         f"data.root={tiny_corpus}",
         "~data.demo",
@@ -90,26 +94,31 @@ def test_a_run_killed_mid_epoch_with_loader_workers_resumes_to_the_same_losses(t
     _train_cli([*common, f"+callbacks.record.path={full}", f"hydra.run.dir={tmp_path}/full"], tmp_path)
     expected = _losses(full)
     steps_per_epoch = len(expected) // 2
-    assert steps_per_epoch > 4, "the kill (step 4) must fall inside the first epoch"
+    assert steps_per_epoch > 4, "the kill must fall inside an epoch"
+    # In the second epoch, 3 steps in: a periodic checkpoint (every 3 steps) lies after the epoch's
+    # start and no later than the kill, so the run resumes mid-epoch in the hard phase.
+    kill = 4 if phase == "random" else steps_per_epoch + 3
     killed = [*common, f"hydra.run.dir={run}"]
     _train_cli(
         [
             *killed,
             f"+callbacks.record.path={tmp_path}/killed.txt",
             "+callbacks.kill._target_=test_exact_runs.KillAtStep",
-            "+callbacks.kill.step=4",
+            f"+callbacks.kill.step={kill}",
         ],
         tmp_path,
         -9,
     )
     before = _losses(tmp_path / "killed.txt")
-    assert before == {s: expected[s] for s in range(4)}
-    # last.ckpt is from step 3 (steps 0-2 trained); step 3 was trained after it, and the workers
-    # had read further still when the run died: the resumed run trains from step 3 on
+    assert before == {s: expected[s] for s in range(kill)}
+    # last.ckpt is from the last multiple of 3 steps trained; the steps after it were trained, and
+    # the workers had read further still, when the run died: the resumed run trains from there on
+    resume = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert resume == 3 * (kill // 3) and (resume > steps_per_epoch) == (phase == "hard")
     _train_cli(
         [*killed, f"+callbacks.record.path={tmp_path}/resumed.txt", f"ckpt_path={run}/checkpoints/last.ckpt"], tmp_path
     )
-    assert _losses(tmp_path / "resumed.txt") == {s: v for s, v in expected.items() if s >= 3}
+    assert _losses(tmp_path / "resumed.txt") == {s: v for s, v in expected.items() if s >= resume}
 
 
 def test_the_sampler_draws_flips_for_the_global_batch_and_resumes_with_them():
