@@ -254,12 +254,25 @@ def test_ddp_run_resumes(tmp_path, tiny_corpus):
     run_cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/first"], cwd=tmp_path)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=False)
+    # The 2-rank epoch is one process's epoch (random negatives and flips drawn for the global batch,
+    # gradients averaged): the same weights and the same train/* curves over both ranks' pairs, up
+    # to float32 summation order.
+    one = [a for a in common if not a.startswith(("trainer=ddp", "trainer.devices"))]
+    run_cli([*one, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/one"], cwd=tmp_path)
+    single = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, weight in single["state_dict"].items():
+        torch.testing.assert_close(first["state_dict"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    curves = {}
+    for run in ("first", "one"):
+        rows = read_metrics(tmp_path / run / "metrics.csv")
+        curves[run] = [float(r["train/loss_epoch"]) for r in rows if r.get("train/loss_epoch")]
+    assert len(curves["one"]) == 1 and curves["first"] == pytest.approx(curves["one"], rel=1e-5)
     run_cli([*common, "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/second"], cwd=tmp_path)
     second = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
     per_epoch = train_pairs(tiny_corpus) // 8
     assert first["global_step"] == per_epoch and second["global_step"] == 2 * per_epoch
     assert second["epoch"] == first["epoch"] + 1 and second["negative_phase"] == "hard"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "second"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "one", "second"]
 
 
 @pytest.mark.slow
