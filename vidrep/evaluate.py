@@ -5,7 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vidrep.common.preflight import one_line_errors, preflight
-from vidrep.common.workarounds import quiet_lightning_tips
+from vidrep.common.workarounds import quiet_lightning
 from vidrep.eval.checks import check_evaluate
 from vidrep.eval.run import evaluate
 from vidrep.viz.evaluation import draw_evaluation
@@ -13,7 +13,7 @@ from vidrep.viz.evaluation import draw_evaluation
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    quiet_lightning_tips()
+    quiet_lightning()
     with one_line_errors():
         evaluate(cfg, draw=draw_evaluation)
 

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vidrep.common.preflight import one_line_errors, preflight
-from vidrep.common.workarounds import quiet_lightning_tips
+from vidrep.common.workarounds import quiet_lightning
 from vidrep.training.checks import check_train
 from vidrep.training.resume import with_run_overrides
 from vidrep.training.run import train
@@ -14,7 +14,7 @@ from vidrep.training.run import train
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    quiet_lightning_tips()
+    quiet_lightning()
     with one_line_errors():
         train(cfg)
 

@@ -57,13 +57,17 @@ class _NoTips(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
-def quiet_lightning_tips() -> None:
-    """Lightning >= 2.5 prints tips that advertise its cloud services (litlogger, litmodels) at
-    every fit; nothing a user of vidrep needs to act on."""
+def quiet_lightning() -> None:
+    """What Lightning prints that a user of vidrep cannot act on: the tips that advertise its cloud
+    services (litlogger, litmodels) at every fit (Lightning >= 2.5), and torch 2.14's FutureWarning
+    for the `LeafSpec` that Lightning 2.6's `utilities/_pytree.py` still builds."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTips) for f in logger.filters):
             logger.addFilter(_NoTips())
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def ddp_children_run_this_job_only() -> None:

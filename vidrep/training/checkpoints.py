@@ -99,7 +99,7 @@ class LastCheckpoint(Checkpoint):
             return
         for lg in trainer.loggers:  # the history up to this checkpoint on disk before the checkpoint
             lg.save()
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # said: Lightning logs a line per save when unset
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -50,7 +50,8 @@ class SaveInitialisation(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step > 0 or getattr(trainer, "fast_dev_run", False):
             return
-        trainer.save_checkpoint(self.dirpath / INIT)  # every rank calls it; rank 0 writes
+        # every rank calls it; rank 0 writes. weights_only said: Lightning logs a line per save when unset
+        trainer.save_checkpoint(self.dirpath / INIT, weights_only=False)
         datamodule = getattr(trainer, "datamodule", None)
         if trainer.is_global_zero and getattr(datamodule, "val_set", None) is not None:
             write_json(self.output_dir / HELD_OUT, held_out_record(datamodule))
