@@ -638,7 +638,9 @@ def test_weights_that_are_not_finite_never_overwrite_last_ckpt(tmp_path):
     from vidrep.training.checkpoints import LastCheckpoint
 
     saved = []
-    trainer = SimpleNamespace(sanity_checking=False, global_step=5, loggers=[], save_checkpoint=saved.append)
+    trainer = SimpleNamespace(
+        sanity_checking=False, global_step=5, loggers=[], save_checkpoint=lambda path, **kw: saved.append(path)
+    )
     cb = LastCheckpoint(str(tmp_path), every_n_train_steps=5)
     net = torch.nn.Linear(2, 2)
     cb.on_train_batch_end(trainer, net, None, None, 4)
