@@ -115,88 +115,6 @@ def svm_class_results(
     labels are [N, C] in {1, 0, -1}. `workers` processes fit in parallel (1: in this process). A
     progress bar named `desc` counts the stages; liblinear's ConvergenceWarnings (one per fit that
     stops at max_iter) are summed into one line."""
-    results, unconverged = _class_results(
-        train_x,
-        train_labels,
-        test_x,
-        test_labels,
-        classes,
-        costs,
-        folds,
-        seed,
-        use_07_metric,
-        cache_dir,
-        cv_scoring,
-        max_iter,
-        desc,
-        workers,
-    )
-    if unconverged:
-        log.warning(
-            "%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
-            "them finish; the benchmark's own setting is 2000)",
-            desc,
-            unconverged,
-            max_iter,
-        )
-    return results
-
-
-def _counting_convergence(fit, *args) -> tuple[object, int]:
-    """fit(*args) and the number of ConvergenceWarnings it raised (counted where it runs: a worker
-    process's warnings do not reach the parent); other warnings are re-raised."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        result = fit(*args)
-    for w in caught:
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return result, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-
-def _cv_stage(x, labels, cost, folds, seed, use_07_metric, scoring, max_iter, name, step: Path) -> int:
-    """One (class, cost) cross-validation, written to `step`; returns its unconverged fits."""
-    ap, unconverged = _counting_convergence(
-        cross_validated_ap, x, labels, cost, folds, seed, use_07_metric, scoring, max_iter
-    )
-    write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
-    return unconverged
-
-
-def _final_stage(train_x, train_labels, test_x, test_labels, name, costs, cv, seed, use_07_metric, max_iter, final):
-    """The best cost's refit on all of trainval, tested, written to `final`; returns (result, unconverged)."""
-    best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
-    (w, b), unconverged = _counting_convergence(
-        fit_svm, train_x, np.where(train_labels > 0, 1, -1), best, seed, max_iter
-    )
-    scores = test_x @ w + b
-    result = {
-        "class": name,
-        "cost": best,
-        "cv_ap": cv,
-        "ap": voc_classification_ap(scores, test_labels, use_07_metric),
-        "pr": thin_curve(classification_pr(scores, test_labels)),
-    }
-    write_json(final, result)
-    return result, unconverged
-
-
-def _class_results(
-    train_x,
-    train_labels,
-    test_x,
-    test_labels,
-    classes,
-    costs,
-    folds,
-    seed,
-    use_07_metric,
-    cache_dir,
-    cv_scoring,
-    max_iter,
-    desc,
-    workers,
-) -> tuple[list[dict], int]:
     done: dict[str, dict] = {}
     todo = []  # classes to refit
     for c, name in enumerate(classes):
@@ -253,4 +171,51 @@ def _class_results(
             done[result["class"]] = result
             unconverged += count
             bar.update()
-    return [done[name] for name in classes], unconverged
+    if unconverged:
+        log.warning(
+            "%s: %d of the SVM fits stopped at max_iter=%d before liblinear's tolerance (a larger max_iter lets "
+            "them finish; the benchmark's own setting is 2000)",
+            desc,
+            unconverged,
+            max_iter,
+        )
+    return [done[name] for name in classes]
+
+
+def _counting_convergence(fit, *args) -> tuple[object, int]:
+    """fit(*args) and the number of ConvergenceWarnings it raised (counted where it runs: a worker
+    process's warnings do not reach the parent); other warnings are re-raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        result = fit(*args)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def _cv_stage(x, labels, cost, folds, seed, use_07_metric, scoring, max_iter, name, step: Path) -> int:
+    """One (class, cost) cross-validation, written to `step`; returns its unconverged fits."""
+    ap, unconverged = _counting_convergence(
+        cross_validated_ap, x, labels, cost, folds, seed, use_07_metric, scoring, max_iter
+    )
+    write_json(step, {"class": name, "cost": cost, "cv_ap": ap})
+    return unconverged
+
+
+def _final_stage(train_x, train_labels, test_x, test_labels, name, costs, cv, seed, use_07_metric, max_iter, final):
+    """The best cost's refit on all of trainval, tested, written to `final`; returns (result, unconverged)."""
+    best = max(costs, key=lambda k: -np.inf if np.isnan(cv[f"{k:g}"]) else cv[f"{k:g}"])
+    (w, b), unconverged = _counting_convergence(
+        fit_svm, train_x, np.where(train_labels > 0, 1, -1), best, seed, max_iter
+    )
+    scores = test_x @ w + b
+    result = {
+        "class": name,
+        "cost": best,
+        "cv_ap": cv,
+        "ap": voc_classification_ap(scores, test_labels, use_07_metric),
+        "pr": thin_curve(classification_pr(scores, test_labels)),
+    }
+    write_json(final, result)
+    return result, unconverged
